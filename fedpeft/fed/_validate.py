@@ -10,12 +10,20 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Iterable, Mapping, Optional
+from typing import Dict, Iterable, List, Mapping, Optional, Tuple
 
 import torch
 from torch import Tensor
 
-__all__ = ["check_state", "check_weight", "format_keys"]
+__all__ = [
+    "check_dense",
+    "check_state",
+    "check_weight",
+    "check_weights",
+    "first_nonfinite",
+    "format_keys",
+    "value_ranges",
+]
 
 
 def format_keys(keys: Iterable[str], limit: int = 5) -> str:
@@ -26,19 +34,40 @@ def format_keys(keys: Iterable[str], limit: int = 5) -> str:
     return f"[{shown}{more}]"
 
 
-def _first_nonfinite(state: Mapping[str, Tensor]) -> Optional[str]:
-    """The first key whose floating tensor holds a NaN or ±Inf, or None; one host sync for the whole state."""
+def value_ranges(state: Mapping[str, Tensor]) -> Dict[str, Tuple[float, float]]:
+    """``{key: (min, max)}`` of every non-empty floating tensor of ``state``, as Python floats; one host sync in all.
+
+    NaN propagates to both ends and an Inf is the min or the max, so a key is finite iff both ends are.
+    """
     # torch.aminmax is one read per tensor with no temporary (torch.isfinite(t).all() allocates a bool mask and is
-    # an order of magnitude slower on CPU); NaN propagates to both ends and an Inf is the min or the max. All ends
-    # are checked in one isfinite().all(), so a CUDA state costs one synchronization, not one per key.
+    # an order of magnitude slower on CPU). All ends are gathered in one tensor and read back with one .tolist(),
+    # so a CUDA state costs one synchronization, not one per key.
     items = [(k, v.detach()) for k, v in state.items() if v.is_floating_point() and v.numel()]
     if not items:
-        return None
+        return {}
     device = items[0][1].device
-    finite = torch.isfinite(torch.stack([end.to(device) for _, v in items for end in torch.aminmax(v)]))
-    if bool(finite.all()):
-        return None
-    return items[int((~finite).nonzero()[0, 0]) // 2][0]
+    ends = torch.stack([end.to(device=device, dtype=torch.float64) for _, v in items for end in torch.aminmax(v)])
+    flat = ends.tolist()
+    return {k: (flat[2 * i], flat[2 * i + 1]) for i, (k, _) in enumerate(items)}
+
+
+def first_nonfinite(ranges: Mapping[str, Tuple[float, float]]) -> Optional[str]:
+    """The first key of :func:`value_ranges`' result whose tensor holds a NaN or ±Inf, or None."""
+    for key, (lo, hi) in ranges.items():
+        if not (math.isfinite(lo) and math.isfinite(hi)):
+            return key
+    return None
+
+
+def check_dense(state: Mapping[str, Tensor], name: str = "state") -> None:
+    """Raise ``TypeError`` unless every tensor of ``state`` is a dense (strided) tensor with data (not ``meta``)."""
+    for key, value in state.items():
+        if value.layout != torch.strided:
+            raise TypeError(
+                f"{name}[{key!r}] is a {value.layout} tensor; fedpeft.fed needs dense tensors (call .to_dense())"
+            )
+        if value.device.type == "meta":
+            raise TypeError(f"{name}[{key!r}] is a meta tensor (shape only, no values); pass a tensor with data")
 
 
 def check_state(
@@ -80,23 +109,53 @@ def check_state(
                     f"{name}[{key!r}]: expected shape {tuple(ref.shape)}, got {tuple(state[key].shape)}"
                 )
     if finite:
-        key = _first_nonfinite(state)
+        check_dense(state, name)
+        key = first_nonfinite(value_ranges(state))
         if key is not None:
             raise ValueError(f"{name}[{key!r}] holds non-finite values (NaN or Inf); refusing it")
 
 
 def check_weight(weight: object, name: str = "weight") -> float:
-    """Return ``weight`` as a float; raise unless it is a finite real number > 0 (a Python, NumPy or 0-d tensor number).
+    """Return ``weight`` as a float; raise unless it is a finite real number >= 0 (a Python, NumPy or 0-d tensor number).
+
+    Weights are relative (sample counts, say): any finite non-negative value is valid, however large or small,
+    because fedpeft normalises them in float64 before use. A zero weight contributes nothing.
 
     Raises:
         TypeError: not a real number (``bool`` is refused too: ``True`` is almost always a mistake here).
-        ValueError: zero, negative, NaN or infinite.
+        ValueError: negative, NaN or infinite.
     """
-    if isinstance(weight, Tensor) and weight.numel() == 1 and not weight.dtype.is_complex:
+    if isinstance(weight, Tensor) and weight.numel() == 1 and not weight.dtype.is_complex and weight.dtype != torch.bool:
         weight = weight.item()
     if isinstance(weight, bool) or not isinstance(weight, numbers.Real):
         raise TypeError(f"{name} must be a real number (e.g. the client's sample count), got {type(weight).__name__}")
-    value = float(weight)
-    if not (math.isfinite(value) and value > 0):
-        raise ValueError(f"{name} must be finite and > 0, got {weight!r}")
+    try:
+        value = float(weight)
+    except OverflowError:  # a Python int beyond float64
+        raise ValueError(f"{name} must be finite and >= 0, got {weight!r} (beyond float64)") from None
+    if not (math.isfinite(value) and value >= 0):
+        raise ValueError(f"{name} must be finite and >= 0, got {weight!r}")
     return value
+
+
+def check_weights(weights: Iterable[object], count: Optional[int] = None) -> List[float]:
+    """Validate a whole weight vector: each as :func:`check_weight`, ``count`` of them if given, a positive sum.
+
+    Raises:
+        TypeError: ``weights`` is not an iterable of real numbers (a single number or a str, say).
+        ValueError: a bad weight (the message names its index), a length other than ``count``, or all zero.
+    """
+    if isinstance(weights, (str, bytes, Tensor)) and not (isinstance(weights, Tensor) and weights.dim() == 1):
+        raise TypeError(f"weights must be a sequence of numbers, one per state, got {type(weights).__name__}")
+    try:
+        weights = list(weights)
+    except TypeError:
+        raise TypeError(
+            f"weights must be a sequence of numbers, one per state, got {type(weights).__name__}"
+        ) from None
+    if count is not None and len(weights) != count:
+        raise ValueError(f"got {count} states but {len(weights)} weights")
+    values = [check_weight(w, name=f"weight #{i}") for i, w in enumerate(weights)]
+    if values and not any(values):
+        raise ValueError(f"weights are all zero ({len(values)} of them); at least one must be > 0")
+    return values

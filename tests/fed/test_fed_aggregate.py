@@ -147,7 +147,7 @@ def test_mixed_dtypes_and_empty_tensors():
 
 @pytest.mark.parametrize(
     "weight, error",
-    [(0, ValueError), (-1.0, ValueError), (float("nan"), ValueError), (float("inf"), ValueError),
+    [(-1e-300, ValueError), (-1.0, ValueError), (float("nan"), ValueError), (float("inf"), ValueError),
      (True, TypeError), ("3", TypeError), (None, TypeError), (torch.tensor([1.0, 2.0]), TypeError)],
 )
 def test_bad_weights_are_refused_before_anything_is_added(weight, error):
