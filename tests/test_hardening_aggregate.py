@@ -190,3 +190,110 @@ def test_sparse_and_meta_tensors_are_refused_clearly(kind):
     assert len(acc) == 1 and torch.equal(acc.result()["x"], torch.ones(2, 2))
     with pytest.raises(TypeError, match=kind):
         fed.delta(torch.ones(2, 2), t)
+
+
+# ---- ΔP: finiteness in the dtype the value is stored in -----------------------------------------------------------
+
+
+def test_delta_refuses_an_overflowing_difference():
+    before, after = torch.full((2,), -3e38), torch.full((2,), 3e38)
+    with pytest.raises(ValueError, match=r"after − before overflows torch.float32"):
+        fed.delta(before, after)
+    with pytest.raises(ValueError, match=r"before .*overflows torch.float32"):
+        fed.delta(torch.full((2,), 1e300, dtype=torch.float64), torch.zeros(2))
+    torch.testing.assert_close(fed.delta(before, torch.zeros(2)), torch.full((2,), 3e38))  # representable: fine
+
+
+def test_delta_backward_on_fp16_refuses_a_target_beyond_fp16():
+    torch.manual_seed(0)
+    gen = fed_generator(dtype=torch.float16)
+    for p in gen.parameters():
+        p.grad = torch.full_like(p, 0.25)
+    grads = {n: p.grad.clone() for n, p in gen.named_parameters()}
+    params = {n: p.detach().clone() for n, p in gen.named_parameters()}
+    P = gen(torch.tensor([0, 1]))
+    trained = torch.full(P.shape, 1e5)  # finite float32, inf in float16
+    with pytest.raises(ValueError, match=r"trained .*overflows torch.float16"):
+        fed.delta_backward(P, trained)
+    for n, p in gen.named_parameters():
+        assert torch.equal(p.grad, grads[n]) and torch.equal(p.detach(), params[n])
+    ok = P.detach().float() - 1.0  # a representable target works
+    fed.delta_backward(P, ok)
+    assert all(bool(torch.isfinite(p.grad).all()) for p in gen.parameters())
+
+
+def fed_generator(dtype):
+    from fedpeft import PromptGenerator
+
+    return PromptGenerator(num_clients=3, num_prompts=2, embed_dim=8, dtype=dtype)
+
+
+# ---- from_ndarrays(like=...): per-key shapes and dtypes, what np.asarray accepts -------------------------------------
+
+
+def _like():
+    return {"a.w": torch.zeros(3), "b.w": torch.zeros(3, dtype=torch.int64), "c.bf": torch.ones(2, 2).bfloat16()}
+
+
+def test_from_ndarrays_names_keys_that_look_swapped():
+    like = _like()
+    keys, arrays = fed.to_ndarrays(like)
+    assert keys == ["a.w", "b.w", "c.bf"]
+    with pytest.raises(ValueError, match=r"'a.w'.*float32.*got \(3,\) torch.int64.*'a.w' and 'b.w' look swapped"):
+        fed.from_ndarrays(keys, [arrays[1], arrays[0], arrays[2]], like=like)  # same shapes: only dtypes tell
+    with pytest.raises(ValueError, match=r"'a.w': expected shape \(3,\) torch.float32, got \(3,\) torch.float64"):
+        fed.from_ndarrays(keys, [arrays[0].astype(np.float64), arrays[1], arrays[2]], like=like)
+
+
+def test_from_ndarrays_accepts_big_endian_and_negative_strides():
+    arrays = [np.arange(3, dtype=">f4"), np.arange(3, dtype=np.int64)[::-1], np.ones((2, 2), dtype=np.float32)[:, ::-1]]
+    out = fed.from_ndarrays(["a.w", "b.w", "c.bf"], arrays, like=_like())
+    assert torch.equal(out["a.w"], torch.tensor([0.0, 1.0, 2.0]))
+    assert torch.equal(out["b.w"], torch.tensor([2, 1, 0]))
+    assert out["c.bf"].dtype == torch.bfloat16 and torch.equal(out["c.bf"].float(), torch.ones(2, 2))
+    plain = fed.from_ndarrays(["x"], [np.arange(4.0, dtype=">f8")[::-2]])
+    assert torch.equal(plain["x"], torch.tensor([3.0, 1.0], dtype=torch.float64))
+    with pytest.raises(TypeError, match=r"'x'.*must hold numbers"):
+        fed.from_ndarrays(["x"], [np.array(["a", "b"])])
+
+
+# ---- personal_keys / split: one-line errors, and the preset that silently matches half -------------------------------
+
+
+@pytest.fixture(scope="module")
+def test_vit():
+    import timm
+
+    return timm.create_model("test_vit", pretrained=False, num_classes=3)
+
+
+@pytest.mark.parametrize(
+    "patterns, match",
+    [(b"head", r"str or an iterable of str.*got bytes"), (None, r"str or an iterable of str.*got NoneType"),
+     (["head", 3], r"patterns must be str, got int 3")],
+)
+def test_personal_keys_bad_patterns(test_vit, patterns, match):
+    with pytest.raises(TypeError, match=match):
+        fed.personal_keys(test_vit, patterns)
+
+
+def test_split_with_a_non_str_key_names_it(test_vit):
+    state = test_vit.state_dict()
+    with pytest.raises(TypeError, match=r"keys must be str, got int 1"):
+        fed.split(state, ["nope", 1])
+    with pytest.raises(TypeError, match=r"iterable of key names"):
+        fed.split(state, None)
+
+
+def test_pfedpg_preset_on_a_model_without_prompts_warns(test_vit):
+    with pytest.warns(UserWarning, match=r"preset 'pfedpg'.*\['prompts'\] match no key"):
+        assert fed.personal_keys(test_vit, "pfedpg") == ["head.bias", "head.weight"]
+    import copy
+    import warnings
+
+    from fedpeft import VPT
+
+    vpt = VPT(copy.deepcopy(test_vit), num_prompts=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert fed.personal_keys(vpt, "pfedpg") == ["model.head.bias", "model.head.weight", "prompts"]

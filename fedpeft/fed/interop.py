@@ -40,6 +40,54 @@ def to_ndarrays(state: Mapping[str, Tensor]) -> Tuple[List[str], List[np.ndarray
     return keys, arrays
 
 
+def _wire_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype :func:`to_ndarrays` sends a tensor of ``dtype`` as (float32 for NumPy-less floats, else itself)."""
+    return torch.float32 if dtype.is_floating_point and dtype not in _NUMPY_FLOATS else dtype
+
+
+def _to_tensor(key: str, array: object) -> Tensor:
+    """A new CPU tensor from anything ``np.asarray`` takes: non-native byte order and negative strides converted."""
+    try:
+        a = np.asarray(array)
+    except Exception as e:  # ragged lists and the like
+        raise TypeError(f"array for {key!r} cannot be read as a NumPy array: {e}") from None
+    if a.dtype.kind not in "biufc":
+        raise TypeError(f"array for {key!r} must hold numbers, got NumPy dtype {a.dtype}")
+    if not a.dtype.isnative:
+        a = a.astype(a.dtype.newbyteorder("="))  # big-endian (e.g. from another platform's file) → native, a copy
+    if not a.flags.c_contiguous:  # negative or other odd strides → a C-order copy (0-d arrays stay 0-d)
+        a = a.copy(order="C")
+    try:
+        return torch.tensor(a)  # a copy: nothing returned shares memory with the input
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise TypeError(f"array for {key!r} has a NumPy dtype torch cannot hold ({a.dtype}): {e}") from None
+
+
+def _check_like(state: Mapping[str, Tensor], like: Mapping[str, Tensor]) -> None:
+    """Each array's shape and wire dtype must be ``like``'s for its key; say which keys look swapped."""
+
+    def fits(t: Tensor, ref: Tensor) -> bool:
+        return t.shape == ref.shape and t.dtype == _wire_dtype(ref.dtype)
+
+    wrong = [k for k in like if not fits(state[k], like[k])]
+    if not wrong:
+        return
+    details = [
+        f"{k!r}: expected shape {tuple(like[k].shape)} {_wire_dtype(like[k].dtype)}, "
+        f"got {tuple(state[k].shape)} {state[k].dtype}"
+        for k in wrong[:5]
+    ]
+    swapped = sorted(
+        {tuple(sorted((a, b))) for a in wrong for b in wrong if a != b and fits(state[a], like[b]) and fits(state[b], like[a])}
+    )
+    hint = ""
+    if swapped:
+        pairs = ", ".join(f"{a!r} and {b!r}" for a, b in swapped[:5])
+        hint = f"; keys {pairs} look swapped (each array fits the other key: are keys and arrays in the same order?)"
+    more = f" (+{len(wrong) - 5} more)" if len(wrong) > 5 else ""
+    raise ValueError(f"arrays do not match like=: {'; '.join(details)}{more}{hint}")
+
+
 def from_ndarrays(
     keys: Iterable[str],
     arrays: Iterable[np.ndarray],
@@ -51,32 +99,39 @@ def from_ndarrays(
 
     Args:
         keys: the key of each array, e.g. as returned by :func:`to_ndarrays`.
-        arrays: NumPy arrays (or anything ``np.asarray`` takes), read-only buffers included.
-        like: a reference state dict: the result must have exactly its keys and shapes, and takes its dtypes and
-            devices (so a bfloat16 model round-trips as bfloat16).
+        arrays: NumPy arrays (or anything ``np.asarray`` takes), read-only buffers, non-native byte order and negative
+            strides included (converted).
+        like: a reference state dict: the result must have exactly its keys, and each array the shape and dtype
+            :func:`to_ndarrays` gives for that key's tensor (float32 for bfloat16/float8); the result takes ``like``'s
+            dtypes and devices (so a bfloat16 model round-trips as bfloat16).
         dtypes: instead of ``like``, a ``{key: torch.dtype}`` map for the keys to cast; other keys keep the array's
             dtype.
 
     Raises:
         ValueError: ``keys`` and ``arrays`` differ in length, a key repeats, both ``like`` and ``dtypes`` are given,
-            ``dtypes`` names a key that is not in ``keys``, or the arrays do not match ``like``'s keys and shapes.
-        TypeError: a key is not a str, or ``like`` is not a ``Mapping[str, Tensor]``.
+            ``dtypes`` names a key that is not in ``keys``, or the arrays do not match ``like``'s keys, shapes and
+            dtypes (the message names each key and the pairs of keys that look swapped).
+        TypeError: a key is not a str, an array holds no numbers (strings, objects), or ``like`` is not a
+            ``Mapping[str, Tensor]``.
     """
+    if isinstance(keys, str):
+        raise TypeError(f"keys must be a list of str, got the str {keys!r}")
     keys, arrays = list(keys), list(arrays)
     if len(keys) != len(arrays):
         raise ValueError(f"from_ndarrays() got {len(keys)} keys but {len(arrays)} arrays")
+    for k in keys:
+        if not isinstance(k, str):
+            raise TypeError(f"keys must be str, got {type(k).__name__} {k!r}")
     if len(set(keys)) != len(keys):
         raise ValueError(f"from_ndarrays(): repeated keys {format_keys({k for k in keys if keys.count(k) > 1})}")
     if like is not None and dtypes is not None:
         raise ValueError("from_ndarrays(): pass like= or dtypes=, not both")
     if like is not None:
         check_state(like, name="like")
-    for k in keys:
-        if not isinstance(k, str):
-            raise TypeError(f"keys must be str, got {type(k).__name__} {k!r}")
-    state = {k: torch.tensor(np.asarray(a)) for k, a in zip(keys, arrays)}  # torch.tensor copies
+    state = {k: _to_tensor(k, a) for k, a in zip(keys, arrays)}
     if like is not None:
         check_state(state, like=like, name="arrays")
+        _check_like(state, like)
         return {k: t.to(device=like[k].device, dtype=like[k].dtype) for k, t in state.items()}
     if dtypes is not None:
         unknown = dtypes.keys() - state.keys()

@@ -105,24 +105,49 @@ def personal_keys(
 
     Returns:
         Sorted key names. A pattern that selects nothing triggers a ``UserWarning`` (a typo must not silently send a
-        personal layer to the server); an empty preset (``"fedavg"``) does not.
+        personal layer to the server); an empty preset (``"fedavg"``) does not. So does a preset one of whose words
+        matches nothing (``"pfedpg"`` on a model without prompts).
 
     Raises:
         ValueError: a bare word that is neither in :data:`WORDS` nor in :data:`PRESETS`.
-        TypeError: ``model_or_state`` is neither a module nor a ``Mapping[str, Tensor]``, or a pattern is not a str.
+        TypeError: ``model_or_state`` is neither a module nor a ``Mapping[str, Tensor]``, or ``patterns`` is neither a
+            str nor an iterable of str (``None``, ``b"head"``).
     """
     keys = _state_keys(model_or_state)
-    patterns = [patterns] if isinstance(patterns, str) else list(patterns)
+    patterns = _pattern_list(patterns)
     selected = set()
     for pattern in patterns:
-        if not isinstance(pattern, str):
-            raise TypeError(f"patterns must be str, got {type(pattern).__name__} {pattern!r}")
         matched = _match(keys, pattern)
         empty_preset = pattern in PRESETS and not PRESETS[pattern]
         if not matched and not empty_preset:
             warnings.warn(f"personal_keys: pattern {pattern!r} matches no key", UserWarning, stacklevel=2)
+        elif pattern in PRESETS and not _GLOB_CHARS.intersection(pattern):
+            unmatched = [word for word in PRESETS[pattern] if not _match(keys, word)]
+            if unmatched:  # e.g. "pfedpg" on a model without prompts: only the head would be kept
+                warnings.warn(
+                    f"personal_keys: preset {pattern!r} keeps {list(PRESETS[pattern])} personal, but "
+                    f"{unmatched} match no key of this model (is it the model the preset is for?)",
+                    UserWarning,
+                    stacklevel=2,
+                )
         selected.update(matched)
     return sorted(selected)
+
+
+def _pattern_list(patterns: object) -> List[str]:
+    """``patterns`` as a list of str: one str, or an iterable of them; a clear ``TypeError`` for anything else."""
+    if isinstance(patterns, str):
+        return [patterns]
+    if isinstance(patterns, (bytes, bytearray)) or not isinstance(patterns, Iterable):
+        raise TypeError(
+            f"patterns must be a str or an iterable of str (e.g. 'fedperfix' or ['head', '*blocks.11.*']), "
+            f"got {type(patterns).__name__} {patterns!r}"
+        )
+    out = list(patterns)
+    for pattern in out:
+        if not isinstance(pattern, str):
+            raise TypeError(f"patterns must be str, got {type(pattern).__name__} {pattern!r} in {out!r}")
+    return out
 
 
 def trainable_keys(model: nn.Module) -> List[str]:
@@ -157,11 +182,20 @@ def split(state: Mapping[str, Tensor], keys: Iterable[str]) -> Tuple[Dict[str, T
 
     Raises:
         ValueError: a key in ``keys`` is not in ``state``.
-        TypeError: ``keys`` is a single str (wrap it in a list), or ``state`` is not a ``Mapping[str, Tensor]``.
+        TypeError: ``keys`` is a single str (wrap it in a list), not an iterable, holds a non-str, or ``state`` is not
+            a ``Mapping[str, Tensor]``.
     """
     check_state(state)
     if isinstance(keys, str):
         raise TypeError(f"keys must be an iterable of key names, got the str {keys!r}; wrap it in a list")
+    if isinstance(keys, bytes) or not isinstance(keys, Iterable):
+        raise TypeError(
+            f"keys must be an iterable of key names (e.g. fed.personal_keys(...)), got {type(keys).__name__} {keys!r}"
+        )
+    keys = list(keys)
+    for k in keys:
+        if not isinstance(k, str):
+            raise TypeError(f"keys must be str, got {type(k).__name__} {k!r}")
     keys = set(keys)
     missing = keys - state.keys()
     if missing:

@@ -12,8 +12,10 @@ so that ``optimizer.step()`` after :func:`delta_backward` moves every generated 
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
+from .._checks import check_fits
 from ._validate import check_state
 
 __all__ = ["delta", "delta_backward"]
@@ -34,15 +36,34 @@ def _check_pair(name_a: str, a: Tensor, name_b: str, b: Tensor) -> None:
     check_state({name_a: a, name_b: b}, finite=True, name="prompts")  # NaN/Inf refused before any update
 
 
+def _check_difference(name: str, diff: Tensor) -> None:
+    """Finite inputs of opposite signs can have a difference beyond the dtype's range: refuse that, not return Inf."""
+    try:
+        check_fits(name, diff, diff.dtype)
+    except ValueError:
+        raise ValueError(
+            f"{name} overflows {diff.dtype} (finite inputs, but their difference exceeds "
+            f"±{torch.finfo(diff.dtype).max:.6g}); nothing was computed into any state"
+        ) from None
+
+
 def delta(before: Tensor, after: Tensor) -> Tensor:
     """The paper's prompt update ``ΔP = P̃ − P = after − before`` (a new tensor, detached, inputs untouched).
 
     Args:
         before: prompts sent to the client, ``P`` (any shape, e.g. ``(n, L, K, D)``).
-        after: prompts the client trained, ``P̃`` (same shape).
+        after: prompts the client trained, ``P̃`` (same shape). The result has its dtype.
+
+    Raises:
+        ValueError: shapes differ, an input holds NaN/Inf, or the difference is not finite in ``after``'s dtype
+            (e.g. float32 ``3e38 − (−3e38)``).
+        TypeError: not floating-point tensors, or sparse/meta tensors.
     """
     _check_pair("before", before, "after", after)
-    return after.detach() - before.detach().to(after.dtype)
+    check_fits("before (as the dtype of after)", before, after.dtype)
+    out = after.detach() - before.detach().to(after.dtype)
+    _check_difference("after − before", out)
+    return out
 
 
 def delta_backward(generated: Tensor, trained: Tensor) -> None:
@@ -57,8 +78,9 @@ def delta_backward(generated: Tensor, trained: Tensor) -> None:
         trained: the clients' trained prompts ``P̃``, same shape; detached if it carries a graph.
 
     Raises:
-        ValueError: if shapes differ or either tensor holds NaN/Inf. Validation happens before any gradient is
-            written, so the generator's parameters and ``.grad`` are untouched on error.
+        ValueError: if shapes differ, either tensor holds NaN/Inf, or ``trained`` or ``generated − trained`` is not
+            finite in ``generated``'s dtype (a float32 ``1e5`` is ``inf`` in float16). Validation happens before any
+            gradient is written, so the generator's parameters and ``.grad`` are untouched on error.
         TypeError: if ``generated`` has no autograd graph (nothing to update) or inputs are not float tensors.
 
     Example::
@@ -75,5 +97,7 @@ def delta_backward(generated: Tensor, trained: Tensor) -> None:
             "generated must carry an autograd graph (the output of the generator's forward without no_grad); "
             "got a tensor with requires_grad=False"
         )
+    check_fits(f"trained (as {generated.dtype}, the generator's dtype)", trained, generated.dtype)
     grad = generated.detach() - trained.detach().to(device=generated.device, dtype=generated.dtype)
+    _check_difference("the gradient generated − trained", grad)
     generated.backward(gradient=grad)
