@@ -21,13 +21,14 @@ back-propagates ``P_n − P̃_n`` (= −ΔP_n), so the next ``optimizer.step()``
 from __future__ import annotations
 
 import math
-from typing import Optional, Tuple, Union
+import operator
+from typing import Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._checks import check_positive_int
+from ._checks import check_float_dtype, check_positive_int
 from .init import vpt_uniform_
 
 __all__ = ["PromptGenerator"]
@@ -106,14 +107,19 @@ class PromptGenerator(nn.Module):
         self.num_tokens = depth * num_prompts  # M, tokens of the basis
         if descriptor_tokens is None:
             descriptor_tokens = self.num_tokens
-        if isinstance(descriptor_tokens, bool) or descriptor_tokens not in (1, self.num_tokens):
+        if isinstance(descriptor_tokens, bool) or not isinstance(descriptor_tokens, int):
+            raise TypeError(
+                f"descriptor_tokens must be None or an int (1 or depth·num_prompts = {self.num_tokens}), got "
+                f"{type(descriptor_tokens).__name__} {descriptor_tokens!r}"
+            )
+        if descriptor_tokens not in (1, self.num_tokens):
             raise ValueError(
                 f"descriptor_tokens must be None or depth·num_prompts = {self.num_tokens} (one query per prompt "
                 f"token) or 1 (one descriptor vector per client), got {descriptor_tokens!r}"
             )
         self.descriptor_tokens = descriptor_tokens
         self._patch_area = _patch_area(patch_size)
-        M, D, factory = self.num_tokens, embed_dim, {"device": device, "dtype": dtype}
+        M, D, factory = self.num_tokens, embed_dim, {"device": device, "dtype": check_float_dtype("dtype", dtype)}
         self.prompt_base = nn.Parameter(torch.empty(M, D, **factory))
         self.descriptors = nn.Parameter(torch.empty(num_clients, descriptor_tokens, D, **factory))
         self.q_proj = nn.Linear(D, D, bias=False, **factory)
@@ -133,19 +139,31 @@ class PromptGenerator(nn.Module):
 
     # ---- forward ------------------------------------------------------------------------------------------------
 
-    def forward(self, client_ids: Tensor) -> Tensor:
+    def forward(self, client_ids: Union[Tensor, Sequence[int]]) -> Tensor:
         """Client ids (n,) → their prompts P_n, (n, L, K, D), with the autograd graph (for ``fed.delta_backward``).
 
-        Raises ``TypeError`` unless ``client_ids`` is an integer tensor, ``ValueError`` unless it is 1-D, non-empty
-        and every id lies in [0, num_clients).
+        ``client_ids``: a 1-D integer tensor, or what ``torch.as_tensor`` makes one of (a list or tuple of ints, a
+        NumPy integer array). Raises ``TypeError`` unless the ids are integers, ``ValueError`` unless they are 1-D,
+        non-empty and every id lies in [0, num_clients).
         """
         return self._generate(self._check_ids(client_ids), fold=self._fold)
 
-    def prompts_for(self, client_id: int) -> Tensor:
-        """One client's prompts, (L, K, D): ``gen(torch.tensor([client_id]))[0]``, e.g. for ``vpt.set_prompts``."""
-        if isinstance(client_id, bool) or not isinstance(client_id, int):
-            raise TypeError(f"client_id must be an int, got {type(client_id).__name__}")
-        ids = torch.tensor([client_id], device=self.descriptors.device)
+    def prompts_for(self, client_id: Union[int, Tensor]) -> Tensor:
+        """One client's prompts, (L, K, D): ``gen(torch.tensor([client_id]))[0]``, e.g. for ``vpt.set_prompts``.
+
+        ``client_id``: an int, a 0-d integer tensor (``ids[i]``) or a NumPy integer; ``TypeError`` otherwise.
+        """
+        if isinstance(client_id, Tensor):
+            if client_id.dim() != 0 or client_id.dtype.is_floating_point or client_id.dtype.is_complex or (
+                client_id.dtype == torch.bool
+            ):
+                raise TypeError(
+                    f"client_id must be an int or a 0-d integer tensor, got a tensor of shape "
+                    f"{tuple(client_id.shape)} and dtype {client_id.dtype}"
+                )
+        elif isinstance(client_id, bool) or not hasattr(client_id, "__index__"):
+            raise TypeError(f"client_id must be an int or a 0-d integer tensor, got {type(client_id).__name__}")
+        ids = torch.tensor([operator.index(client_id)], device=self.descriptors.device)
         return self(ids)[0]
 
     def _generate(self, ids: Tensor, *, fold: bool) -> Tensor:
@@ -178,11 +196,19 @@ class PromptGenerator(nn.Module):
         prompts = base + o  # (n, M, D); with T = 1 the single offset broadcasts over the M tokens
         return prompts.view(n, self.depth, self.num_prompts, D)
 
-    def _check_ids(self, client_ids: Tensor) -> Tensor:
+    def _check_ids(self, client_ids: Union[Tensor, Sequence[int]]) -> Tensor:
         if not isinstance(client_ids, Tensor):
-            raise TypeError(
-                f"client_ids must be a 1-D integer tensor (e.g. torch.tensor([0, 3])), got {type(client_ids).__name__}"
-            )
+            if isinstance(client_ids, (str, bytes)) or not (
+                isinstance(client_ids, Sequence) or hasattr(client_ids, "__array__")  # a list, tuple, NumPy array
+            ):
+                raise TypeError(
+                    "client_ids must be a 1-D integer tensor or a sequence of ints (e.g. [0, 3]), got "
+                    f"{type(client_ids).__name__}"
+                )
+            try:
+                client_ids = torch.as_tensor(client_ids)
+            except (TypeError, ValueError, RuntimeError):
+                raise TypeError(f"client_ids must be a sequence of ints (e.g. [0, 3]), got {client_ids!r}") from None
         dt = client_ids.dtype
         if dt.is_floating_point or dt.is_complex or dt == torch.bool:
             raise TypeError(f"client_ids must have an integer dtype (e.g. torch.long), got {dt}")

@@ -15,12 +15,12 @@ and train with FedPGP's contrastive term (``fedpeft.losses.knowledge_guided_loss
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Dict, Optional
 
 import torch
 from torch import Tensor, nn
 
-from ._checks import check_positive_int
+from ._checks import check_float_dtype, check_positive_int
 
 __all__ = ["LowRankPrompt"]
 
@@ -70,7 +70,7 @@ class LowRankPrompt(nn.Module):
                 f"min(K, D), so a larger rank only adds personal parameters"
             )
         self.num_prompts, self.embed_dim, self.rank, self.depth = K, D, r, L
-        factory = {"device": device, "dtype": dtype}
+        factory = {"device": device, "dtype": check_float_dtype("dtype", dtype)}
         self.global_prompt = nn.Parameter(torch.empty(L, K, D, **factory))  # σ
         self.u = nn.Parameter(torch.empty(L, K, r, **factory))  # U
         self.v = nn.Parameter(torch.empty(L, r, D, **factory))  # V
@@ -88,6 +88,16 @@ class LowRankPrompt(nn.Module):
             return self.global_prompt
         # (L, K, D) + (L, K, r) @ (L, r, D), fused into one batched matmul-add
         return torch.baddbmm(self.global_prompt, self.u, self.v)
+
+    def adapter_config(self) -> Dict[str, Any]:
+        """Hyper-parameters recorded in adapter files, under the ``VPT`` that reads its prompts from this module."""
+        return {
+            "method": "LowRankPrompt",
+            "num_prompts": self.num_prompts,
+            "embed_dim": self.embed_dim,
+            "rank": self.rank,
+            "depth": self.depth,
+        }
 
     def extra_repr(self) -> str:
         return f"num_prompts={self.num_prompts}, embed_dim={self.embed_dim}, rank={self.rank}, depth={self.depth}"

@@ -194,8 +194,11 @@ def test_init_vpt_uniform_and_linear_default():
 @pytest.mark.parametrize(
     "ids,exc,match",
     [
-        ([0, 1], TypeError, "1-D integer tensor"),
         (3, TypeError, "1-D integer tensor"),
+        ("01", TypeError, "1-D integer tensor"),
+        (["a", "b"], TypeError, "sequence of ints"),
+        ([0.0, 1.0], TypeError, "integer dtype"),
+        ([[0, 1]], ValueError, "1-D"),
         (torch.tensor([0.0, 1.0]), TypeError, "integer dtype"),
         (torch.tensor([True, False]), TypeError, "integer dtype"),
         (torch.tensor([[0, 1]]), ValueError, "1-D"),
@@ -214,7 +217,11 @@ def test_bad_client_ids(ids, exc, match):
 def test_prompts_for_errors():
     gen = make_gen()
     with pytest.raises(TypeError, match="int"):
-        gen.prompts_for(torch.tensor(1))
+        gen.prompts_for(torch.tensor(1.0))
+    with pytest.raises(TypeError, match=r"0-d integer tensor.*shape \(1,\)"):
+        gen.prompts_for(torch.tensor([1]))
+    with pytest.raises(TypeError, match="int"):
+        gen.prompts_for(True)
     with pytest.raises(ValueError, match="num_clients"):
         gen.prompts_for(C)
 
@@ -229,7 +236,6 @@ def test_prompts_for_errors():
         (dict(heads=3), "heads must divide"),
         (dict(descriptor_tokens=2), "descriptor_tokens"),
         (dict(descriptor_tokens=0), "descriptor_tokens"),
-        (dict(descriptor_tokens=True), "descriptor_tokens"),
         (dict(patch_size=0), "patch_size"),
         (dict(patch_size=(16,)), "patch_size"),
     ],
