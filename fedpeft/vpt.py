@@ -16,7 +16,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from . import _freeze, _timm
+from . import _freeze, _ownership, _timm
+from ._checks import check_fits, check_flag
 from .init import vpt_uniform_
 
 __all__ = ["VPT"]
@@ -44,6 +45,10 @@ class VPT(nn.Module):
     prompt dropout follows ``train()``/``eval()``.
 
     Shapes: ``forward(x)`` with ``x`` (B, C, H, W) returns the model's usual output (B, num_classes).
+
+    Raises ``TypeError`` for a non-bool ``deep``/``train_head`` (``deep="False"`` is not false) and ``ValueError`` for a
+    ViT another live fedpeft wrapper already wraps (it would change that wrapper's trainable set; wrap the wrapper or
+    a ``copy.deepcopy`` of the ViT, see ``fedpeft/_ownership.py``); the ViT is untouched then.
     """
 
     def __init__(
@@ -58,6 +63,8 @@ class VPT(nn.Module):
     ) -> None:
         super().__init__()
         vit = _timm.as_vision_transformer(vit)
+        deep = check_flag("deep", deep)
+        train_head = check_flag("train_head", train_head)
         if isinstance(num_prompts, bool) or not isinstance(num_prompts, int) or num_prompts < 0:
             raise ValueError(f"num_prompts must be an int >= 0, got {num_prompts!r}")
         if not isinstance(dropout, (int, float)) or not 0.0 <= float(dropout) < 1.0:
@@ -87,6 +94,7 @@ class VPT(nn.Module):
             self.prompts = prompts
         self.prompt_dropout = nn.Dropout(float(dropout))
         self._patch_area = _timm.patch_area(vit)
+        _ownership.claim(vit, self, exclusive=True)  # last check: a ViT another live wrapper holds is refused
         _freeze.freeze_backbone(vit, train_head=self.train_head)
         self.model = vit
         self.reset_parameters()
@@ -114,7 +122,9 @@ class VPT(nn.Module):
         """Copy ``prompts`` (L, K, D) into the own prompt parameter (detached), e.g. a generator's ``P_n``.
 
         pFedPG's client step: ``vpt.set_prompts(gen(ids)[i])``, train, send back ``vpt.get_prompts()``.
-        Raises ``TypeError`` if the prompts come from a module, ``ValueError`` on a shape or non-finite mismatch.
+        Raises ``TypeError`` if the prompts come from a module or are not floating-point, ``ValueError`` on a shape
+        mismatch or on values that are not finite once stored in the prompts' dtype (NaN, Inf, float64 ``1e300`` into
+        float32); the prompts are unchanged then.
         """
         if not isinstance(self.prompts, nn.Parameter):
             raise TypeError(
@@ -127,8 +137,12 @@ class VPT(nn.Module):
             raise ValueError(
                 f"prompts must have shape (L, K, D) = {tuple(self.prompts.shape)}, got {tuple(prompts.shape)}"
             )
-        if not bool(torch.isfinite(prompts).all()):
-            raise ValueError("prompts contain NaN/Inf; the VPT prompts were left unchanged")
+        if not prompts.is_floating_point():
+            raise TypeError(f"prompts must be a floating-point tensor, got dtype {prompts.dtype}")
+        try:  # finite in the dtype they are stored in: float64 1e300 would become inf in float32 prompts
+            check_fits("prompts", prompts, self.prompts.dtype)
+        except ValueError as e:
+            raise ValueError(f"{e}; the VPT prompts were left unchanged") from None
         self.prompts.copy_(prompts.detach())
 
     def _prompts_for_batch(self, prompts: Optional[Tensor], batch: int) -> Tensor:
@@ -179,6 +193,11 @@ class VPT(nn.Module):
 
     # ---- wrapper protocol ---------------------------------------------------------------------------------------
 
+    def __setstate__(self, state: Dict[str, Any]) -> None:
+        """``copy.deepcopy`` / ``pickle``: the copy holds its own copy of the ViT, and claims it like the original."""
+        super().__setstate__(state)
+        _ownership.claim(self.model, self, exclusive=True)
+
     def train(self, mode: bool = True) -> VPT:
         super().train(mode)
         _freeze.apply_train_mode(self.model, mode)
@@ -197,6 +216,7 @@ class VPT(nn.Module):
             "dropout": self.prompt_dropout.p,
             "train_head": self.train_head,
             "prompt_source": "parameter" if isinstance(self.prompts, nn.Parameter) else type(self.prompts).__name__,
+            "prompt_module": _prompt_module_config(self.prompts),
             "backbone": type(self.model).__name__,
             "embed_dim": self.embed_dim,
             "depth": _timm.depth(self.model),
@@ -204,3 +224,11 @@ class VPT(nn.Module):
 
     def extra_repr(self) -> str:
         return f"num_prompts={self.num_prompts}, deep={self.deep}, prompt_depth={self.prompt_depth}"
+
+
+def _prompt_module_config(prompts: Union[nn.Parameter, nn.Module]) -> Optional[Dict[str, Any]]:
+    """A prompt module's own hyper-parameters (e.g. ``LowRankPrompt``'s rank) for adapter files; None for the parameter."""
+    if isinstance(prompts, nn.Parameter):
+        return None
+    config = getattr(prompts, "adapter_config", None)
+    return config() if callable(config) else {"method": type(prompts).__name__}
