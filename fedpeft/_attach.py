@@ -17,7 +17,7 @@ from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 from torch import Tensor, nn
 
-from . import _freeze, _timm
+from . import _freeze, _ownership, _timm
 from ._checks import check_flag
 from ._wrapping import innermost
 
@@ -88,6 +88,7 @@ class AttentionWrapper(nn.Module):
         train_backbone = check_flag("train_backbone", train_backbone)
         train_head = check_flag("train_head", train_head, allow_none=True)
         inner, vit, is_wrapper = _resolve_target(vit_or_wrapper)
+        _ownership.check_free(inner, exclusive=False)  # not a ViT a VPT holds; claimed in _configure_training
         self.model = inner
         self.wraps_wrapper = is_wrapper
         self.train_backbone = train_backbone
@@ -117,6 +118,7 @@ class AttentionWrapper(nn.Module):
         - wrapping a fedpeft wrapper (e.g. VPT) with ``train_backbone=False``: the wrapper's choices are kept; the
           classifier follows ``train_head`` only if it was given.
         """
+        _ownership.claim(self.model, self, exclusive=False)
         vit = self._vit()
         head = _freeze.classifier_param_ids(vit)
         if not self.wraps_wrapper and not self.train_backbone:
@@ -165,6 +167,12 @@ class AttentionWrapper(nn.Module):
 
     # ---- wrapper protocol ---------------------------------------------------------------------------------------
 
+    def __setstate__(self, state: Dict[str, Any]) -> None:
+        """``copy.deepcopy`` / ``pickle``: the copy claims its own copy of the wrapped module, like the original."""
+        super().__setstate__(state)
+        if not self.ejected:
+            _ownership.claim(self.model, self, exclusive=False)
+
     def train(self, mode: bool = True) -> AttentionWrapper:
         super().train(mode)
         _freeze.apply_train_mode(self._vit(), mode)
@@ -185,6 +193,7 @@ class AttentionWrapper(nn.Module):
         if not self.ejected:
             self._detach()
             self.ejected = True
+            _ownership.release(self.model, self)
         return self._vit()
 
     def _detach(self) -> None:  # pragma: no cover - abstract
