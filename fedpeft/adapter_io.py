@@ -3,29 +3,42 @@
 Layout of ``save_adapter(model, path)`` (``path`` is a directory, like peft's ``save_pretrained``)::
 
     path/adapter_model.safetensors   trainable parameters only (prompts, adapters, head …), never the backbone;
-                                     the config is also stored in its header metadata ("fedpeft_config")
-    path/adapter_config.json         the same config, for humans and tools: fedpeft version, method chain
-                                     (outermost first) with each wrapper's hyper-parameters, parameter shapes
+                                     the config is also stored in its header metadata ("fedpeft_config"): the
+                                     single source of truth
+    path/adapter_config.json         a copy of the same config, for humans and tools: fedpeft version, format
+                                     version, method chain (outermost first) with each wrapper's hyper-parameters
+                                     (and its prompt module's), parameter shapes
 
-No pickle anywhere. Each file is written to a temporary file in the same directory and renamed into place
-(``os.replace``), so a crash never leaves a half-written file. ``load_adapter`` reads the config from the weights
-file itself (so weights and config cannot disagree), checks the method chain, the key set and every shape, and only
-then copies; on any error the model is left exactly as it was.
+No pickle anywhere. Writing (see ``fedpeft/_atomic.py``): both files are first written to temporary files in the same
+directory with the permissions of a normal write under the user's umask, and fsync'ed; then the old JSON copy is
+removed, the weights renamed into place, and the new JSON renamed into place, each step made durable. A crash at any
+point leaves either the old adapter or the new one (possibly without its JSON copy, which loading does not need),
+never new weights beside an old config. Leftover temporary files of an interrupted save are removed by the next save
+into that directory. Concurrent saves into one directory are not supported.
+
+Loading refuses, with a ``ValueError`` naming the file (and the key, where there is one), before anything is copied:
+an unreadable or corrupt file (truncated, empty, absurd header length, garbage header, not a safetensors file), a
+config that is not a JSON object or has an unknown ``format`` version, another method chain, any recorded
+hyper-parameter that differs from the model's (all listed, e.g. ``scale: file 3.0, model 1.5``), a JSON copy that
+disagrees with the header, missing or unexpected keys, other shapes, a dtype that cannot be the parameter's (bool,
+integer or complex into a floating parameter), NaN/Inf, and values that overflow the parameter's dtype (float64
+``1e300`` into float32). After a refused load the model is bit-for-bit unchanged.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
-from typing import Any, Callable, Dict, Union
+from typing import Any, Dict, Tuple, Union
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save
 from torch import Tensor, nn
 
+from . import _atomic
+from ._checks import check_fits
 from ._version import __version__
 from ._wrapping import wrapper_chain
 
@@ -65,71 +78,197 @@ def _config(model: nn.Module, state: Dict[str, Tensor]) -> Dict[str, Any]:
     }
 
 
-def _atomic_write(final: Path, write: Callable[[str], None]) -> None:
-    fd, tmp = tempfile.mkstemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, final)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+# Recorded settings that do not change what the adapter computes in eval mode, and so may differ on load.
+TRAINING_ONLY = frozenset({"dropout"})
+
+
+def _adapter_dir(path: PathLike) -> Path:
+    """The adapter folder: ``path``, or its parent when ``path`` names the weights file itself (issue 14.5)."""
+    p = Path(path)
+    if p.name == ADAPTER_WEIGHTS_NAME and not p.is_dir():
+        return p.parent
+    return p
 
 
 def save_adapter(model: nn.Module, path: PathLike) -> Path:
-    """Write ``model``'s trainable parameters and config to directory ``path`` (created if needed); returns it."""
+    """Write ``model``'s trainable parameters and config to directory ``path`` (created if needed); returns it.
+
+    ``path`` may also name the weights file (``.../adapter_model.safetensors``): its folder is used. The pair of
+    files is replaced atomically (see the module docstring).
+    """
     state = adapter_state_dict(model)
     if not state:
         raise ValueError("the model has no trainable parameters; nothing to save")
     config = _config(model, state)
     text = json.dumps(config, indent=2, sort_keys=True)
-    directory = Path(path)
+    directory = _adapter_dir(path)
     directory.mkdir(parents=True, exist_ok=True)
+    weights, json_copy = directory / ADAPTER_WEIGHTS_NAME, directory / ADAPTER_CONFIG_NAME
+    for name in (ADAPTER_WEIGHTS_NAME, ADAPTER_CONFIG_NAME):
+        _atomic.remove_stale(directory, name)
     tensors = {k: v.to("cpu").contiguous() for k, v in state.items()}
-    _atomic_write(directory / ADAPTER_WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={_META_KEY: text}))
 
     def write_json(tmp: str) -> None:
         with open(tmp, "w", encoding="utf-8") as f:
             f.write(text + "\n")
 
-    _atomic_write(directory / ADAPTER_CONFIG_NAME, write_json)
+    def write_weights(tmp: str) -> None:  # into our file: safetensors' save_file would make it 0600
+        with open(tmp, "wb") as f:
+            f.write(save(tensors, metadata={_META_KEY: text}))
+
+    tmp_weights = _atomic.write_temp(weights, write_weights)
+    tmp_json = None
+    try:
+        tmp_json = _atomic.write_temp(json_copy, write_json)
+        if json_copy.exists():  # from here on the folder never holds new weights beside the old config
+            json_copy.unlink()
+            _atomic.fsync_dir(directory)
+        _atomic.replace(tmp_weights, weights)
+        _atomic.replace(tmp_json, json_copy)
+    except BaseException:
+        for tmp in (tmp_weights, tmp_json):
+            if tmp is not None and tmp.exists():
+                tmp.unlink()
+        raise
     return directory
 
 
 def load_adapter(model: nn.Module, path: PathLike) -> nn.Module:
     """Load an adapter saved by :func:`save_adapter` into ``model`` (in place); returns ``model``.
 
+    ``path`` is the adapter folder or its ``adapter_model.safetensors``. The config is read from the weights file's
+    header; ``adapter_config.json``, if present, must agree with it.
+
     Raises:
         FileNotFoundError: no adapter file under ``path``.
-        ValueError: the file's method chain, key set or any shape does not fit ``model``. Nothing is copied then.
+        ValueError: anything the module docstring lists (corrupt file, config, hyper-parameters, keys, shapes, dtypes,
+            non-finite or overflowing values), naming the file and the key. Nothing is copied then.
     """
     target = adapter_state_dict(model)
-    file = Path(path) / ADAPTER_WEIGHTS_NAME
+    directory = _adapter_dir(path)
+    if directory.is_file():
+        raise ValueError(f"{path} is a file; pass the folder that holds {ADAPTER_WEIGHTS_NAME} (or that file itself)")
+    file = directory / ADAPTER_WEIGHTS_NAME
     if not file.is_file():
-        raise FileNotFoundError(f"no {ADAPTER_WEIGHTS_NAME} in {path}")
-    with safe_open(str(file), framework="pt", device="cpu") as f:
-        meta = (f.metadata() or {}).get(_META_KEY)
-        if meta is None:
-            raise ValueError(f"{file} is not a fedpeft adapter (no '{_META_KEY}' metadata)")
-        config = json.loads(meta)
-        loaded = {k: f.get_tensor(k) for k in f.keys()}
-    expected_method = _config(model, target)["method"]
-    if config.get("method") != expected_method:
-        raise ValueError(f"adapter method is {config.get('method')!r} but the model is {expected_method!r}")
-    missing, unexpected = sorted(set(target) - set(loaded)), sorted(set(loaded) - set(target))
-    if missing or unexpected:
-        raise ValueError(
-            f"adapter keys do not match the model's trainable parameters: missing {missing}, unexpected {unexpected}"
-        )
-    for key, value in loaded.items():
-        if value.shape != target[key].shape:
-            raise ValueError(
-                f"shape mismatch for {key!r}: the model expects {tuple(target[key].shape)}, the file has "
-                f"{tuple(value.shape)}"
-            )
+        raise FileNotFoundError(f"no {ADAPTER_WEIGHTS_NAME} in {directory}")
+    config, loaded = _read(file)
+    _check_config(file, config, model, target)
+    _check_json_copy(directory / ADAPTER_CONFIG_NAME, config)
+    _check_tensors(file, loaded, target)
     params = dict(model.named_parameters())
     with torch.no_grad():
         for key, value in loaded.items():
             params[key].copy_(value)
     return model
+
+
+# ---- reading and checking ---------------------------------------------------------------------------------------
+
+
+def _read(file: Path) -> Tuple[Dict[str, Any], Dict[str, Tensor]]:
+    """The header config (a dict) and every tensor; ``ValueError`` naming ``file`` for anything unreadable."""
+    try:
+        with safe_open(str(file), framework="pt", device="cpu") as f:
+            meta = (f.metadata() or {}).get(_META_KEY)
+            if meta is None:
+                raise ValueError(f"{file} is not a fedpeft adapter (no '{_META_KEY}' metadata)")
+            loaded = {k: f.get_tensor(k) for k in f.keys()}
+    except (ValueError, OSError):
+        raise
+    except Exception as e:  # safetensors' SafetensorError and whatever a damaged file provokes
+        raise ValueError(f"{file} is not a readable safetensors file (corrupt or truncated?): {e}") from e
+    try:
+        config = json.loads(meta)
+    except ValueError as e:
+        raise ValueError(f"{file}: the '{_META_KEY}' metadata is not valid JSON: {e}") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{file}: the '{_META_KEY}' metadata must be a JSON object, got {type(config).__name__}")
+    return config, loaded
+
+
+def _flatten(config: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
+    """``{"a": {"b": 1}}`` → ``{"a.b": 1}``; a dict stays a dict only as its leaves."""
+    out: Dict[str, Any] = {}
+    for k, v in config.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _check_config(file: Path, config: Dict[str, Any], model: nn.Module, target: Dict[str, Tensor]) -> None:
+    """Format version, method chain and every recorded hyper-parameter against the model's; all mismatches listed."""
+    version = config.get("format")
+    if isinstance(version, bool) or version != _FORMAT_VERSION:
+        raise ValueError(
+            f"{file}: unknown adapter format version {version!r}; this fedpeft ({__version__}) reads format "
+            f"{_FORMAT_VERSION}"
+        )
+    expected = json.loads(json.dumps(_config(model, target)))  # JSON round trip: tuples → lists, like the file
+    if config.get("method") != expected["method"]:
+        raise ValueError(f"{file}: adapter method is {config.get('method')!r} but the model is {expected['method']!r}")
+    recorded = config.get("wrappers")
+    if not isinstance(recorded, list) or len(recorded) != len(expected["wrappers"]) or not all(
+        isinstance(w, dict) for w in recorded
+    ):
+        raise ValueError(f"{file}: 'wrappers' must list one JSON object per wrapper of {expected['method']!r}")
+    chain = len(recorded) > 1
+    mismatches = []
+    for theirs, ours in zip(recorded, expected["wrappers"]):
+        where = f"{ours['method']}." if chain else ""
+        theirs, ours = _flatten(theirs), _flatten(ours)
+        for key in sorted(theirs.keys() | ours.keys()):
+            if key.split(".")[-1] in TRAINING_ONLY:
+                continue
+            if key not in ours:
+                mismatches.append(f"{where}{key}: file {theirs[key]!r}, model has no such setting")
+            elif key not in theirs:
+                continue  # not recorded by the fedpeft that wrote the file: nothing to compare
+            elif theirs[key] != ours[key] or isinstance(theirs[key], bool) != isinstance(ours[key], bool):
+                mismatches.append(f"{where}{key}: file {theirs[key]!r}, model {ours[key]!r}")
+    if mismatches:
+        raise ValueError(
+            f"{file}: the adapter was saved with other hyper-parameters than the model has: " + "; ".join(mismatches)
+        )
+
+
+def _check_json_copy(json_file: Path, config: Dict[str, Any]) -> None:
+    """``adapter_config.json`` is a copy of the header config: if it is there, it must say the same."""
+    if not json_file.exists():
+        return
+    try:
+        copy = json.loads(json_file.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"{json_file} is not valid JSON: {e}") from None
+    if copy != config:
+        raise ValueError(
+            f"{json_file} does not match the config stored in {ADAPTER_WEIGHTS_NAME} (edited by hand, or left from "
+            "another save?); the weights file is authoritative: delete the JSON copy or save the adapter again"
+        )
+
+
+def _check_tensors(file: Path, loaded: Dict[str, Tensor], target: Dict[str, Tensor]) -> None:
+    """Keys, shapes, dtypes and values of the file's tensors against the model's trainable parameters."""
+    missing, unexpected = sorted(set(target) - set(loaded)), sorted(set(loaded) - set(target))
+    if missing or unexpected:
+        raise ValueError(
+            f"{file}: adapter keys do not match the model's trainable parameters: missing {missing}, "
+            f"unexpected {unexpected}"
+        )
+    for key, value in loaded.items():
+        want = target[key]
+        if value.shape != want.shape:
+            raise ValueError(
+                f"{file}: shape mismatch for {key!r}: the model expects {tuple(want.shape)}, the file has "
+                f"{tuple(value.shape)}"
+            )
+        if want.is_floating_point() and not value.is_floating_point():
+            raise ValueError(
+                f"{file}: {key!r} has dtype {value.dtype}, which cannot be the model's {want.dtype} parameter "
+                "(expected a floating-point tensor)"
+            )
+        if value.dtype != want.dtype and not want.is_floating_point():
+            raise ValueError(f"{file}: {key!r} has dtype {value.dtype}, the model's parameter is {want.dtype}")
+    for key, value in loaded.items():
+        check_fits(f"{file}: {key!r}", value, target[key].dtype)
