@@ -185,7 +185,7 @@ class VPT(nn.Module):
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
         """timm's own pooling and head on the prompt-free tokens of ``forward_features``."""
-        return _timm.forward_head(self.model, x, pre_logits=pre_logits)
+        return _timm.forward_head(self.model, x, pre_logits=check_flag("pre_logits", pre_logits))
 
     def forward(self, x: Tensor, prompts: Optional[Tensor] = None) -> Tensor:
         """Images (B, C, H, W) → logits (B, num_classes); ``prompts`` as in ``forward_features``."""
