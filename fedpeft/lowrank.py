@@ -20,7 +20,7 @@ from typing import Any, Dict, Optional
 import torch
 from torch import Tensor, nn
 
-from ._checks import check_float_dtype, check_positive_int
+from ._checks import check_flag, check_float_dtype, check_positive_int
 
 __all__ = ["LowRankPrompt"]
 
@@ -84,7 +84,7 @@ class LowRankPrompt(nn.Module):
 
     def forward(self, personal: bool = True) -> Tensor:
         """``σ + U V`` (L, K, D) if ``personal`` else ``σ`` (the parameter itself, not a copy)."""
-        if not personal:
+        if not check_flag("personal", personal):
             return self.global_prompt
         # (L, K, D) + (L, K, r) @ (L, r, D), fused into one batched matmul-add
         return torch.baddbmm(self.global_prompt, self.u, self.v)

@@ -297,3 +297,10 @@ def test_pfedpg_preset_on_a_model_without_prompts_warns(test_vit):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert fed.personal_keys(vpt, "pfedpg") == ["model.head.bias", "model.head.weight", "prompts"]
+
+
+def test_to_ndarrays_refuses_sparse_and_meta():
+    with pytest.raises(TypeError, match="sparse"):
+        fed.to_ndarrays({"x": torch.eye(2).to_sparse()})
+    with pytest.raises(TypeError, match="meta"):
+        fed.to_ndarrays({"x": torch.empty(2, device="meta")})

@@ -134,3 +134,14 @@ def test_a_deep_copied_adapter_claims_its_copy():
     other = copy.deepcopy(pp)
     with pytest.raises(ValueError, match="already wrapped by a ParallelPrefix"):
         VPT(other.unwrap(), num_prompts=2)
+
+
+def test_every_public_flag_uses_the_bool_checker():
+    lowrank = LowRankPrompt(num_prompts=2, embed_dim=64, rank=1)
+    with pytest.raises(TypeError, match="personal must be a bool"):
+        lowrank(personal="False")  # a non-empty string would have meant True: σ + U V
+    assert torch.equal(lowrank(personal=False), lowrank.global_prompt)
+    model = VPT(_vit(), num_prompts=2)
+    tokens = model.forward_features(torch.randn(1, 3, 160, 160))
+    with pytest.raises(TypeError, match="pre_logits must be a bool"):
+        model.forward_head(tokens, pre_logits="no")

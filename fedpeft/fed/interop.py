@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ._validate import check_state, format_keys
+from ._validate import check_dense, check_state, format_keys
 
 __all__ = ["from_ndarrays", "to_ndarrays"]
 
@@ -28,9 +28,10 @@ def to_ndarrays(state: Mapping[str, Tensor]) -> Tuple[List[str], List[np.ndarray
     """``(keys, arrays)`` in sorted key order; CPU copies, bfloat16/float8 as float32, other dtypes unchanged.
 
     Raises:
-        TypeError: ``state`` is not a ``Mapping[str, Tensor]``.
+        TypeError: ``state`` is not a ``Mapping[str, Tensor]``, or holds a sparse or meta tensor.
     """
     check_state(state)
+    check_dense(state)
     keys = sorted(state)
     arrays = []
     for k in keys:
