@@ -1,7 +1,9 @@
 """The checks every ``fedpeft.fed`` function runs before it computes or mutates anything.
 
 One helper, :func:`check_state`, validates a state dict (types, and optionally the same keys and shapes as a reference
-and finite floating values); :func:`check_weight` validates an aggregation weight. Errors are ``TypeError`` (wrong
+and finite floating values); :func:`check_dense` refuses sparse and meta tensors where values are read;
+:func:`value_ranges` reads every tensor's (min, max) in one host sync (finiteness, and the magnitudes the aggregation
+needs); :func:`check_weight` / :func:`check_weights` validate aggregation weights (finite, >= 0, not all zero). Errors are ``TypeError`` (wrong
 kind of object) or ``ValueError`` (wrong content) and name the state, the key, what was expected and what came, so a
 bad client update is refused with a message a user can act on, before it touches any server state.
 """
