@@ -154,17 +154,19 @@ class VPT(nn.Module):
         ``prompts`` overrides the module's own prompts for this call: (L, K, D) shared, or (B, L, K, D) per sample.
         """
         vit = self.model
-        x = _timm.embed_tokens(vit, x)  # (B, n_p + N, D)
+        x, pos = _timm.embed_positions(vit, x)  # (B, n_p + N, D); pos: an Eva's RoPE (None for a ViT)
         p = self._prompts_for_batch(prompts, x.shape[0]).to(x.dtype)  # (B, L, K, D)
         n_p, K = _timm.num_prefix_tokens(vit), p.shape[2]
         if K:
             x = torch.cat([x[:, :n_p], p[:, 0], x[:, n_p:]], dim=1)  # [prefix | P_0 | patches]
+            pos = _timm.skip_positions(vit, pos, K)  # Eva: no RoPE on the prompts (identity rotations)
         x = _timm.pre_norm(vit, x)
         ckpt = _timm.uses_grad_checkpointing(vit) and torch.is_grad_enabled()
         for i, block in enumerate(_timm.blocks(vit)):
             if i > 0 and self.deep and K:
                 x = torch.cat([x[:, :n_p], p[:, i], x[:, n_p + K :]], dim=1)  # replace the prompt slots
-            x = checkpoint(block, x, use_reentrant=False) if ckpt else block(x)
+            kw = _timm.block_kwargs(vit, pos, i)
+            x = checkpoint(block, x, use_reentrant=False, **kw) if ckpt else block(x, **kw)
         if K:
             x = torch.cat([x[:, :n_p], x[:, n_p + K :]], dim=1) if n_p else x[:, K:]
         return _timm.final_norm(vit, x)
