@@ -180,7 +180,8 @@ def eva_adapter_oracle(
             kw["offset"] = (*adapters[i], scale)
         if prefix is not None:
             kw["prefix"] = (prefix[0][i], prefix[1][i])
-        t = explicit_eva_block(block, t, _block_rope(m, rope, i), **kw)
+        # a block with nothing attached is the model's own stage (this also covers grouped-query blocks)
+        t = explicit_eva_block(block, t, _block_rope(m, rope, i), **kw) if kw else block(t, rope=_block_rope(m, rope, i))
     if K:
         t = torch.cat([t[:, :n_p], t[:, n_p + K :]], dim=1)
     return m.forward_head(m.norm(t))
