@@ -19,6 +19,7 @@ from __future__ import annotations
 import operator
 from typing import Any, Dict, Iterable, List, Optional, Tuple
 
+import torch
 from torch import Tensor, nn
 
 from . import _freeze, _timm
@@ -66,6 +67,23 @@ def resolve_blocks(blocks: Optional[Iterable[int]], depth: int) -> Tuple[int, ..
 def has_forward_override(module: nn.Module) -> bool:
     """Whether ``module`` carries an instance-level ``forward`` (a ``Prefix`` or someone else's patch)."""
     return "forward" in vars(module)
+
+
+class _GradThroughReentrantCheckpoint:
+    """Forward hook on the blocks' input (``_timm.register_block_input_hook``): while the model checkpoints its
+    blocks with torch's *reentrant* checkpoint and grad is enabled, a block input that does not require grad (a
+    frozen backbone) is replaced by a detached copy that does. Otherwise the reentrant checkpoint, which only
+    back-propagates when an *input* requires grad, would silently give the adapters inside no gradient (torch only
+    warns "None of the inputs have requires_grad=True"). peft's ``enable_input_require_grads`` does the same.
+    Cost: the input gradient of block 0, which is otherwise skipped."""
+
+    def __init__(self, vit: nn.Module) -> None:
+        self.vit = vit
+
+    def __call__(self, module: nn.Module, args: Any, output: Tensor) -> Optional[Tensor]:
+        if torch.is_grad_enabled() and not output.requires_grad and _timm.uses_reentrant_checkpointing(self.vit):
+            return output.detach().requires_grad_(True)
+        return None
 
 
 class EvaAdapterSlots:
@@ -179,6 +197,7 @@ class AttentionWrapper(nn.Module):
           classifier follows ``train_head`` only if it was given.
         """
         vit = self._vit()
+        self._input_grad_handle = _timm.register_block_input_hook(vit, _GradThroughReentrantCheckpoint(vit))
         head = _freeze.classifier_param_ids(vit)
         if not self.wraps_wrapper and not self.train_backbone:
             _freeze.freeze_backbone(vit, train_head=bool(self.train_head))
@@ -245,6 +264,7 @@ class AttentionWrapper(nn.Module):
         """
         if not self.ejected:
             self._detach()
+            self._input_grad_handle.remove()
             self.ejected = True
         return self._vit()
 

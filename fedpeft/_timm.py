@@ -18,6 +18,8 @@ from torch import Tensor, nn
 
 try:  # timm >= 0.9
     from timm.layers import Attention as _TimmAttention
+    from timm.layers import use_reentrant_ckpt
+    from timm.models._features import feature_take_indices as _feature_take_indices
     from timm.models.naflexvit import NaFlexVit
     from timm.models.vision_transformer import VisionTransformer
 except ImportError as e:  # pragma: no cover - timm is a core dependency
@@ -37,14 +39,18 @@ __all__ = [
     "embed_dim",
     "embed_positions",
     "embed_tokens",
+    "feature_grid",
+    "feature_take_indices",
     "final_norm",
     "forward_head",
     "is_eva",
     "num_prefix_tokens",
     "patch_area",
     "pre_norm",
+    "register_block_input_hook",
     "skip_positions",
     "uses_grad_checkpointing",
+    "uses_reentrant_checkpointing",
 ]
 
 SUPPORTED_MODELS = (
@@ -153,6 +159,27 @@ def forward_head(vit: VisionTransformer, x: Tensor, pre_logits: bool = False) ->
 
 def uses_grad_checkpointing(vit: VisionTransformer) -> bool:
     return bool(getattr(vit, "grad_checkpointing", False))
+
+
+def uses_reentrant_checkpointing(vit: nn.Module) -> bool:
+    """The model's own forward checkpoints its blocks with torch's *reentrant* checkpoint
+    (``set_grad_checkpointing()`` plus ``timm.layers.set_reentrant_ckpt(True)`` / ``TIMM_REENTRANT_CKPT=1``)."""
+    return uses_grad_checkpointing(vit) and bool(use_reentrant_ckpt())
+
+
+def register_block_input_hook(vit: nn.Module, hook: Any) -> Any:
+    """A forward hook on ``norm_pre``, whose output is what ``blocks[0]`` receives (ViT and Eva alike)."""
+    return vit.norm_pre.register_forward_hook(hook)
+
+
+def feature_take_indices(depth: int, indices: Optional[Any]) -> Tuple[List[int], int]:
+    """timm's ``forward_intermediates`` rule: ``None`` → all blocks, int n → the last n, list → those indices."""
+    return _feature_take_indices(depth, indices)
+
+
+def feature_grid(vit: nn.Module, img_size: Tuple[int, int]) -> Tuple[int, int]:
+    """The patch grid (H', W') of an input of ``img_size`` (H, W)."""
+    return tuple(vit.patch_embed.dynamic_feat_size(img_size))
 
 
 # ---- geometry -----------------------------------------------------------------------------------------------------
