@@ -103,6 +103,7 @@ class ParallelPrefix(AttentionWrapper):
 
     Args:
         vit_or_wrapper: a timm ``VisionTransformer`` (``Block`` + ``timm.layers.Attention`` with a fused ``qkv``),
+            or ``Eva`` (``EvaAttention`` / ``AttentionRope``: offsets after the K/V projections, before RoPE),
             or a fedpeft wrapper of one such as ``VPT`` (then ``forward(*args, **kwargs)`` is the wrapper's:
             ``ParallelPrefix(VPT(vit))(x, prompts=P)``). Held as ``self.model``.
         bottleneck: m, the adapter's hidden width (FedPerfix: 256).
@@ -122,8 +123,8 @@ class ParallelPrefix(AttentionWrapper):
     token, including class/register tokens and VPT prompts.
 
     Raises ``TypeError`` / ``NotImplementedError`` naming the layer for anything other than timm's plain fused-qkv
-    ``Attention`` (ParallelScalingBlock, DiffAttention, gated attention, Eva, BEiT, …) and ``ValueError`` when a
-    layer already carries a ``ParallelPrefix``; the model is left untouched then. Layers running timm's
+    ``Attention`` or Eva's (ParallelScalingBlock, DiffAttention, gated or grouped-query attention, BEiT, …) and
+    ``ValueError`` when a layer already carries a ``ParallelPrefix``; the model is left untouched then. Layers running timm's
     explicit-softmax path (``fused_attn=False``) get a warning: the result is exact but SDPA is not used there.
     """
 

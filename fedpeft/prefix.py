@@ -82,7 +82,8 @@ class Prefix(AttentionWrapper):
     """Vanilla prefix tuning for a timm ViT (or a fedpeft wrapper of one): ``length`` key and value tokens per layer.
 
     Args:
-        vit_or_wrapper: a timm ``VisionTransformer`` (``Block`` + ``timm.layers.Attention`` with a fused ``qkv``), or
+        vit_or_wrapper: a timm ``VisionTransformer`` (``Block`` + ``timm.layers.Attention`` with a fused ``qkv``), an
+            ``Eva`` (``EvaAttention`` / ``AttentionRope``; the prefix keys get ``k_norm`` and no RoPE), or
             a fedpeft wrapper of one such as ``VPT`` (``Prefix(VPT(vit))(x, prompts=P)``). Held as ``self.model``.
         length: P, the prefix tokens per layer.
         train_backbone: train the whole backbone too. ``False`` freezes it, or, around a wrapper, keeps that
@@ -98,7 +99,7 @@ class Prefix(AttentionWrapper):
     (``attn_mask``, ``is_causal``) are extended so every query sees the whole prefix (``prefix_attn_mask``).
 
     Raises ``TypeError`` / ``NotImplementedError`` naming the layer for anything other than timm's plain fused-qkv
-    ``Attention`` and ``ValueError`` when a layer's ``forward`` is already overridden (a second ``Prefix``); the
+    ``Attention`` or Eva's (gated or grouped-query attention included) and ``ValueError`` when a layer's ``forward`` is already overridden (a second ``Prefix``); the
     model is left untouched then.
     """
 

@@ -30,7 +30,9 @@ def _drop_slots(x: Tensor, n_p: int, k: int) -> Tensor:
 
 
 class VPT(nn.Module):
-    """Visual Prompt Tuning around a timm ``VisionTransformer``; the backbone is frozen, prompts (and head) train.
+    """Visual Prompt Tuning around a timm ``VisionTransformer`` or ``Eva``; the backbone is frozen, prompts (and head)
+    train. On an Eva (DINOv3, EVA-02, PE, RoPE ViTs) the prompts get no rotary embedding either: every attention
+    treats them as K more prefix tokens (``_timm_eva.skip_rope``).
 
     Args:
         vit: a timm ``VisionTransformer`` (any of the family, see ``fedpeft._timm.SUPPORTED_MODELS``). It is kept as

@@ -101,7 +101,9 @@ def explicit_eva_attention(
     *,
     offset: Optional[Tuple[nn.Linear, nn.Linear, float]] = None,
     prefix: Optional[Tuple[Tensor, Tensor]] = None,
+    attn_mask: Optional[Tensor] = None,
 ) -> Tensor:
+    """``attn_mask`` (N, N) bool (True = attend) over the tokens; prefix keys are always visible."""
     B, N, _ = x.shape
     H, d = attn.num_heads, attn.head_dim
     C = H * d
@@ -132,6 +134,9 @@ def explicit_eva_attention(
         k = torch.cat([attn.k_norm(heads(k_p.expand(B, -1, -1))), k], dim=2)
         v = torch.cat([heads(v_p.expand(B, -1, -1)), v], dim=2)
     logits = q @ k.transpose(-1, -2) / math.sqrt(d)
+    if attn_mask is not None:
+        P = k.shape[2] - N
+        logits = torch.cat([logits[..., :P], logits[..., P:].masked_fill(~attn_mask, float("-inf"))], dim=-1)
     w = torch.exp(logits - logits.amax(-1, keepdim=True))
     out = (w / w.sum(-1, keepdim=True)) @ v  # (B, H, N, d)
     out = attn.norm(out.permute(0, 2, 1, 3).reshape(B, N, C))
@@ -159,6 +164,7 @@ def eva_adapter_oracle(
     prefix: Optional[Tuple[Tensor, Tensor]] = None,
     prompts: Optional[Tensor] = None,
     deep: bool = False,
+    attn_mask: Optional[Tensor] = None,
 ) -> Tensor:
     """Logits with ParallelPrefix ``adapters[i] = (down, up)``, Prefix ``prefix = (keys, values)`` (depth, P, C),
     and optional VPT ``prompts`` (L, K, D): the attention of a deep copy is told K more prefix tokens."""
@@ -175,7 +181,7 @@ def eva_adapter_oracle(
     for i, block in enumerate(m.blocks):
         if K and deep and i > 0:
             t = torch.cat([t[:, :n_p], prompts[i].expand(t.shape[0], -1, -1), t[:, n_p + K :]], dim=1)
-        kw = {}
+        kw = {} if attn_mask is None else {"attn_mask": attn_mask}
         if i in adapters:
             kw["offset"] = (*adapters[i], scale)
         if prefix is not None:

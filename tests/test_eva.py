@@ -142,6 +142,37 @@ def test_prefix_matches_oracle(key):
     assert (out - model(x)).abs().max() > 1e-3
 
 
+@pytest.mark.parametrize("key", ["dinov3", "eva02_separate"])
+def test_prefix_keeps_masked_models_masked_and_the_prefix_visible(key):
+    model, size = make_eva(key)
+    x = images(size)
+    n = model.num_prefix_tokens + (size // model.patch_embed.patch_size[0]) ** 2
+    mask = torch.rand(n, n, generator=torch.Generator().manual_seed(3)) > 0.3
+    mask |= torch.eye(n, dtype=torch.bool)  # every query sees at least itself
+    pr = _random_prefix_(Prefix(copy.deepcopy(model), length=3))
+    out = pr(x, attn_mask=mask)
+    torch.testing.assert_close(out, eva_adapter_oracle(model, x, prefix=(pr.keys, pr.values), attn_mask=mask), **TOL)
+    assert not torch.allclose(out, pr(x))  # the mask mattered
+
+
+def test_adapter_files_round_trip_on_an_eva(tmp_path):
+    from fedpeft import load_adapter, save_adapter
+
+    model, size = make_eva("eva02")
+    x = images(size)
+    for i, make in enumerate((lambda m: VPT(m, num_prompts=2, deep=True), lambda m: ParallelPrefix(m, bottleneck=4),
+                              lambda m: Prefix(m, length=2))):
+        a, b = make(copy.deepcopy(model)).eval(), make(copy.deepcopy(model)).eval()
+        with torch.no_grad():
+            for p in a.parameters():
+                if p.requires_grad:
+                    p.add_(0.1 * torch.randn_like(p))  # deliberately not b's values
+        assert not torch.equal(a(x), b(x))
+        save_adapter(a, tmp_path / str(i))
+        load_adapter(b, tmp_path / str(i))
+        assert torch.equal(a(x), b(x))
+
+
 @pytest.mark.parametrize("key", ["dinov3_qkvb", "eva02_separate", "pe"])
 def test_vpt_composition_and_both_adapters_in_either_order(key):
     model, size = make_eva(key)
