@@ -46,14 +46,17 @@ def build(name: str) -> Optional[torch.nn.Module]:
     for kwargs in (dict(depth=2), {}):
         try:
             return timm.create_model(name, pretrained=False, device="meta", **kwargs)
-        except Exception:  # noqa: BLE001 - a model that does not take depth=2 (or cannot be built on meta)
+        except Exception:  # a model that does not take depth=2 (or cannot be built on meta)
             continue
     return None
 
 
-def outcome(make) -> str:
+def outcome(cls, model: torch.nn.Module, **kwargs) -> str:
+    """``"ok"`` if ``cls(model, **kwargs)`` is built (attention adapters are ejected again), else the refusal."""
     try:
-        make()
+        wrapper = cls(model, **kwargs)
+        if hasattr(wrapper, "eject"):
+            wrapper.eject()
         return "ok"
     except (TypeError, NotImplementedError, ValueError) as e:
         return f"refused: {type(e).__name__}: {' '.join(str(e).split()[:8])}"
@@ -66,7 +69,7 @@ def meta_forward(model: torch.nn.Module) -> str:
     try:
         out = vpt(x)
         return "ok" if out.shape[0] == 1 else f"bad shape {tuple(out.shape)}"
-    except Exception as e:  # noqa: BLE001 - reported, never hidden
+    except Exception as e:  # reported, never hidden
         return f"failed: {type(e).__name__}: {str(e)[:80]}"
 
 
@@ -78,9 +81,9 @@ def scan(names: List[str]) -> Dict[str, dict]:
             rows[name] = dict(family="unbuildable")
             continue
         row = dict(family=family(model), cls=type(model).__name__)
-        row["VPT"] = outcome(lambda: VPT(model, num_prompts=2, deep=True))
-        row["ParallelPrefix"] = outcome(lambda: ParallelPrefix(model, bottleneck=8).eject())
-        row["Prefix"] = outcome(lambda: Prefix(model, length=2).eject())
+        row["VPT"] = outcome(VPT, model, num_prompts=2, deep=True)
+        row["ParallelPrefix"] = outcome(ParallelPrefix, model, bottleneck=8)
+        row["Prefix"] = outcome(Prefix, model, length=2)
         if row["VPT"] == "ok":
             row["forward"] = meta_forward(model)
         rows[name] = row
