@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import collections
 import json
+import re
 import time
 import warnings
 from typing import Dict, List, Optional
@@ -90,25 +91,43 @@ def scan(names: List[str]) -> Dict[str, dict]:
     return rows
 
 
+def _reason(result: str) -> str:
+    """``"refused: TypeError: blocks.0 (ParallelScalingBlock) has no …"`` → ``"TypeError (ParallelScalingBlock)"``."""
+    _, exc, msg = result.split(":", 2)
+    if "grouped-query" in msg:
+        what = "grouped-query attention"
+    elif "cannot wrap" in msg:
+        what = msg.split("cannot wrap a")[1].split()[0].rstrip(":;").split(".")[-1]
+    elif m := re.search(r"\((\w+)\)", msg) or re.search(r"is ([\w.]+)", msg):
+        what = m.group(1).split(".")[-1]
+    else:
+        what = " ".join(msg.split()[:6])
+    return f"{exc.strip()} ({what})"
+
+
 def summarize(rows: Dict[str, dict]) -> str:
+    """A markdown table: per family, models registered, accepted by each wrapper, and refused (models per reason)."""
     fams = collections.defaultdict(list)
-    for name, row in rows.items():
-        fams[row["family"]].append((name, row))
-    lines = ["| family | registered | VPT | ParallelPrefix | Prefix | refused (reasons) |", "|---|---|---|---|---|---|"]
+    for row in rows.values():
+        fams[row["family"]].append(row)
+    methods = ("VPT", "ParallelPrefix", "Prefix")
+    lines = ["| family | registered | VPT | ParallelPrefix | Prefix | refused: models × reason |",
+             "|---|---|---|---|---|---|"]
     for fam in [f for f, _ in FAMILIES] + ["other", "unbuildable"]:
         items = fams.get(fam, [])
         if not items:
             continue
         if fam == "unbuildable":
-            lines.append(f"| unbuildable on meta | {len(items)} | - | - | - | - |")
+            lines.append(f"| not buildable on meta | {len(items)} | - | - | - | - |")
             continue
-        ok = {m: sum(r.get(m) == "ok" and (m != "VPT" or r.get("forward") == "ok") for _, r in items)
-              for m in ("VPT", "ParallelPrefix", "Prefix")}
+        ok = {m: sum(r[m] == "ok" and (m != "VPT" or r.get("forward") == "ok") for r in items) for m in methods}
         reasons = collections.Counter(
-            r[m].split(":")[1].strip() + ":" + r[m].split(":", 2)[2][:40]
-            for _, r in items for m in ("VPT", "ParallelPrefix", "Prefix") if r.get(m, "ok") != "ok"
+            reason for r in items for reason in sorted({_reason(r[m]) for m in methods if r[m] != "ok"})
         )
-        why = "; ".join(f"{n}× {k.strip()}" for k, n in reasons.most_common(3)) if fam != "other" else "TypeError"
+        why = "; ".join(f"{n} × {k}" for k, n in reasons.most_common()) if fam != "other" else (
+            "; ".join(f"{n} × {k.split(':')[0]}" for k, n in
+                      collections.Counter(_reason(r["VPT"]).split(" ")[0] for r in items if r["VPT"] != "ok").items())
+        )
         lines.append(f"| {fam} | {len(items)} | {ok['VPT']} | {ok['ParallelPrefix']} | {ok['Prefix']} | {why} |")
     return "\n".join(lines)
 
@@ -117,7 +136,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--modules", nargs="*", help="timm model modules to scan (default: every registered model)")
     ap.add_argument("--json", help="write the per-model outcomes here")
+    ap.add_argument("--from-json", help="summarize the outcomes a previous run wrote (no scan)")
     args = ap.parse_args()
+    if args.from_json:
+        with open(args.from_json) as f:
+            print(summarize(json.load(f)))
+        return
     warnings.filterwarnings("ignore")
     torch.set_num_threads(1)
     names = sorted({n for m in args.modules for n in timm.list_models(module=m)}) if args.modules else timm.list_models()
