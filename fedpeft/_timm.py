@@ -173,8 +173,16 @@ def register_block_input_hook(vit: nn.Module, hook: Any) -> Any:
 
 
 def feature_take_indices(depth: int, indices: Optional[Any]) -> Tuple[List[int], int]:
-    """timm's ``forward_intermediates`` rule: ``None`` → all blocks, int n → the last n, list → those indices."""
-    return _feature_take_indices(depth, indices)
+    """timm's ``forward_intermediates`` rule: ``None`` → all blocks, int n → the last n, list → those indices
+    (negative ones count from the end). ``ValueError`` for what timm would only ``assert``."""
+    try:
+        take, max_index = _feature_take_indices(depth, indices)
+    except (AssertionError, TypeError) as e:
+        raise ValueError(
+            f"indices must be None, an int n in 1..{depth} (the last n blocks) or a list of block indices in "
+            f"-{depth}..{depth - 1}, got {indices!r}"
+        ) from e
+    return list(take), int(max_index)
 
 
 def feature_grid(vit: nn.Module, img_size: Tuple[int, int]) -> Tuple[int, int]:

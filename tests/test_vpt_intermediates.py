@@ -96,7 +96,12 @@ def test_prompt_tokens_are_removed_from_every_intermediate(key, deep):
     torch.testing.assert_close(got[0], expected, **TOL)
 
 
-def test_bad_output_format():
+def test_bad_output_format_and_indices():
     model, size = _model("test_vit")
+    vpt = VPT(model, num_prompts=1)
+    x = images(size, dtype=torch.float32)
     with pytest.raises(ValueError, match="output_fmt"):
-        VPT(model, num_prompts=1).forward_intermediates(images(size, dtype=torch.float32), output_fmt="NHWC")
+        vpt.forward_intermediates(x, output_fmt="NHWC")
+    for bad in (0, len(model.blocks) + 1, [len(model.blocks)], "last"):
+        with pytest.raises(ValueError, match="indices must be"):
+            vpt.forward_intermediates(x, indices=bad)
