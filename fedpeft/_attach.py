@@ -6,6 +6,10 @@ structure and timm's state-dict keys:
 
 - ``ParallelPrefix`` registers a forward hook on each adapted ``attn.qkv`` (``RemovableHandle`` kept);
 - ``Prefix`` puts an instance-level ``forward`` on each adapted ``attn`` (the class's forward is untouched).
+- On timm's Eva attention (``EvaAttention``, ``AttentionRope``) both use one instance-level ``forward``,
+  ``EvaAdapterSlots``, with one slot per adapter (``offset`` for ParallelPrefix, ``prefix`` for Prefix): the fused
+  projection there is often ``F.linear`` on ``qkv.weight`` (no module call a hook could see), and RoPE must skip the
+  prefix keys. The slots compose in either wrapping order; the ``forward`` is deleted once both are empty.
 
 ``AttentionWrapper.eject()`` undoes exactly that and returns the user's model plain.
 """
@@ -15,6 +19,7 @@ from __future__ import annotations
 import operator
 from typing import Any, Dict, Iterable, List, Optional, Tuple
 
+import torch
 from torch import Tensor, nn
 
 from . import _freeze, _ownership, _timm
@@ -23,9 +28,13 @@ from ._wrapping import innermost
 
 __all__ = [
     "AttentionWrapper",
+    "EvaAdapterSlots",
+    "clear_eva_slot",
+    "eva_slot",
     "has_forward_override",
     "remove_handles",
     "resolve_blocks",
+    "set_eva_slot",
 ]
 
 
@@ -58,6 +67,76 @@ def resolve_blocks(blocks: Optional[Iterable[int]], depth: int) -> Tuple[int, ..
 def has_forward_override(module: nn.Module) -> bool:
     """Whether ``module`` carries an instance-level ``forward`` (a ``Prefix`` or someone else's patch)."""
     return "forward" in vars(module)
+
+
+class _GradThroughReentrantCheckpoint:
+    """Forward hook on the blocks' input (``_timm.register_block_input_hook``): while the model checkpoints its
+    blocks with torch's *reentrant* checkpoint and grad is enabled, a block input that does not require grad (a
+    frozen backbone) is replaced by a detached copy that does. Otherwise the reentrant checkpoint, which only
+    back-propagates when an *input* requires grad, would silently give the adapters inside no gradient (torch only
+    warns "None of the inputs have requires_grad=True"). peft's ``enable_input_require_grads`` does the same.
+    Cost: the input gradient of block 0, which is otherwise skipped."""
+
+    def __init__(self, vit: nn.Module) -> None:
+        self.vit = vit
+
+    def __call__(self, module: nn.Module, args: Any, output: Tensor) -> Optional[Tensor]:
+        if torch.is_grad_enabled() and not output.requires_grad and _timm.uses_reentrant_checkpointing(self.vit):
+            return output.detach().requires_grad_(True)
+        return None
+
+
+class EvaAdapterSlots:
+    """Instance-level ``forward`` of an adapted Eva attention: ``_timm.eva_attention_forward`` with the adapters in
+    its slots. ``offset``: a ``KVAdapter`` (ParallelPrefix); ``prefix``: an object with ``tokens() -> (K_p, V_p)``
+    and ``mask(attn_mask, is_causal, n, p, device)`` (Prefix). Deep-copyable like the adapters' other hooks."""
+
+    def __init__(self, attn: nn.Module) -> None:
+        self.attn = attn
+        self.offset: Optional[Any] = None
+        self.prefix: Optional[Any] = None
+
+    def __call__(
+        self, x: Tensor, rope: Optional[Tensor] = None, attn_mask: Optional[Tensor] = None, is_causal: bool = False
+    ) -> Tensor:
+        kv_prefix = None
+        if self.prefix is not None:
+            kv_prefix = self.prefix.tokens()
+            attn_mask = self.prefix.mask(attn_mask, is_causal, x.shape[1], kv_prefix[0].shape[-2], x.device)
+            is_causal = False
+        return _timm.eva_attention_forward(
+            self.attn, x, rope, attn_mask, is_causal, kv_offset=self.offset, kv_prefix=kv_prefix
+        )
+
+
+def eva_slot(attn: nn.Module, slot: str) -> Optional[Any]:
+    """What occupies ``slot`` of an Eva attention (``None`` if empty). Raises ``ValueError`` if someone else's
+    instance-level ``forward`` sits there (fedpeft would silently replace it)."""
+    fwd = vars(attn).get("forward")
+    if fwd is None:
+        return None
+    if not isinstance(fwd, EvaAdapterSlots) or fwd.attn is not attn:
+        raise ValueError(
+            f"this {type(attn).__name__} already has an instance-level forward that is not fedpeft's "
+            f"({type(fwd).__name__}); remove it first (the model is unchanged)"
+        )
+    return getattr(fwd, slot)
+
+
+def set_eva_slot(attn: nn.Module, slot: str, value: Any) -> None:
+    fwd = vars(attn).get("forward")
+    if fwd is None:
+        fwd = attn.forward = EvaAdapterSlots(attn)
+    setattr(fwd, slot, value)
+
+
+def clear_eva_slot(attn: nn.Module, slot: str, owner: Any) -> None:
+    """Empty ``slot`` if ``owner`` (compared by ``is``) holds it; delete the ``forward`` when no slot is used."""
+    fwd = vars(attn).get("forward")
+    if isinstance(fwd, EvaAdapterSlots) and getattr(fwd, slot) is owner:
+        setattr(fwd, slot, None)
+        if fwd.offset is None and fwd.prefix is None:
+            del attn.forward
 
 
 def _resolve_target(vit_or_wrapper: nn.Module) -> Tuple[nn.Module, nn.Module, bool]:
@@ -120,6 +199,7 @@ class AttentionWrapper(nn.Module):
         """
         _ownership.claim(self.model, self, exclusive=False)
         vit = self._vit()
+        self._input_grad_handle = _timm.register_block_input_hook(vit, _GradThroughReentrantCheckpoint(vit))
         head = _freeze.classifier_param_ids(vit)
         if not self.wraps_wrapper and not self.train_backbone:
             _freeze.freeze_backbone(vit, train_head=bool(self.train_head))
@@ -192,6 +272,7 @@ class AttentionWrapper(nn.Module):
         """
         if not self.ejected:
             self._detach()
+            self._input_grad_handle.remove()
             self.ejected = True
             _ownership.release(self.model, self)
         return self._vit()

@@ -1,14 +1,16 @@
-"""Every access fedpeft makes to timm internals, in one place.
+"""Every access fedpeft makes to timm internals, in one place (with ``_timm_eva.py`` for the Eva family).
 
 fedpeft wraps a timm ``VisionTransformer`` without forking it: it runs the model's own public stages
 (``patch_embed → _pos_embed → patch_drop → norm_pre → blocks → norm``, then ``forward_head``) and reads
-``num_prefix_tokens``, ``blocks[i].attn`` and ``attn.qkv``. If a timm release moves one of these, this file is the
-one to change; everything else in fedpeft calls the functions below.
+``num_prefix_tokens``, ``blocks[i].attn`` and ``attn.qkv``. timm's ``Eva`` (DINOv3, EVA-02, PE, RoPE ViTs) has the
+same stages except that ``_pos_embed`` also returns the rotary embedding each block takes; the functions below
+dispatch to ``_timm_eva`` for it. If a timm release moves one of these, these two files are the ones to change;
+everything else in fedpeft calls the functions below.
 """
 
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -16,44 +18,76 @@ from torch import Tensor, nn
 
 try:  # timm >= 0.9
     from timm.layers import Attention as _TimmAttention
+    from timm.layers import use_reentrant_ckpt
+    from timm.models._features import feature_take_indices as _feature_take_indices
+    from timm.models.naflexvit import NaFlexVit
     from timm.models.vision_transformer import VisionTransformer
 except ImportError as e:  # pragma: no cover - timm is a core dependency
     raise ImportError("fedpeft needs timm>=1.0 (pip install timm)") from e
+
+from . import _timm_eva
 
 __all__ = [
     "SUPPORTED_MODELS",
     "as_vision_transformer",
     "attention_forward",
     "attention_layer",
+    "block_kwargs",
     "blocks",
     "classifier_modules",
     "depth",
     "embed_dim",
+    "embed_positions",
     "embed_tokens",
+    "feature_grid",
+    "feature_take_indices",
     "final_norm",
     "forward_head",
+    "is_eva",
     "num_prefix_tokens",
     "patch_area",
     "pre_norm",
+    "register_block_input_hook",
+    "skip_positions",
     "uses_grad_checkpointing",
+    "uses_reentrant_checkpointing",
 ]
 
 SUPPORTED_MODELS = (
     "timm's VisionTransformer family (timm.models.vision_transformer.VisionTransformer and subclasses that keep its "
     "forward_features, e.g. vit_*, deit_* incl. distilled, deit3_*, dinov2 ± registers, CLIP, SigLIP, gap/avg "
-    "models, flexivit)"
+    "models, flexivit) and timm's Eva family (timm.models.eva.Eva: DINOv3 vit_*_dinov3*, EVA / EVA-02 eva*, "
+    "Perception Encoder vit_pe_*, Sapiens2, LingBot-Vision, RoPE ViTs vit_*_rope_*)"
+)
+
+NAFLEX_NOT_YET = (
+    "NaFlexVit (SigLIP2-NaFlex, RADIO) is not supported yet: its patch-dict / variable-resolution inputs would need "
+    "the prompts inserted after the prefix tokens with its padding mask and per-sample RoPE extended so prompts are "
+    "always visible and never padded, which fedpeft does not implement"
 )
 
 
-def as_vision_transformer(model: nn.Module) -> VisionTransformer:
+def is_eva(model: nn.Module) -> bool:
+    """Whether ``model`` is wrapped through the Eva path (RoPE passed to every block)."""
+    return _timm_eva.is_eva(model)
+
+
+def as_vision_transformer(model: nn.Module) -> nn.Module:
     """Return ``model`` if fedpeft can wrap it, else raise a ``TypeError`` naming its class and what is supported.
 
-    A subclass is accepted only if it keeps ``VisionTransformer.forward_features`` (the stage order fedpeft re-runs);
-    ``VisionTransformerDistilled`` qualifies (it overrides ``_pos_embed`` and ``forward_head``, which fedpeft calls).
-    Eva (RoPE), BEiT, Swin, XCiT, SAM, relpos ViTs, CNNs are different classes and are refused.
+    A subclass is accepted only if it keeps ``VisionTransformer.forward_features`` (or ``Eva.forward_features``: the
+    stage order fedpeft re-runs); ``VisionTransformerDistilled`` qualifies (it overrides ``_pos_embed`` and
+    ``forward_head``, which fedpeft calls). BEiT, Swin, XCiT, SAM, relpos ViTs, NaFlexVit, CNNs are refused.
     """
     if not isinstance(model, nn.Module):
-        raise TypeError(f"expected a timm VisionTransformer (nn.Module), got {type(model).__name__}")
+        raise TypeError(f"expected a timm VisionTransformer or Eva (nn.Module), got {type(model).__name__}")
+    if isinstance(model, NaFlexVit):
+        raise TypeError(
+            f"fedpeft cannot wrap a {type(model).__module__}.{type(model).__name__}: {NAFLEX_NOT_YET}; "
+            f"supported: {SUPPORTED_MODELS}"
+        )
+    if _timm_eva.is_eva(model):
+        return model
     if not isinstance(model, VisionTransformer) or (
         type(model).forward_features is not VisionTransformer.forward_features
     ):
@@ -75,9 +109,28 @@ def as_vision_transformer(model: nn.Module) -> VisionTransformer:
 
 def embed_tokens(vit: VisionTransformer, images: Tensor) -> Tensor:
     """Images (B, C, H, W) → tokens (B, num_prefix + N, D): patch embedding, positions, prefix tokens, patch drop."""
+    return embed_positions(vit, images)[0]
+
+
+def embed_positions(vit: nn.Module, images: Tensor) -> Tuple[Tensor, Optional[Tensor]]:
+    """Images → ``(tokens (B, n_p + N, D), positions)``: ``positions`` is what every block takes besides the tokens
+    (an Eva's rotary embedding, see ``_timm_eva.embed_tokens``; ``None`` for a VisionTransformer)."""
+    if _timm_eva.is_eva(vit):
+        return _timm_eva.embed_tokens(vit, images)
     x = vit.patch_embed(images)
     x = vit._pos_embed(x)
-    return vit.patch_drop(x)
+    return vit.patch_drop(x), None
+
+
+def skip_positions(vit: nn.Module, positions: Optional[Tensor], k: int) -> Optional[Tensor]:
+    """``positions`` for a sequence with ``k`` more tokens right after the prefix tokens that get no position
+    (VPT prompts): identity rotations for an Eva's RoPE (``_timm_eva.skip_rope``); nothing to do for a ViT."""
+    return _timm_eva.skip_rope(positions, k) if _timm_eva.is_eva(vit) else positions
+
+
+def block_kwargs(vit: nn.Module, positions: Optional[Tensor], index: int) -> Dict[str, Any]:
+    """Keyword arguments of ``blocks[index](x, **kw)``: ``{}`` for a ViT, the block's ``rope`` for an Eva."""
+    return _timm_eva.block_kwargs(vit, positions, index) if _timm_eva.is_eva(vit) else {}
 
 
 def pre_norm(vit: VisionTransformer, x: Tensor) -> Tensor:
@@ -106,6 +159,35 @@ def forward_head(vit: VisionTransformer, x: Tensor, pre_logits: bool = False) ->
 
 def uses_grad_checkpointing(vit: VisionTransformer) -> bool:
     return bool(getattr(vit, "grad_checkpointing", False))
+
+
+def uses_reentrant_checkpointing(vit: nn.Module) -> bool:
+    """The model's own forward checkpoints its blocks with torch's *reentrant* checkpoint
+    (``set_grad_checkpointing()`` plus ``timm.layers.set_reentrant_ckpt(True)`` / ``TIMM_REENTRANT_CKPT=1``)."""
+    return uses_grad_checkpointing(vit) and bool(use_reentrant_ckpt())
+
+
+def register_block_input_hook(vit: nn.Module, hook: Any) -> Any:
+    """A forward hook on ``norm_pre``, whose output is what ``blocks[0]`` receives (ViT and Eva alike)."""
+    return vit.norm_pre.register_forward_hook(hook)
+
+
+def feature_take_indices(depth: int, indices: Optional[Any]) -> Tuple[List[int], int]:
+    """timm's ``forward_intermediates`` rule: ``None`` → all blocks, int n → the last n, list → those indices
+    (negative ones count from the end). ``ValueError`` for what timm would only ``assert``."""
+    try:
+        take, max_index = _feature_take_indices(depth, indices)
+    except (AssertionError, TypeError) as e:
+        raise ValueError(
+            f"indices must be None, an int n in 1..{depth} (the last n blocks) or a list of block indices in "
+            f"-{depth}..{depth - 1}, got {indices!r}"
+        ) from e
+    return list(take), int(max_index)
+
+
+def feature_grid(vit: nn.Module, img_size: Tuple[int, int]) -> Tuple[int, int]:
+    """The patch grid (H', W') of an input of ``img_size`` (H, W)."""
+    return tuple(vit.patch_embed.dynamic_feat_size(img_size))
 
 
 # ---- geometry -----------------------------------------------------------------------------------------------------
@@ -143,6 +225,8 @@ def attention_layer(vit: VisionTransformer, index: int) -> _TimmAttention:
     fused ``ParallelScalingBlock``, Eva/BEiT attention that calls ``F.linear`` on ``qkv.weight``), a gated
     attention, or a ``qkv`` that is not an ``nn.Linear``.
     """
+    if _timm_eva.is_eva(vit):
+        return _timm_eva.attention_layer(vit, index)
     block = vit.blocks[index]
     attn = getattr(block, "attn", None)
     where = f"blocks.{index}.attn"
@@ -207,7 +291,10 @@ def attention_forward(
 
 # ---- attention adapters: ParallelPrefix / Prefix (appended) ---------------------------------------------------------
 
-__all__ += ["attention_dims", "qkv_projection", "uses_fused_attention"]
+__all__ += ["attention_dims", "eva_attention_forward", "is_eva_attention", "qkv_projection", "uses_fused_attention"]
+
+is_eva_attention = _timm_eva.is_eva_attention
+eva_attention_forward = _timm_eva.attention_forward
 
 
 def qkv_projection(attn: _TimmAttention) -> nn.Linear:
@@ -218,10 +305,15 @@ def qkv_projection(attn: _TimmAttention) -> nn.Linear:
 
 def attention_dims(attn: _TimmAttention) -> Tuple[int, int, int]:
     """``(dim, attn_dim, num_heads)``: the attention's input width, the width of each of Q, K, V, and the heads."""
+    if _timm_eva.is_eva_attention(attn):
+        return _timm_eva.attention_dims(attn)
     return int(attn.qkv.in_features), int(attn.attn_dim), int(attn.num_heads)
 
 
 def uses_fused_attention(attn: _TimmAttention) -> bool:
     """timm's per-layer switch: ``True`` → ``Attention.forward`` runs SDPA; ``False`` → its explicit-softmax path
-    (set at construction from ``TIMM_FUSED_ATTN`` / ``timm.layers.set_fused_attn``)."""
+    (set at construction from ``TIMM_FUSED_ATTN`` / ``timm.layers.set_fused_attn``). An adapted Eva attention
+    always runs fedpeft's SDPA forward (``_timm_eva.attention_forward``)."""
+    if _timm_eva.is_eva_attention(attn):
+        return True
     return bool(getattr(attn, "fused_attn", False))

@@ -15,13 +15,13 @@ stays N and timm's fused SDPA path runs as is. Mechanism: a forward hook on ``at
 from __future__ import annotations
 
 import warnings
-from typing import Any, Dict, Iterable, List, Optional
+from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
 
 from . import _timm
-from ._attach import AttentionWrapper, remove_handles, resolve_blocks
+from ._attach import AttentionWrapper, clear_eva_slot, eva_slot, remove_handles, resolve_blocks, set_eva_slot
 from ._checks import check_finite_float, check_positive_int
 
 __all__ = ["KVAdapter", "ParallelPrefix"]
@@ -74,6 +74,12 @@ class KVAdapter(nn.Module):
         a = self(x).to(qkv.dtype)  # (B, N, 2C): [A_k | A_v]
         return torch.cat((qkv[..., :C], torch.add(qkv[..., C:], a, alpha=self.scale)), dim=-1)  # (B, N, 3C)
 
+    def offset_kv(self, x: Tensor, k: Tensor, v: Tensor) -> Tuple[Tensor, Tensor]:
+        """Separate projections (Eva's ``k_proj`` / ``v_proj``): ``(k + scale·A_k, v + scale·A_v)``, (B, N, C)."""
+        C = self.attn_dim
+        a = self(x).to(k.dtype)  # (B, N, 2C): [A_k | A_v]
+        return torch.add(k, a[..., :C], alpha=self.scale), torch.add(v, a[..., C:], alpha=self.scale)
+
     def extra_repr(self) -> str:
         return f"scale={self.scale}"
 
@@ -97,6 +103,7 @@ class ParallelPrefix(AttentionWrapper):
 
     Args:
         vit_or_wrapper: a timm ``VisionTransformer`` (``Block`` + ``timm.layers.Attention`` with a fused ``qkv``),
+            or ``Eva`` (``EvaAttention`` / ``AttentionRope``: offsets after the K/V projections, before RoPE),
             or a fedpeft wrapper of one such as ``VPT`` (then ``forward(*args, **kwargs)`` is the wrapper's:
             ``ParallelPrefix(VPT(vit))(x, prompts=P)``). Held as ``self.model``.
         bottleneck: m, the adapter's hidden width (FedPerfix: 256).
@@ -116,8 +123,8 @@ class ParallelPrefix(AttentionWrapper):
     token, including class/register tokens and VPT prompts.
 
     Raises ``TypeError`` / ``NotImplementedError`` naming the layer for anything other than timm's plain fused-qkv
-    ``Attention`` (ParallelScalingBlock, DiffAttention, gated attention, Eva, BEiT, …) and ``ValueError`` when a
-    layer already carries a ``ParallelPrefix``; the model is left untouched then. Layers running timm's
+    ``Attention`` or Eva's (ParallelScalingBlock, DiffAttention, gated or grouped-query attention, BEiT, …) and
+    ``ValueError`` when a layer already carries a ``ParallelPrefix``; the model is left untouched then. Layers running timm's
     explicit-softmax path (``fused_attn=False``) get a warning: the result is exact but SDPA is not used there.
     """
 
@@ -140,7 +147,11 @@ class ParallelPrefix(AttentionWrapper):
         self.blocks = resolve_blocks(blocks, self.depth)
         layers = self._attention_layers(self.blocks)
         for i, attn in layers.items():
-            if any(isinstance(h, _QKVHook) for h in _timm.qkv_projection(attn)._forward_hooks.values()):
+            if _timm.is_eva_attention(attn):
+                attached = eva_slot(attn, "offset") is not None
+            else:
+                attached = any(isinstance(h, _QKVHook) for h in _timm.qkv_projection(attn)._forward_hooks.values())
+            if attached:
                 raise ValueError(
                     f"blocks.{i}.attn already has a ParallelPrefix attached; eject() it first (the model is unchanged)"
                 )
@@ -164,7 +175,11 @@ class ParallelPrefix(AttentionWrapper):
         self._handles: List[Any] = [
             _timm.qkv_projection(attn).register_forward_hook(_QKVHook(self.adapters[str(i)]))
             for i, attn in layers.items()
+            if not _timm.is_eva_attention(attn)
         ]
+        for i, attn in layers.items():
+            if _timm.is_eva_attention(attn):  # Eva: the adapter sits in the attention's offset slot (_attach.py)
+                set_eva_slot(attn, "offset", self.adapters[str(i)])
         self._configure_training()
 
     def reset_parameters(self) -> None:
@@ -174,6 +189,10 @@ class ParallelPrefix(AttentionWrapper):
 
     def _detach(self) -> None:
         remove_handles(self._handles)
+        for i in self.blocks:
+            attn = _timm.attention_layer(self._vit(), i)
+            if _timm.is_eva_attention(attn):
+                clear_eva_slot(attn, "offset", self.adapters[str(i)])
 
     def adapter_config(self) -> Dict[str, Any]:
         """Hyper-parameters recorded in adapter files (see ``fedpeft.save_adapter``)."""

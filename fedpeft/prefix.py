@@ -14,13 +14,13 @@ prefix (so hooks on ``attn.qkv``, e.g. a ``ParallelPrefix``, still apply); ``eje
 
 from __future__ import annotations
 
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
 
 from . import _timm
-from ._attach import AttentionWrapper, has_forward_override
+from ._attach import AttentionWrapper, clear_eva_slot, eva_slot, has_forward_override, set_eva_slot
 from ._checks import check_positive_int
 
 __all__ = ["Prefix", "prefix_attn_mask"]
@@ -63,11 +63,27 @@ class _PrefixForward:
         return _timm.attention_forward(self.attn, x, kv_prefix=(k_p, v_p), attn_mask=mask)
 
 
+class _PrefixTokens:
+    """What a ``Prefix`` puts in an Eva attention's ``prefix`` slot (``_attach.EvaAdapterSlots``): layer
+    ``index``'s tokens, read at call time, and the mask extension for them."""
+
+    def __init__(self, owner: Prefix, index: int) -> None:
+        self.owner, self.index = owner, index
+
+    def tokens(self) -> Tuple[Tensor, Tensor]:
+        return self.owner.keys[self.index], self.owner.values[self.index]  # (P, C) each
+
+    @staticmethod
+    def mask(attn_mask: Optional[Tensor], is_causal: bool, n: int, p: int, device) -> Optional[Tensor]:
+        return prefix_attn_mask(attn_mask, is_causal, n, p, device=device)
+
+
 class Prefix(AttentionWrapper):
     """Vanilla prefix tuning for a timm ViT (or a fedpeft wrapper of one): ``length`` key and value tokens per layer.
 
     Args:
-        vit_or_wrapper: a timm ``VisionTransformer`` (``Block`` + ``timm.layers.Attention`` with a fused ``qkv``), or
+        vit_or_wrapper: a timm ``VisionTransformer`` (``Block`` + ``timm.layers.Attention`` with a fused ``qkv``), an
+            ``Eva`` (``EvaAttention`` / ``AttentionRope``; the prefix keys get ``k_norm`` and no RoPE), or
             a fedpeft wrapper of one such as ``VPT`` (``Prefix(VPT(vit))(x, prompts=P)``). Held as ``self.model``.
         length: P, the prefix tokens per layer.
         train_backbone: train the whole backbone too. ``False`` freezes it, or, around a wrapper, keeps that
@@ -83,7 +99,7 @@ class Prefix(AttentionWrapper):
     (``attn_mask``, ``is_causal``) are extended so every query sees the whole prefix (``prefix_attn_mask``).
 
     Raises ``TypeError`` / ``NotImplementedError`` naming the layer for anything other than timm's plain fused-qkv
-    ``Attention`` and ``ValueError`` when a layer's ``forward`` is already overridden (a second ``Prefix``); the
+    ``Attention`` or Eva's (gated or grouped-query attention included) and ``ValueError`` when a layer's ``forward`` is already overridden (a second ``Prefix``); the
     model is left untouched then.
     """
 
@@ -99,7 +115,12 @@ class Prefix(AttentionWrapper):
         super().__init__(vit_or_wrapper, train_backbone=train_backbone, train_head=train_head)
         layers = self._attention_layers(range(self.depth))
         for i, attn in layers.items():
-            if has_forward_override(attn):
+            if _timm.is_eva_attention(attn):
+                if eva_slot(attn, "prefix") is not None:  # (raises for someone else's forward)
+                    raise ValueError(
+                        f"blocks.{i}.attn already has a Prefix attached; eject() it first (the model is unchanged)"
+                    )
+            elif has_forward_override(attn):
                 raise ValueError(
                     f"blocks.{i}.attn already has an instance-level forward (a Prefix is attached?); eject() it "
                     "first (the model is unchanged)"
@@ -115,7 +136,10 @@ class Prefix(AttentionWrapper):
         self.values = nn.Parameter(torch.empty(shape, device=ref.device, dtype=ref.dtype))
         self.reset_parameters()
         for i, attn in layers.items():
-            attn.forward = _PrefixForward(self, attn, i)
+            if _timm.is_eva_attention(attn):  # Eva: the tokens sit in the attention's prefix slot (_attach.py)
+                set_eva_slot(attn, "prefix", _PrefixTokens(self, i))
+            else:
+                attn.forward = _PrefixForward(self, attn, i)
         self._configure_training()
 
     @torch.no_grad()
@@ -127,7 +151,11 @@ class Prefix(AttentionWrapper):
     def _detach(self) -> None:
         for i in range(self.depth):
             attn = _timm.attention_layer(self._vit(), i)
-            if isinstance(vars(attn).get("forward"), _PrefixForward) and vars(attn)["forward"].owner is self:
+            if _timm.is_eva_attention(attn):
+                slot = eva_slot(attn, "prefix")
+                if isinstance(slot, _PrefixTokens) and slot.owner is self:
+                    clear_eva_slot(attn, "prefix", slot)
+            elif isinstance(vars(attn).get("forward"), _PrefixForward) and vars(attn)["forward"].owner is self:
                 del attn.forward
 
     def adapter_config(self) -> Dict[str, Any]:

@@ -10,7 +10,7 @@ accumulate). The prompt slots are removed before the final norm, so every poolin
 
 from __future__ import annotations
 
-from typing import Any, Dict, Optional, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -23,8 +23,17 @@ from .init import vpt_uniform_
 __all__ = ["VPT"]
 
 
+def _drop_slots(x: Tensor, n_p: int, k: int) -> Tensor:
+    """(B, n_p + K + N, D) → (B, n_p + N, D): the K prompt slots after the prefix tokens removed."""
+    if not k:
+        return x
+    return torch.cat([x[:, :n_p], x[:, n_p + k :]], dim=1) if n_p else x[:, k:]
+
+
 class VPT(nn.Module):
-    """Visual Prompt Tuning around a timm ``VisionTransformer``; the backbone is frozen, prompts (and head) train.
+    """Visual Prompt Tuning around a timm ``VisionTransformer`` or ``Eva``; the backbone is frozen, prompts (and head)
+    train. On an Eva (DINOv3, EVA-02, PE, RoPE ViTs) the prompts get no rotary embedding either: every attention
+    treats them as K more prefix tokens (``_timm_eva.skip_rope``).
 
     Args:
         vit: a timm ``VisionTransformer`` (any of the family, see ``fedpeft._timm.SUPPORTED_MODELS``). It is kept as
@@ -167,21 +176,71 @@ class VPT(nn.Module):
 
         ``prompts`` overrides the module's own prompts for this call: (L, K, D) shared, or (B, L, K, D) per sample.
         """
+        return _timm.final_norm(self.model, self._forward_tokens(x, prompts)[0])
+
+    def _forward_tokens(
+        self, x: Tensor, prompts: Optional[Tensor], take: Sequence[int] = (), last: Optional[int] = None
+    ) -> Tuple[Tensor, List[Tensor]]:
+        """Run the prompted blocks ``0..last`` (all if ``None``) → ``(tokens after the last one, [tokens after each
+        block in take])``, every tensor (B, n_p + N, D) with the prompt slots removed and not normed."""
         vit = self.model
-        x = _timm.embed_tokens(vit, x)  # (B, n_p + N, D)
+        x, pos = _timm.embed_positions(vit, x)  # (B, n_p + N, D); pos: an Eva's RoPE (None for a ViT)
         p = self._prompts_for_batch(prompts, x.shape[0]).to(x.dtype)  # (B, L, K, D)
         n_p, K = _timm.num_prefix_tokens(vit), p.shape[2]
         if K:
             x = torch.cat([x[:, :n_p], p[:, 0], x[:, n_p:]], dim=1)  # [prefix | P_0 | patches]
+            pos = _timm.skip_positions(vit, pos, K)  # Eva: no RoPE on the prompts (identity rotations)
         x = _timm.pre_norm(vit, x)
         ckpt = _timm.uses_grad_checkpointing(vit) and torch.is_grad_enabled()
+        taken: List[Tensor] = []
         for i, block in enumerate(_timm.blocks(vit)):
+            if last is not None and i > last:
+                break
             if i > 0 and self.deep and K:
                 x = torch.cat([x[:, :n_p], p[:, i], x[:, n_p + K :]], dim=1)  # replace the prompt slots
-            x = checkpoint(block, x, use_reentrant=False) if ckpt else block(x)
-        if K:
-            x = torch.cat([x[:, :n_p], x[:, n_p + K :]], dim=1) if n_p else x[:, K:]
-        return _timm.final_norm(vit, x)
+            kw = _timm.block_kwargs(vit, pos, i)
+            x = checkpoint(block, x, use_reentrant=False, **kw) if ckpt else block(x, **kw)
+            if i in take:
+                taken.append(_drop_slots(x, n_p, K))
+        return _drop_slots(x, n_p, K), taken
+
+    def forward_intermediates(
+        self,
+        x: Tensor,
+        indices: Optional[Union[int, List[int]]] = None,
+        return_prefix_tokens: bool = False,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+        prompts: Optional[Tensor] = None,
+    ) -> Union[List[Any], Tuple[Tensor, List[Any]]]:
+        """timm's ``forward_intermediates`` (the signature of ``Eva``'s; ``VisionTransformer``'s ``output_dict``,
+        ``attn_mask``, ``is_causal`` are not offered) on the prompted model, prompt tokens removed everywhere.
+
+        ``indices``: the last n blocks (int), or these block indices (list), or all (``None``). Each intermediate is
+        the output of its block (``norm=True``: passed through the final norm), split into patch tokens, as
+        (B, D, H', W') for ``output_fmt="NCHW"`` or (B, N, D) for ``"NLC"``, and, with ``return_prefix_tokens``,
+        paired with its (B, n_p, D) prefix tokens. Returns the list (``intermediates_only``) or
+        ``(forward_features-like normed final tokens, list)``; with ``stop_early`` the blocks after the last
+        requested one are not run (the final tokens are then those of that block, as in timm).
+        """
+        if output_fmt not in ("NCHW", "NLC"):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
+        vit = self.model
+        take, max_index = _timm.feature_take_indices(_timm.depth(vit), indices)
+        B, _, height, width = x.shape
+        final, inter = self._forward_tokens(x, prompts, take=take, last=max_index if stop_early else None)
+        if norm:
+            inter = [_timm.final_norm(vit, y) for y in inter]
+        n_p = _timm.num_prefix_tokens(vit)
+        prefix = [y[:, :n_p] for y in inter]
+        inter = [y[:, n_p:] for y in inter]
+        if output_fmt == "NCHW":
+            H, W = _timm.feature_grid(vit, (height, width))
+            inter = [y.reshape(B, H, W, -1).permute(0, 3, 1, 2).contiguous() for y in inter]
+        out: List[Any] = list(zip(inter, prefix)) if return_prefix_tokens and n_p else inter
+        return out if intermediates_only else (_timm.final_norm(vit, final), out)
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
         """timm's own pooling and head on the prompt-free tokens of ``forward_features``."""

@@ -29,6 +29,13 @@ SDPA_OPS = {
 
 def _build(method: str) -> torch.nn.Module:
     torch.manual_seed(0)
+    if method.startswith("eva_"):  # DINOv3-S/16 geometry (head_dim 64, cls + 4 registers, RoPE), only shallower
+        eva = timm.create_model("vit_small_patch16_dinov3", pretrained=False, depth=DEPTH, num_classes=10)
+        if method == "eva_vpt_parallel_prefix":
+            return ParallelPrefix(VPT(eva, num_prompts=5, deep=True))
+        if method == "eva_prefix":
+            return Prefix(ParallelPrefix(eva), length=10)
+        raise ValueError(method)
     # head_dim 64 (384 / 6), 197 tokens at 224 px: the ViT-S/16 geometry, only shallower
     vit = timm.create_model("vit_small_patch16_224", pretrained=False, depth=DEPTH, num_classes=10)
     if method == "plain":
@@ -44,7 +51,7 @@ def _build(method: str) -> torch.nn.Module:
     raise ValueError(method)
 
 
-METHODS = ["plain", "parallel_prefix", "prefix", "both", "vpt_parallel_prefix"]
+METHODS = ["plain", "parallel_prefix", "prefix", "both", "vpt_parallel_prefix", "eva_vpt_parallel_prefix", "eva_prefix"]
 
 
 @pytest.mark.parametrize(

@@ -322,9 +322,9 @@ def test_unsupported_attention_is_refused(cls):
     xp = timm.create_model("vit_base_patch16_xp_224", img_size=32, **SMALL)  # ParallelScalingBlock
     with pytest.raises(TypeError, match=r"blocks\.0"):
         cls(xp, **kw)
-    eva = timm.create_model("eva02_tiny_patch14_224", img_size=28, **SMALL)  # RoPE, F.linear on qkv weights
-    with pytest.raises(TypeError, match="Eva"):
-        cls(eva, **kw)
+    naflex = timm.create_model("naflexvit_base_patch16_gap", **SMALL)  # Eva is supported (tests/test_eva.py)
+    with pytest.raises(TypeError, match="NaFlexVit"):
+        cls(naflex, **kw)
     diff = timm.create_model("test_vit", pretrained=False, depth=1, attn_layer="diff", num_classes=3)
     with pytest.raises(TypeError, match=r"blocks\.0\.attn.*DiffAttention"):
         cls(diff, **kw)

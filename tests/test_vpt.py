@@ -251,7 +251,7 @@ def test_get_prompts_is_a_detached_copy():
         ("swin_tiny_patch4_window7_224", dict(depths=(1, 1, 1, 1), embed_dim=32, num_heads=(1, 1, 1, 1))),
         ("xcit_nano_12_p16_224", dict(depth=1)),
         ("beit_base_patch16_224", dict(depth=1, embed_dim=64, num_heads=2)),
-        ("eva02_tiny_patch14_224", dict(depth=1)),
+        ("naflexvit_base_patch16_gap", dict(depth=1, embed_dim=32, num_heads=2)),
         ("vit_relpos_small_patch16_224", dict(depth=1)),
         ("samvit_base_patch16", dict(depth=1, embed_dim=64, num_heads=2, global_attn_indexes=(), img_size=64)),
     ],
