@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from . import _timm
 from ._attach import AttentionWrapper, has_forward_override
 from ._checks import check_positive_int
+from .summary import SummaryMixin
 
 __all__ = ["Prefix", "prefix_attn_mask"]
 
@@ -63,7 +64,7 @@ class _PrefixForward:
         return _timm.attention_forward(self.attn, x, kv_prefix=(k_p, v_p), attn_mask=mask)
 
 
-class Prefix(AttentionWrapper):
+class Prefix(SummaryMixin, AttentionWrapper):
     """Vanilla prefix tuning for a timm ViT (or a fedpeft wrapper of one): ``length`` key and value tokens per layer.
 
     Args:

@@ -18,11 +18,12 @@ from torch.utils.checkpoint import checkpoint
 
 from . import _freeze, _timm
 from .init import vpt_uniform_
+from .summary import SummaryMixin
 
 __all__ = ["VPT"]
 
 
-class VPT(nn.Module):
+class VPT(SummaryMixin, nn.Module):
     """Visual Prompt Tuning around a timm ``VisionTransformer``; the backbone is frozen, prompts (and head) train.
 
     Args:
