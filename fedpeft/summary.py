@@ -188,12 +188,13 @@ def _describe(wrapper: nn.Module) -> str:
 
 
 def wrapper_tree(model: nn.Module) -> str:
-    """The wrapper chain, one line per wrapper (its settings and own parameters), down to the user's model::
+    """The wrapper chain, one line per wrapper (its settings and own parameters), down to the user's model; for
+    ``ParallelPrefix(VPT(timm.create_model("test_vit", num_classes=5), num_prompts=4, deep=True), bottleneck=8)``::
 
-        ParallelPrefix(bottleneck=8, …)  [own params: 2,368]
-        └─ VPT(num_prompts=4, deep=True, prompt_depth=2)  [own params: 512]
-           └─ VisionTransformer  [params: 104,389, trainable: 325]
-        trainable params: 3,205 || all params: 107,269 || trainable%: 2.9878
+        ParallelPrefix(bottleneck=8, scale=1.5, blocks=[0, 1, 2, 3, 4, 5], init='fedperfix', …)  [own params: 10,032]
+        └─ VPT(num_prompts=4, deep=True, prompt_depth=6)  [own params: 1,536]
+           └─ VisionTransformer  [params: 306,565, trainable: 325]
+        trainable params: 11,893 || all params: 318,133 || trainable%: 3.7384
     """
     chain = wrapper_chain(model)
     lines = []
