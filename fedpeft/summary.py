@@ -18,8 +18,8 @@ which is exactly ``fed.num_params`` / ``fed.num_bytes`` of ``fed.split(fed.train
 may send personal state too (pFedPG's clients return their trained prompts, from which the server forms ΔP).
 
 Every fedpeft wrapper (``VPT``, ``ParallelPrefix``, ``Prefix`` and their compositions) inherits
-:class:`SummaryMixin`: ``model.summary(personal)``, ``model.print_trainable_parameters(personal)`` (peft's name and
-first line) and a short ``repr`` showing the wrapper chain down to the user's model instead of the whole ViT tree.
+:class:`SummaryMixin`: ``model.summary(personal)``, ``model.print_trainable_parameters(personal)`` (peft's name;
+its first line carries peft's) and a short ``repr`` showing the wrapper chain down to the user's model instead of the whole ViT tree.
 """
 
 from __future__ import annotations
@@ -221,7 +221,8 @@ class SummaryMixin:
     def print_trainable_parameters(self, personal: Optional[Patterns] = None, file: Optional[IO[str]] = None) -> None:
         """Write the summary to ``file`` (default ``sys.stdout``), like peft's method of the same name.
 
-        Its first line is peft's (``trainable params: … || all params: … || trainable%: …``); the next lines give
+        Its first line is the method chain and peft's ``trainable params: … || all params: … || trainable%: …``;
+        the next lines give
         the shared / personal sizes under ``personal``. Writing is this method's purpose; nothing else prints.
         """
         text = str(self.summary(personal))
