@@ -7,6 +7,8 @@ Map of the public API:
 - ``ParallelPrefix``: FedPerfix's input-conditioned key/value offsets; ``Prefix``: vanilla prefix tuning.
 - ``LowRankPrompt``, ``knowledge_guided_loss``, ``fedpgp_forward``: FedPGP's global + low-rank prompts and loss.
 - ``save_adapter`` / ``load_adapter``: adapter-only safetensors + JSON files.
+- ``parameter_summary`` (also ``model.summary()`` / ``model.print_trainable_parameters()`` on every wrapper):
+  trainable / total parameters and the per-round size of a personalization split.
 - ``fed``: pure server-side functions (aggregation, personal keys, ΔP as a gradient, accounting, interop).
 """
 
@@ -19,6 +21,7 @@ from .losses import knowledge_guided_loss
 from .lowrank import LowRankPrompt
 from .parallel_prefix import ParallelPrefix
 from .prefix import Prefix
+from .summary import ParameterSummary, parameter_summary
 from .vpt import VPT
 
 __all__ = [
@@ -26,6 +29,7 @@ __all__ = [
     "FedPGPOutput",
     "LowRankPrompt",
     "ParallelPrefix",
+    "ParameterSummary",
     "Prefix",
     "PromptGenerator",
     "__version__",
@@ -33,5 +37,6 @@ __all__ = [
     "fedpgp_forward",
     "knowledge_guided_loss",
     "load_adapter",
+    "parameter_summary",
     "save_adapter",
 ]

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from . import _timm
 from ._attach import AttentionWrapper, clear_eva_slot, eva_slot, remove_handles, resolve_blocks, set_eva_slot
 from ._checks import check_finite_float, check_positive_int
+from .summary import SummaryMixin
 
 __all__ = ["KVAdapter", "ParallelPrefix"]
 
@@ -98,7 +99,7 @@ class _QKVHook:
         return self.adapter.offset_qkv(args[0], output)
 
 
-class ParallelPrefix(AttentionWrapper):
+class ParallelPrefix(SummaryMixin, AttentionWrapper):
     """FedPerfix's parallel prefix adapters in the self-attention of a timm ViT (or of a fedpeft wrapper of one).
 
     Args:

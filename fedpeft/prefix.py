@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from . import _timm
 from ._attach import AttentionWrapper, clear_eva_slot, eva_slot, has_forward_override, set_eva_slot
 from ._checks import check_positive_int
+from .summary import SummaryMixin
 
 __all__ = ["Prefix", "prefix_attn_mask"]
 
@@ -78,7 +79,7 @@ class _PrefixTokens:
         return prefix_attn_mask(attn_mask, is_causal, n, p, device=device)
 
 
-class Prefix(AttentionWrapper):
+class Prefix(SummaryMixin, AttentionWrapper):
     """Vanilla prefix tuning for a timm ViT (or a fedpeft wrapper of one): ``length`` key and value tokens per layer.
 
     Args:

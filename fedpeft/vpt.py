@@ -19,6 +19,7 @@ from torch.utils.checkpoint import checkpoint
 from . import _freeze, _ownership, _timm
 from ._checks import check_fits, check_flag
 from .init import vpt_uniform_
+from .summary import SummaryMixin
 
 __all__ = ["VPT"]
 
@@ -30,7 +31,7 @@ def _drop_slots(x: Tensor, n_p: int, k: int) -> Tensor:
     return torch.cat([x[:, :n_p], x[:, n_p + k :]], dim=1) if n_p else x[:, k:]
 
 
-class VPT(nn.Module):
+class VPT(SummaryMixin, nn.Module):
     """Visual Prompt Tuning around a timm ``VisionTransformer`` or ``Eva``; the backbone is frozen, prompts (and head)
     train. On an Eva (DINOv3, EVA-02, PE, RoPE ViTs) the prompts get no rotary embedding either: every attention
     treats them as K more prefix tokens (``_timm_eva.skip_rope``).
