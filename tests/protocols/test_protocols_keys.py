@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from protocol_models import NUM_CLASSES, K, model_for, vit
+from protocol_models import NUM_CLASSES, K, client_data, model_for, vit
 
 from fedpeft import fed, protocols
 
@@ -105,8 +105,6 @@ def test_unknown_method_and_bad_options():
 
 @pytest.mark.parametrize("method", sorted(_expected_uploads()))
 def test_a_real_round_uploads_exactly_the_upload_keys(method):
-    from protocol_models import client_data
-
     model = model_for(method)
     p = protocols.get(method)
     server = p.make_server(model, num_clients=2)
