@@ -10,9 +10,10 @@ Map of the public API:
 - ``parameter_summary`` (also ``model.summary()`` / ``model.print_trainable_parameters()`` on every wrapper):
   trainable / total parameters and the per-round size of a personalization split.
 - ``fed``: pure server-side functions (aggregation, personal keys, ΔP as a gradient, accounting, interop).
+- ``protocols``: every method's federated protocol (client step, server step, what is uploaded), engine-agnostic.
 """
 
-from . import fed
+from . import fed, protocols
 from ._version import __version__
 from .adapter_io import load_adapter, save_adapter
 from .fedpgp import FedPGPOutput, fedpgp_forward
@@ -38,5 +39,6 @@ __all__ = [
     "knowledge_guided_loss",
     "load_adapter",
     "parameter_summary",
+    "protocols",
     "save_adapter",
 ]
