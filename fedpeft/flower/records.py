@@ -1,15 +1,15 @@
-"""State dicts on Flower's wire: ``ArrayRecord`` by key, float32 for every floating tensor, cast back on arrival.
+"""State dicts on Flower's wire: ``ArrayRecord`` by key, half precision sent as float32 and cast back on arrival.
 
-    record = to_record(state)                          # sorted keys, float32 (bf16/fp16 are cast up: exact)
+    record = to_record(state)                          # sorted keys; bf16/fp16 cast up to float32 (exact)
     state = from_record(record, like=reference)        # by key; reference's dtypes and devices (bf16 comes back)
 
 Flower's ``Array`` cannot hold bfloat16 (``Got unsupported ScalarType BFloat16``) and its stock aggregation sums
-float16 in float16, so fedpeft sends every floating tensor as float32. Casting bf16/fp16 → float32 → bf16/fp16 is
-exact, so a client's model round-trips bit for bit. Conversion is always by key (``ArrayRecord`` is a name-keyed
-dict), never positional.
+float16 in float16, so fedpeft sends every floating tensor narrower than 32 bits as float32 (float32 and float64
+travel as they are). Casting bf16/fp16 → float32 → bf16/fp16 is exact, so a client's model round-trips bit for bit.
+Conversion is always by key (``ArrayRecord`` is a name-keyed dict), never positional.
 
-``payload_bytes(record)`` is the size of the arrays themselves (Σ numel × 4 for float32), the number to compare with
-``fed.num_bytes`` of the same state; ``record.count_bytes()`` adds Flower's per-array header and the key names.
+``payload_bytes(record)`` is the size of the arrays themselves (Σ numel × itemsize as sent), the number to compare
+with ``fed.num_bytes`` of the same state; ``record.count_bytes()`` adds Flower's per-array header and the key names.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ __all__ = ["from_record", "payload_bytes", "to_record"]
 
 
 def to_record(state: Mapping[str, Tensor]) -> ArrayRecord:
-    """An ``ArrayRecord`` of ``state`` in sorted key order, floating tensors as float32 (CPU copies).
+    """An ``ArrayRecord`` of ``state`` in sorted key order (CPU copies); bf16/fp16/float8 as float32, float64 kept.
 
     Raises:
         TypeError: ``state`` is not a ``Mapping[str, Tensor]``.
@@ -34,7 +34,7 @@ def to_record(state: Mapping[str, Tensor]) -> ArrayRecord:
     keys, arrays = fed.to_ndarrays(state)  # sorted keys; bf16/float8 already float32
     record = ArrayRecord()
     for k, a in zip(keys, arrays):
-        if np.issubdtype(a.dtype, np.floating) and a.dtype != np.float32:
+        if np.issubdtype(a.dtype, np.floating) and a.dtype.itemsize < 4:  # float16 (bf16 came as float32)
             a = a.astype(np.float32)
         record[k] = Array(np.ascontiguousarray(a))
     return record

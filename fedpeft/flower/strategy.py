@@ -343,10 +343,10 @@ class PFedPGStrategy(ProtocolStrategy):
                  generator_seed: Optional[int] = None, **kwargs: Any) -> None:
         if model is None:
             raise TypeError("PFedPGStrategy needs model= (a client model: the generator takes its prompt shape)")
+        if not isinstance(get_protocol(method), PFedPG):
+            raise TypeError(f"PFedPGStrategy runs pFedPG, got {get_protocol(method).name} (use PersonalizedFedAvg)")
         self.generator_seed = generator_seed
         super().__init__(method, model, **kwargs)
-        if not isinstance(self.method, PFedPG):
-            raise TypeError(f"PFedPGStrategy runs pFedPG, got {self.method.name} (use PersonalizedFedAvg)")
         if not isinstance(self.server, PFedPGServer):
             raise TypeError(f"PFedPGStrategy needs a PFedPGServer, got {type(self.server).__name__}")
 

@@ -49,7 +49,8 @@ def build(method: str, backbone_seed: int = SEED, dtype: torch.dtype = torch.flo
     return m.to(dtype)
 
 
-def client_data(num_clients: int, n_train: int = 12, n_test: int = 8, nan_client: Optional[int] = None):
+def client_data(num_clients: int, n_train: int = 12, n_test: int = 8, nan_client: Optional[int] = None,
+                dtype: torch.dtype = torch.float32):
     g = torch.Generator().manual_seed(123)
     out = []
     for c in range(num_clients):
@@ -57,6 +58,7 @@ def client_data(num_clients: int, n_train: int = 12, n_test: int = 8, nan_client
         y = torch.randint(0, CLASSES, (len(x),), generator=g)
         if c == nan_client:
             x[:n_train + c] = float("nan")
+        x = x.to(dtype)
         out.append((TensorDataset(x[: n_train + c], y[: n_train + c]), TensorDataset(x[n_train + c:], y[n_train + c:])))
     return out
 
@@ -80,7 +82,7 @@ def world(method: str, num_clients: int = 3, *, fraction: float = 1.0, nan_clien
           dtype: torch.dtype = torch.float32, load_data: Optional[Callable] = None,
           node_configs: Optional[List[Dict]] = None, backbone_seed: Optional[Dict[int, int]] = None,
           check_frozen: bool = True) -> World:
-    data = client_data(num_clients, nan_client=nan_client)
+    data = client_data(num_clients, nan_client=nan_client, dtype=dtype)
     protocol = get_protocol(method)
     seeds = backbone_seed or {}
 
@@ -88,8 +90,8 @@ def world(method: str, num_clients: int = 3, *, fraction: float = 1.0, nan_clien
         pid = int(context.node_config["partition-id"]) if "partition-id" in context.node_config else -1
         return build(method, seeds.get(pid, SEED), dtype)
 
-    def default_load(context):
-        return data[int(context.node_config["partition-id"])]
+    def default_load(context):  # a node with a foreign partition id still has data (the server must refuse it)
+        return data[int(context.node_config["partition-id"]) % len(data)]
 
     app = client_app(protocol, build_model, load_data or default_load, trainer=trainer())
     configs = node_configs or [{"partition-id": c, "num-partitions": num_clients} for c in range(num_clients)]
@@ -110,7 +112,7 @@ def world(method: str, num_clients: int = 3, *, fraction: float = 1.0, nan_clien
 
 def oracle(method: str, num_clients: int = 3, *, fraction: float = 1.0, nan_client: Optional[int] = None,
            dtype: torch.dtype = torch.float32) -> Federation:
-    data = client_data(num_clients, nan_client=nan_client)
+    data = client_data(num_clients, nan_client=nan_client, dtype=dtype)
     torch.manual_seed(SEED)
     model = build(method, SEED, dtype)
     return Federation(get_protocol(method), model, [d[0] for d in data], test_data=[d[1] for d in data],
