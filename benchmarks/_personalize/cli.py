@@ -15,7 +15,7 @@ from typing import List, Optional, Sequence
 import torch
 
 from .backbone import build_backbone
-from .config import METHODS, BackboneConfig, Budget, DataConfig, RunConfig, smoke
+from .config import ALL_METHODS, METHODS, BackboneConfig, Budget, DataConfig, RunConfig, smoke
 from .data import digits_federated
 from .folders import folder_federated
 from .methods import Context
@@ -29,10 +29,10 @@ DEFAULT_CACHE = Path(__file__).resolve().parent.parent / ".cache"
 
 def _methods(text: str) -> List[str]:
     names = [m.strip() for m in text.split(",") if m.strip()]
-    lower = {m.lower(): m for m in METHODS}
+    lower = {m.lower(): m for m in ALL_METHODS}
     bad = [m for m in names if m.lower() not in lower]
     if bad:
-        raise argparse.ArgumentTypeError(f"unknown method(s) {bad}; choose from {', '.join(METHODS)}")
+        raise argparse.ArgumentTypeError(f"unknown method(s) {bad}; choose from {', '.join(ALL_METHODS)}")
     return [lower[m.lower()] for m in names]
 
 
@@ -44,9 +44,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> RunConfig:
         "heterogeneous clients (embedded digits, or your own image folders).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--methods", type=_methods, default=list(METHODS), help="comma-separated subset of " + ",".join(METHODS))
+    p.add_argument("--methods", type=_methods, default=list(METHODS), help="comma-separated subset of " + ",".join(ALL_METHODS))
     p.add_argument("--rounds", type=int, default=b.rounds, help="communication rounds")
     p.add_argument("--local-epochs", type=int, default=b.local_epochs, help="local epochs per round")
+    p.add_argument("--fraction", type=float, default=b.fraction,
+                   help="share of clients per round, in (0, 1] (seeded sample, at least one client)")
     p.add_argument("--clients", type=int, default=None, help="clients (default: 6 for domain, 10 for dirichlet)")
     p.add_argument("--split", choices=["domain", "dirichlet"], default=d.split, help="how digits go to clients")
     p.add_argument("--alpha", type=float, default=d.alpha, help="Dirichlet concentration for --split dirichlet")
@@ -61,6 +63,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> RunConfig:
     a = p.parse_args(argv)
     if a.rounds < 1 or a.local_epochs < 1:
         p.error("--rounds and --local-epochs must be >= 1")
+    if not 0.0 < a.fraction <= 1.0:
+        p.error(f"--fraction must be in (0, 1], got {a.fraction}")
     if a.model and not a.checkpoint:
         p.error("--model needs --checkpoint FILE (local weights; nothing is downloaded)")
     if a.data and not a.checkpoint:
@@ -74,7 +78,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> RunConfig:
         threads=a.threads,
         out=a.out,
         cache=a.cache,
-        budget=replace(b, rounds=a.rounds, local_epochs=a.local_epochs),
+        budget=replace(b, rounds=a.rounds, local_epochs=a.local_epochs, fraction=a.fraction),
         backbone=backbone,
         data=replace(d, split=a.split, clients=a.clients, alpha=a.alpha, data=a.data),
     )
