@@ -13,8 +13,8 @@ Handlers (the message types fedpeft's strategies send):
 ``query``     registration: the node's ``partition-id`` (from ``node_config``), its number of training examples and a
               fingerprint of its frozen parameters (so a server can refuse a node whose frozen backbone differs).
 ``train``     ``method.client_update``; replies with exactly ``method.upload_keys(model)`` (the shared trainable part,
-              pFedPG's trained prompts P̃) under ``"arrays"`` and ``num-examples``/``partition-id``/``loss`` under
-              ``"metrics"``; the personal part goes to ``context.state`` stamped with the round, never into the reply.
+              pFedPG's trained prompts P̃) under ``"arrays"`` and ``num-examples``/``partition-id``/``loss`` (and
+              ``accuracy`` right after local training) under ``"metrics"``; the personal part goes to ``context.state`` stamped with the round, never into the reply.
 ``evaluate``  ``method.deploy`` (the shared state the server sends + the personal state), then the accuracy on the
               node's test data: ``accuracy``, ``num-examples``, ``partition-id``, ``has-personal`` (0 before the node
               has trained once), ``personal-round``.
@@ -79,6 +79,8 @@ class ClientHandlers:
         evaluate: ``evaluate(model, test_data) -> accuracy``; default ``trainer.evaluate`` if it has one, else
             :func:`fedpeft.protocols.training.evaluate`.
         threads: ``torch.set_num_threads`` for each call (``None``: leave torch's setting).
+        after_local_eval: also measure the accuracy right after local training on the test data (the reply's
+            ``accuracy`` metric), as the in-process engine does.
     """
 
     def __init__(
@@ -90,6 +92,7 @@ class ClientHandlers:
         trainer: Optional[Callable] = None,
         evaluate: Optional[Callable[[nn.Module, Any], float]] = None,
         threads: Optional[int] = 1,
+        after_local_eval: bool = True,
     ) -> None:
         if not isinstance(method, Protocol):
             raise TypeError(f"method must be a fedpeft.protocols.Protocol, got {type(method).__name__}")
@@ -103,6 +106,7 @@ class ClientHandlers:
         own = getattr(trainer, "evaluate", None)
         self.evaluate_fn = evaluate or (own if callable(own) else plain_evaluate)
         self.threads = threads
+        self.after_local_eval = bool(after_local_eval)
 
     # ---- helpers --------------------------------------------------------------------------------------------------
     def _setup(self, msg: Message, context: Context) -> Tuple[nn.Module, int, int, int]:
@@ -142,9 +146,10 @@ class ClientHandlers:
         check_fresh(context, self.method.name, round_)
         shared = self._shared(msg, model)
         personal, _ = self._personal(context, model)
-        train, _ = self.load_data(context)
+        train, test = self.load_data(context)
         result = self.method.client_update(model, shared=shared, personal=personal, data=train, round=round_,
-                                           client_id=pid, seed=seed, trainer=self.trainer)
+                                           client_id=pid, seed=seed, trainer=self.trainer,
+                                           eval_data=test if self.after_local_eval else None)
         save_personal(context, self.method.name, result.personal, round_)  # only after the work succeeded
         arrays = to_record(result.upload)
         metrics = {k: float(v) for k, v in result.metrics.items() if k != "num_examples"}
@@ -177,9 +182,11 @@ def client_app(
     trainer: Optional[Callable] = None,
     evaluate: Optional[Callable[[nn.Module, Any], float]] = None,
     threads: Optional[int] = 1,
+    after_local_eval: bool = True,
 ) -> ClientApp:
     """A Flower ``ClientApp`` running ``method`` on every node (arguments: :class:`ClientHandlers`)."""
-    handlers = ClientHandlers(method, build_model, load_data, trainer=trainer, evaluate=evaluate, threads=threads)
+    handlers = ClientHandlers(method, build_model, load_data, trainer=trainer, evaluate=evaluate, threads=threads,
+                              after_local_eval=after_local_eval)
     app = ClientApp()
     app.query()(handlers.query)
     app.train()(handlers.train)

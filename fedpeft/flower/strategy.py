@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 import statistics
 import time
-from typing import Any, Dict, Iterable, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
@@ -63,6 +63,7 @@ class ProtocolStrategy(Strategy):
         min_nodes: partitions to wait for before round 1 (default C).
         registration_timeout: seconds to wait for ``min_nodes`` nodes to connect and answer.
         check_frozen: refuse nodes whose frozen parameters differ from ``model``'s.
+        on_round: called with :meth:`round_report` after every round's evaluation (progress bars, live logs).
     """
 
     def __init__(
@@ -78,8 +79,10 @@ class ProtocolStrategy(Strategy):
         min_nodes: Optional[int] = None,
         registration_timeout: float = 600.0,
         check_frozen: bool = True,
+        on_round: Optional[Callable[[Dict[str, Any]], None]] = None,
     ) -> None:
         self.method: Protocol = get_protocol(method)
+        self.on_round = on_round
         if isinstance(num_partitions, bool) or not isinstance(num_partitions, int) or num_partitions < 1:
             raise ValueError(f"num_partitions must be an int >= 1, got {num_partitions!r}")
         self.num_partitions = num_partitions
@@ -164,6 +167,7 @@ class ProtocolStrategy(Strategy):
         parsed: List[Reply] = []
         upload_bytes: Dict[int, int] = {}
         losses: Dict[int, float] = {}
+        after_local: Dict[int, float] = {}
         like = self.server.expected_upload
         for reply in replies:
             pid, reason = self._reply_partition(reply, self._sent)
@@ -177,9 +181,11 @@ class ProtocolStrategy(Strategy):
                 else:
                     parsed.append(Reply(pid, upload, weight))
                     upload_bytes[pid] = payload_bytes(record)
-                    loss = reply.content.metric_records[METRICS].get("loss")
-                    if isinstance(loss, (int, float)):
-                        losses[pid] = float(loss)
+                    m = reply.content.metric_records[METRICS]
+                    if isinstance(m.get("loss"), (int, float)):
+                        losses[pid] = float(m["loss"])
+                    if isinstance(m.get("accuracy"), (int, float)):
+                        after_local[pid] = float(m["accuracy"])
             if reason is not None:
                 key = pid if pid is not None else -1
                 rejected[key] = reason
@@ -194,7 +200,8 @@ class ProtocolStrategy(Strategy):
         for rej in report.rejected:
             rejected[rej.client_id if isinstance(rej.client_id, int) else -1] = rej.reason
         self._round.update(accepted=list(report.accepted), rejected=rejected, upload_bytes=upload_bytes,
-                           train_loss=losses, diagnostics=report.diagnostics, updated=report.updated)
+                           train_loss=losses, after_local=after_local, diagnostics=report.diagnostics,
+                           updated=report.updated)
         metrics = MetricRecord({
             "accepted": len(report.accepted),
             "rejected": len(rejected),
@@ -239,6 +246,8 @@ class ProtocolStrategy(Strategy):
         }
         self._round.update(evaluation=summary, wall_s=time.perf_counter() - self._round.get("started", 0.0))
         self.history.append(self.round_report())
+        if self.on_round is not None:
+            self.on_round(self.history[-1])
         if not ids:
             return None
         return MetricRecord({
@@ -248,7 +257,8 @@ class ProtocolStrategy(Strategy):
 
     def round_report(self) -> Dict[str, Any]:
         """The current round as a JSON-ready dict: ``round``, ``sampled``, ``accepted``, ``rejected`` {partition:
-        reason}, ``upload_bytes`` {partition: bytes}, ``train_loss``, ``diagnostics``, ``evaluation`` {accuracy per
+        reason}, ``upload_bytes`` {partition: bytes}, ``train_loss`` and ``after_local`` (accuracy right after local
+        training) {partition: value}, ``diagnostics``, ``evaluation`` {accuracy per
         partition, mean, worst, worst-partition, without-personal}, ``wall_s``."""
         r = dict(self._round)
         r.pop("started", None)
