@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from typing import Any, Callable, Optional, Tuple
+from typing import Any, Callable, Optional, Tuple, Union
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -36,6 +36,7 @@ from torch import nn
 
 from .. import fed
 from ..protocols import Protocol
+from ..protocols import get as get_protocol
 from ..protocols.training import evaluate as plain_evaluate
 from .node import check_fresh, load_personal, partition, save_personal
 from .records import from_record, payload_bytes, to_record
@@ -72,7 +73,8 @@ class ClientHandlers:
     """The three handlers of :func:`client_app` for one protocol (use them to build a ClientApp of your own).
 
     Args:
-        method: the protocol (``fedpeft.protocols``), e.g. ``SharedPersonal(["fedvpt"])``.
+        method: the protocol (``fedpeft.protocols``), e.g. ``SharedPersonal(["fedvpt"])``, or a method name
+            (``fedpeft.protocols.METHODS``, default options).
         build_model: ``build_model(context) -> model``; must build the same model (same initial values) every call.
         load_data: ``load_data(context) -> (train_data, test_data)`` for this node.
         trainer: the local training callable (default: the protocol's default :class:`LocalTrainer`).
@@ -85,7 +87,7 @@ class ClientHandlers:
 
     def __init__(
         self,
-        method: Protocol,
+        method: Union[str, Protocol],
         build_model: BuildModel,
         load_data: LoadData,
         *,
@@ -94,8 +96,9 @@ class ClientHandlers:
         threads: Optional[int] = 1,
         after_local_eval: bool = True,
     ) -> None:
-        if not isinstance(method, Protocol):
-            raise TypeError(f"method must be a fedpeft.protocols.Protocol, got {type(method).__name__}")
+        if not isinstance(method, (str, Protocol)):
+            raise TypeError(f"method must be a fedpeft.protocols.Protocol or a method name, got {type(method).__name__}")
+        method = get_protocol(method)
         for name, fn in (("build_model", build_model), ("load_data", load_data)):
             if not callable(fn):
                 raise TypeError(f"{name} must be callable (context) -> ..., got {type(fn).__name__}")
@@ -175,7 +178,7 @@ class ClientHandlers:
 
 
 def client_app(
-    method: Protocol,
+    method: Union[str, Protocol],
     build_model: BuildModel,
     load_data: LoadData,
     *,

@@ -27,7 +27,7 @@ from flwr.serverapp import Grid
 
 from .client import INFO, METRICS
 
-__all__ = ["Registry"]
+__all__ = ["Registry", "discover_partitions"]
 
 log = logging.getLogger("fedpeft.flower")
 
@@ -110,3 +110,29 @@ class Registry:
         if len(self) < min_nodes:
             log.warning("only %d of %d partitions registered after %.0fs; continuing with %s",
                         len(self), min_nodes, timeout, sorted(self.node_of))
+
+
+def discover_partitions(grid: Grid, *, timeout: float, poll: float = 1.0) -> int:
+    """``num-partitions`` as the connected nodes report it (``node_config``), for a server not told C.
+
+    Waits until at least one node is connected and answers a query.
+
+    Raises:
+        RuntimeError: no node answered within ``timeout``, or the nodes disagree.
+    """
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        nodes = list(grid.get_node_ids())
+        if nodes:
+            msgs = [Message(RecordDict({"config": ConfigRecord()}), n, MessageType.QUERY, group_id="discover")
+                    for n in nodes]
+            replies = grid.send_and_receive(msgs, timeout=max(1.0, deadline - time.monotonic()))
+            seen = {int(r.content[METRICS]["num-partitions"]) for r in replies
+                    if r.has_content() and METRICS in r.content.metric_records}
+            seen.discard(-1)
+            if len(seen) > 1:
+                raise RuntimeError(f"the nodes disagree on num-partitions: {sorted(seen)}")
+            if seen:
+                return seen.pop()
+        time.sleep(poll)
+    raise RuntimeError(f"no node reported num-partitions within {timeout:.0f}s; pass num_partitions=")

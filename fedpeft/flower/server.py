@@ -31,6 +31,7 @@ from torch import nn
 from .. import fed
 from ..protocols import PFedPG, Protocol
 from ..protocols import get as get_protocol
+from .registry import discover_partitions
 from .strategy import PersonalizedFedAvg, PFedPGStrategy, ProtocolStrategy
 
 __all__ = ["method_report", "server_app", "write_report"]
@@ -107,7 +108,7 @@ def server_app(
     Args:
         method: a protocol or a method name (``fedpeft.protocols.METHODS``).
         build_model: ``build_model(context) -> model``, the same builder as the clients'.
-        num_partitions: C (required here or as ``num-partitions`` in the run config).
+        num_partitions: C (or ``num-partitions`` in the run config; neither: as the nodes' ``node_config`` says).
         report: path of the JSON report (or ``report-path`` in the run config); ``None`` writes none.
         on_report: called with the report dict when the run ends (e.g. to collect it in-process).
         strategy_options: passed to the strategy (e.g. ``min_nodes``, ``check_frozen``, ``generator_seed``).
@@ -119,8 +120,9 @@ def server_app(
     def main(grid: Grid, context: Context) -> None:
         cfg = context.run_config
         parts = int(cfg.get("num-partitions", num_partitions or 0))
-        if parts < 1:
-            raise ValueError("server_app needs num_partitions= or num-partitions in the run config")
+        reg_timeout = float(cfg.get("registration-timeout", registration_timeout))
+        if parts < 1:  # not given: as the nodes' node_config says (the simulation sets it)
+            parts = discover_partitions(grid, timeout=reg_timeout)
         run_seed = int(cfg.get("seed", seed))
         t0 = time.perf_counter()
         torch.manual_seed(run_seed)
@@ -129,7 +131,7 @@ def server_app(
         strategy = cls(protocol, model, num_partitions=parts, seed=run_seed,
                        fraction_train=float(cfg.get("fraction-train", fraction_train)),
                        fraction_evaluate=float(cfg.get("fraction-evaluate", fraction_evaluate)),
-                       registration_timeout=float(cfg.get("registration-timeout", registration_timeout)),
+                       registration_timeout=reg_timeout,
                        **strategy_options)
         strategy.start(grid, num_rounds=int(cfg.get("num-server-rounds", num_rounds)),
                        timeout=float(cfg.get("round-timeout", round_timeout)))

@@ -141,7 +141,9 @@ def test_query_reports_partition_examples_and_frozen_fingerprint():
 
 def test_client_app_argument_errors():
     with pytest.raises(TypeError, match="Protocol"):
-        client_app("FedVPT", lambda c: None, lambda c: None)
+        client_app(3, lambda c: None, lambda c: None)
+    with pytest.raises(ValueError, match="unknown method"):
+        client_app("FedNope", lambda c: None, lambda c: None)
     with pytest.raises(TypeError, match="load_data"):
         client_app(get("FedVPT"), lambda c: None, None)
     with pytest.raises(ValueError, match="threads"):
