@@ -84,7 +84,8 @@ class Registry:
             log.info("registered node %d as partition %d (%d training examples)", node, pid, n)
 
     def register(self, grid: Grid, *, min_nodes: int, timeout: float, poll: float = 1.0) -> None:
-        """Query every new node until ``min_nodes`` partitions are registered or ``timeout`` seconds have passed.
+        """Query every new node until ``min_nodes`` nodes have answered (registered or refused) or ``timeout``
+        seconds have passed.
 
         Raises:
             RuntimeError: no node at all could be registered within ``timeout``.
@@ -100,8 +101,8 @@ class Registry:
                 self.add(replies)
                 for n in set(new) - answered:
                     log.warning("node %d did not answer the registration query in time; will ask again", n)
-            if len(self) >= min_nodes or time.monotonic() >= deadline:
-                break
+            if len(self) + len(self.refused) >= min_nodes or time.monotonic() >= deadline:
+                break  # every expected node has answered (registered or refused), or time is up
             time.sleep(poll)
         if not len(self):
             raise RuntimeError(

@@ -99,14 +99,17 @@ class ProtocolStrategy(Strategy):
         self._sent: Dict[int, int] = {}  # node id → partition id, this round's train messages
         self._sent_eval: Dict[int, int] = {}  # the same for evaluate messages
         self._round: Dict[str, Any] = {}
+        self._registered = False
 
     def _make_server(self, model: nn.Module) -> Any:
         return self.method.make_server(model, num_clients=self.num_partitions)
 
     # ---- helpers --------------------------------------------------------------------------------------------------
     def _ensure_registered(self, grid: Grid) -> None:
-        if len(self.registry) < self.min_nodes and not self.history:
+        """Register the nodes once, before the first round (later rounds use the nodes registered then)."""
+        if not self._registered:
             self.registry.register(grid, min_nodes=self.min_nodes, timeout=self.registration_timeout)
+            self._registered = True
 
     def _sample(self, fraction: float, round_: int) -> List[int]:
         ids = sample_clients(self.num_partitions, fraction, seed=self.seed, round=round_)
@@ -295,7 +298,7 @@ class ProtocolStrategy(Strategy):
             raise ValueError("evaluate_fn: a personalized model has no central evaluation; the clients evaluate")
         if initial_arrays is not None:
             self._set_initial(initial_arrays)
-        self.registry.register(grid, min_nodes=self.min_nodes, timeout=self.registration_timeout)
+        self._ensure_registered(grid)
         return super().start(grid, self.server_arrays(), num_rounds=num_rounds, timeout=timeout,
                              train_config=train_config, evaluate_config=evaluate_config)
 

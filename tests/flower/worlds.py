@@ -105,7 +105,7 @@ def world(method: str, num_clients: int = 3, *, fraction: float = 1.0, nan_clien
     model = build(method, SEED, dtype)
     cls = PFedPGStrategy if isinstance(protocol, PFedPG) else PersonalizedFedAvg
     strategy = cls(protocol, model, num_partitions=num_clients, seed=SEED, fraction_train=fraction,
-                   registration_timeout=5.0, check_frozen=check_frozen,
+                   registration_timeout=1.0, check_frozen=check_frozen,
                    min_nodes=min(num_clients, len(configs)))
     return World(grid, strategy, data, method)
 
