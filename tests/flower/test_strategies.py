@@ -7,6 +7,7 @@ written out by hand from the replies on the wire, and the generator's own forwar
 from __future__ import annotations
 
 import copy
+
 import numpy as np
 import pytest
 import torch
