@@ -13,7 +13,10 @@ Upload bytes: what each client's reply carries (``ArrayRecord`` array data, ``fe
 ``fed.num_bytes`` of the method's upload state (``fedpeft.protocols.upload_state``); they must be equal.
 
     python benchmarks/bench_flower.py                      # 3 clients, 6 rounds; ~3 min on 2 cores
-    python benchmarks/bench_flower.py --clients 4 --rounds 4
+    python benchmarks/bench_flower.py --rounds 4 --repeat 2  # local, flower, local, flower: medians over both
+
+On a shared machine the two engines' child processes alternate (``--repeat``) so that load changes hit both; the
+table shows per method the median over repetitions of each engine's median round time (rounds after the first).
 """
 
 from __future__ import annotations
@@ -150,39 +153,48 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=6)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--child", choices=["local", "flower"], help=argparse.SUPPRESS)
+    p.add_argument("--repeat", type=int, default=1, help="alternate local/flower runs this many times")
     p.add_argument("--json", default=None, help="also write the results here")
     a = p.parse_args()
     if a.child:
         print(json.dumps(child(a.child, a.clients, a.rounds, a.seed)))
         return 0
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    runs = {}
-    for engine in ("local", "flower"):
-        proc = subprocess.run([sys.executable, __file__, "--child", engine, "--clients", str(a.clients), "--rounds",
-                               str(a.rounds), "--seed", str(a.seed)], capture_output=True, text=True, env=env)
-        if proc.returncode != 0:
-            sys.stderr.write(proc.stderr[-4000:])
-            return proc.returncode
-        runs[engine] = json.loads(proc.stdout.strip().splitlines()[-1])
-    local, flower = runs["local"], runs["flower"]
-    print(f"bench_flower: {a.clients} clients, {a.rounds} rounds, flwr {flower['flwr']}, "
-          f"{os.cpu_count()} CPUs, 1 torch thread per client")
+    runs = {"local": [], "flower": []}
+    for _ in range(max(1, a.repeat)):
+        for engine in ("local", "flower"):
+            proc = subprocess.run([sys.executable, __file__, "--child", engine, "--clients", str(a.clients),
+                                   "--rounds", str(a.rounds), "--seed", str(a.seed)],
+                                  capture_output=True, text=True, env=env)
+            if proc.returncode != 0:
+                sys.stderr.write(proc.stderr[-4000:])
+                return proc.returncode
+            runs[engine].append(json.loads(proc.stdout.strip().splitlines()[-1]))
+
+    def per_round(engine: str, name: str) -> float:  # rounds after the first (Flower's first includes registration)
+        return statistics.median(statistics.median(r["methods"][name]["round_s"][1:]) for r in runs[engine])
+
+    flower = runs["flower"][0]
+    print(f"bench_flower: {a.clients} clients, {a.rounds} rounds, {max(1, a.repeat)} repetition(s), flwr "
+          f"{flower['flwr']}, {os.cpu_count()} CPUs, 1 torch thread per client")
     print(f"{'method':<10} {'local s/round':>13} {'flower s/round':>14} {'ratio':>6} {'upload B/client':>16} "
           f"{'fed.num_bytes':>13} {'same acc':>8}")
     ratios = []
     for name in METHODS:
-        lo, fl = local["methods"][name], flower["methods"][name]
-        # rounds after the first: the first Flower round of a method includes its registration query
-        lr, fr = statistics.median(lo["round_s"][1:]), statistics.median(fl["round_s"][1:])
+        lr, fr = per_round("local", name), per_round("flower", name)
         ratios.append(fr / lr)
-        sent = {b for per_round in fl["upload_bytes"] for b in per_round.values()}
+        sent = {b for r in runs["flower"] for per in r["methods"][name]["upload_bytes"] for b in per.values()}
+        same = all(r["methods"][name]["accuracy"] == runs["local"][0]["methods"][name]["accuracy"]
+                   for r in runs["local"] + runs["flower"])
         print(f"{name:<10} {lr:>13.3f} {fr:>14.3f} {fr / lr:>6.2f} {'/'.join(map(str, sorted(sent))):>16} "
-              f"{lo['upload_state_bytes']:>13} {lo['accuracy'] == fl['accuracy']!s:>8}")
+              f"{runs['local'][0]['methods'][name]['upload_state_bytes']:>13} {same!s:>8}")
     print(f"per-round time, Flower / in-process (median over methods): {statistics.median(ratios):.2f}x")
-    print(f"Flower start-up (Ray, actors, first registration): {flower['startup_s']:.1f} s; "
-          f"total {flower['total_s']:.1f} s")
-    print(f"peak memory (PSS): in-process {local['peak_rss'] / 2**30:.2f} GiB, Flower (driver + Ray) "
-          f"{flower['peak_rss'] / 2**30:.2f} GiB")
+    print("Flower start-up (Ray, actors, first registration): "
+          + ", ".join(f"{r['startup_s']:.1f}" for r in runs["flower"]) + " s; total "
+          + ", ".join(f"{r['total_s']:.1f}" for r in runs["flower"]) + " s")
+    print("peak memory (PSS): in-process " + ", ".join(f"{r['peak_rss'] / 2**30:.2f}" for r in runs["local"])
+          + " GiB; Flower (driver + Ray) " + ", ".join(f"{r['peak_rss'] / 2**30:.2f}" for r in runs["flower"])
+          + " GiB")
     if a.json:
         Path(a.json).write_text(json.dumps(runs, indent=2))
     return 0

@@ -126,7 +126,9 @@ class ProtocolStrategy(Strategy):
         out = []
         for pid in sorted(payloads):
             state = payloads[pid]
-            rec = records.setdefault(id(state), to_record(state))
+            rec = records.get(id(state))
+            if rec is None:
+                rec = records[id(state)] = to_record(state)
             out.append(Message(RecordDict({ARRAYS: rec, CONFIG: cfg}), self.registry.node_of[pid], message_type,
                                group_id=str(server_round)))
         return out
@@ -205,10 +207,11 @@ class ProtocolStrategy(Strategy):
         self._round.update(accepted=list(report.accepted), rejected=rejected, upload_bytes=upload_bytes,
                            train_loss=losses, after_local=after_local, diagnostics=report.diagnostics,
                            updated=report.updated)
+        accepted_losses = [losses[p] for p in report.accepted if p in losses]
         metrics = MetricRecord({
             "accepted": len(report.accepted),
             "rejected": len(rejected),
-            "loss-mean": statistics.fmean(losses[p] for p in report.accepted) if report.accepted and losses else 0.0,
+            "loss-mean": statistics.fmean(accepted_losses) if accepted_losses else float("nan"),
         })
         return self.server_arrays(), metrics
 
@@ -226,6 +229,7 @@ class ProtocolStrategy(Strategy):
         """Per-client accuracy (partition-id order), its mean, the worst client, clients without personal state."""
         acc: Dict[int, float] = {}
         without: List[int] = []
+        dropped: Dict[int, str] = {}
         for reply in replies:
             pid, reason = self._reply_partition(reply, self._sent_eval)
             if reason is None:
@@ -237,6 +241,7 @@ class ProtocolStrategy(Strategy):
                         without.append(pid)
                     continue
                 reason = f"accuracy {a!r} is not a number in [0, 1]"
+            dropped[pid if pid is not None else -1] = reason
             log.warning("round %d: evaluation of partition %s dropped: %s", server_round, pid, reason)
         ids = sorted(acc)
         worst = min(ids, key=lambda p: (acc[p], p)) if ids else -1
@@ -246,6 +251,7 @@ class ProtocolStrategy(Strategy):
             "worst": acc[worst] if ids else float("nan"),
             "worst-partition": worst,
             "without-personal": sorted(without),
+            "dropped": dropped,
         }
         self._round.update(evaluation=summary, wall_s=time.perf_counter() - self._round.get("started", 0.0))
         self.history.append(self.round_report())
@@ -261,8 +267,8 @@ class ProtocolStrategy(Strategy):
     def round_report(self) -> Dict[str, Any]:
         """The current round as a JSON-ready dict: ``round``, ``sampled``, ``accepted``, ``rejected`` {partition:
         reason}, ``upload_bytes`` {partition: bytes}, ``train_loss`` and ``after_local`` (accuracy right after local
-        training) {partition: value}, ``diagnostics``, ``evaluation`` {accuracy per
-        partition, mean, worst, worst-partition, without-personal}, ``wall_s``."""
+        training) {partition: value}, ``diagnostics``, ``evaluation`` {accuracy per partition, mean, worst,
+        worst-partition, without-personal, dropped}, ``wall_s``. ``round`` counts from 1 (Flower's server round)."""
         r = dict(self._round)
         r.pop("started", None)
         return r

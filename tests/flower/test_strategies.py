@@ -167,7 +167,11 @@ def test_partial_participation_is_seeded_and_reports_clients_without_personal_st
         assert len(sent) == 1 == len(report["sampled"])
         trained_so_far |= set(report["sampled"])
         assert report["evaluation"]["without-personal"] == sorted({0, 1, 2} - trained_so_far)
-        assert sorted(report["evaluation"]["accuracy"]) == [0, 1, 2]  # everyone is evaluated
+        ev = report["evaluation"]
+        assert sorted(ev["accuracy"]) == [0, 1, 2]  # everyone is evaluated
+        accs = [ev["accuracy"][p] for p in range(3)]
+        assert ev["mean"] == pytest.approx(sum(accs) / 3) and ev["worst"] == min(accs)
+        assert ev["worst-partition"] == accs.index(min(accs))
     ref = oracle("FedVPT", fraction=0.34)
     ref.run(3)
     assert [h["sampled"] for h in w.strategy.history] == [rec.participants for rec in ref.history]
