@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from flower_harness import flower_task  # noqa: F401  (autouse fixture)
+from flower_worlds import NODE_IDS, build, client_data, trainer, world
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
-from worlds import NODE_IDS, build, client_data, trainer, world
 
 from fedpeft.flower import client_app, frozen_fingerprint, to_record
 from fedpeft.flower.client import ARRAYS, CONFIG, METHOD, METRICS, ROUND, SEED

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from flower_harness import flower_task, node_context  # noqa: F401  (flower_task: autouse fixture)
 from flwr.app import Array, ArrayRecord, ConfigRecord
-from harness import node_context
 
 from fedpeft.flower import from_record, partition, payload_bytes, to_record
 from fedpeft.flower.node import StaleMessage, load_personal, save_personal, stored_round

@@ -11,8 +11,9 @@ import copy
 import numpy as np
 import pytest
 import torch
+from flower_harness import flower_task  # noqa: F401  (autouse fixture)
+from flower_worlds import NODE_IDS, SEED, build, client_data, oracle, world
 from flwr.app import Array
-from worlds import NODE_IDS, SEED, build, client_data, oracle, world
 
 from fedpeft import fed
 from fedpeft.flower import PersonalizedFedAvg, PFedPGStrategy
@@ -220,7 +221,7 @@ def test_a_late_node_cannot_take_a_registered_partition():
     configs = [{"partition-id": 0, "num-partitions": 2}, {"partition-id": 1, "num-partitions": 2}]
     w = world("FedVPT", num_clients=2, node_configs=configs)
     w.strategy.registry.register(w.grid, min_nodes=2, timeout=2.0)
-    from harness import node_context
+    from flower_harness import node_context
 
     intruder = 9_000_000_099
     w.grid.contexts[intruder] = node_context(intruder, 1, 2)

@@ -6,7 +6,7 @@ and turn an exception into an error reply (``ErrorCode.CLIENT_APP_RAISED_EXCEPTI
 Messages are built with the public ``Message`` constructor; ``TaskIdentity`` is set by the ``flower_task`` fixture
 (FLOWER.md pitfall 4: a ``Message`` needs a run id, which only a Flower runtime sets).
 
-Test hooks: ``late`` node ids whose replies are lost (the node still saves its context, FLOWER.md pitfall 6),
+Test modules import the autouse fixture ``flower_task`` from here. Test hooks: ``late`` node ids whose replies are lost (the node still saves its context, FLOWER.md pitfall 6),
 ``tamper(node_id, reply) -> reply`` to corrupt a reply on the wire, and ``log`` of every message handled.
 """
 
@@ -16,14 +16,28 @@ import copy
 import uuid
 from typing import Callable, Dict, Iterable, List, Optional, Set
 
+import pytest
+
+pytest.importorskip("flwr")
+
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid
 from flwr.supercore.run import Run
+from flwr.supercore.task_identity import TaskIdentity
 
 RUN_ID = 4242
 SERVER_NODE_ID = 1
 RAISED = 2  # flwr.common.constant.ErrorCode.CLIENT_APP_RAISED_EXCEPTION
+
+
+@pytest.fixture(autouse=True)
+def flower_task():
+    """Set ``TaskIdentity`` as a Flower runtime does (FLOWER.md pitfall 4), and restore it afterwards."""
+    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, RUN_ID, SERVER_NODE_ID
+    yield
+    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
 
 
 def node_context(node_id: int, partition_id: int, num_partitions: int, run_config: Optional[dict] = None) -> Context:

@@ -11,7 +11,7 @@ from typing import Callable, Dict, List, Optional
 
 import timm
 import torch
-from harness import LocalGrid, node_context
+from flower_harness import LocalGrid, node_context
 from torch.utils.data import TensorDataset
 
 from fedpeft import VPT, LowRankPrompt, ParallelPrefix
