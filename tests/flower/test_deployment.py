@@ -126,3 +126,54 @@ def test_example_app_on_a_superlink_and_two_supernodes(tmp_path):
         _stop(procs)
         time.sleep(1)
         assert _alive(pgids) == [], "processes left running"
+
+
+@pytest.mark.slow
+def test_example_app_with_flwr_run_in_the_local_simulation(tmp_path):
+    """``flwr run examples/flower``: Flower starts a local SuperLink (simulation, 2 virtual SuperNodes) that outlives
+    the command; the test finds it by its ``FLWR_HOME`` on the command line and stops it by PID."""
+    psutil = pytest.importorskip("psutil")
+    home = tmp_path / "flwr-home"
+    home.mkdir()
+    (home / "config.toml").write_text('[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = ":local:"\n')
+    http, control = _free_port(), _free_port()
+    env = {**os.environ, "FLWR_HOME": str(home), "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+           "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(http), "FLWR_LOCAL_CONTROL_API_PORT": str(control),
+           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    report = tmp_path / "report.json"
+
+    def started_here():
+        found = []
+        for p in psutil.process_iter(["pid", "cmdline"]):
+            if any(str(home) in part for part in (p.info["cmdline"] or [])):
+                found.append(p)
+        return found
+
+    try:
+        run = subprocess.run(
+            [str(BIN / "flwr"), "run", str(APP), "--stream", "--run-config",
+             f'report-path="{report}" num-server-rounds=1'],
+            env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path,
+        )
+        assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+        deadline = time.monotonic() + 60
+        while not report.exists() and time.monotonic() < deadline:
+            time.sleep(1)
+        result = json.loads(report.read_text())
+        (round1,) = result["rounds"]
+        assert round1["accepted"] == [0, 1] and len(result["accuracy"]) == 2  # 2 virtual SuperNodes, both trained
+    finally:
+        procs = started_here()
+        for p in procs:
+            try:
+                p.terminate()
+            except psutil.Error:
+                pass
+        _, alive = psutil.wait_procs(procs, timeout=20)
+        for p in alive:
+            p.kill()
+        deadline = time.monotonic() + 30  # children with --parent-pid exit on their own shortly after
+        while time.monotonic() < deadline and [p for p in started_here() if p.status() != psutil.STATUS_ZOMBIE]:
+            time.sleep(1)
+        assert [p.pid for p in started_here() if p.status() != psutil.STATUS_ZOMBIE] == [], "processes left running"
