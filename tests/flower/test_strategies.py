@@ -296,3 +296,17 @@ def test_strategy_argument_errors():
     with pytest.raises(ValueError, match="evaluate_fn"):
         w.strategy.start(w.grid, num_rounds=1, evaluate_fn=lambda r, a: None)
     assert SEED == 0
+
+
+def test_a_bf16_federation_equals_the_in_process_engine():
+    """bf16 models: float32 on the wire, bf16 on both ends; the server's shared state stays bf16 and equals the
+    in-process engine's bit for bit."""
+    w = world("FedVPT", dtype=torch.bfloat16)
+    w.strategy.start(w.grid, num_rounds=2, timeout=10)
+    ref = oracle("FedVPT", dtype=torch.bfloat16)
+    ref.run(2)
+    assert w.strategy.shared["prompts"].dtype == torch.bfloat16
+    assert torch.equal(w.strategy.shared["prompts"], ref.server.shared["prompts"])
+    assert [[h["evaluation"]["accuracy"][p] for p in range(3)] for h in w.strategy.history] == \
+        [r.deployed for r in ref.history]
+    assert w.strategy.history[0]["upload_bytes"][0] == 2 * fed.num_bytes(ref.server.shared)  # float32 on the wire
