@@ -60,6 +60,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> RunConfig:
     p.add_argument("--cache", default=str(DEFAULT_CACHE), help="folder for the pre-trained backbone")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--smoke", action="store_true", help="seconds-long run: tiny ViT, 3 clients, 2 rounds")
+    p.add_argument("--engine", choices=["local", "flower"], default="local",
+                   help="local: in-process loop; flower: Flower's simulation runtime (Ray), one SuperNode per client")
     a = p.parse_args(argv)
     if a.rounds < 1 or a.local_epochs < 1:
         p.error("--rounds and --local-epochs must be >= 1")
@@ -76,6 +78,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> RunConfig:
         methods=tuple(a.methods),
         seed=a.seed,
         threads=a.threads,
+        engine=a.engine,
         out=a.out,
         cache=a.cache,
         budget=replace(b, rounds=a.rounds, local_epochs=a.local_epochs, fraction=a.fraction),
@@ -127,7 +130,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(f"budget: {asdict(cfg.budget)}")
     ctx = Context(backbone, data.clients, cfg.budget, cfg.seed)
     backbone_params = sum(p.numel() for p in backbone.make().parameters())
-    results = run_methods(cfg.methods, ctx, cfg.budget.rounds, progress)
+    engine = {"name": cfg.engine}
+    if cfg.engine == "flower":
+        from .flower_engine import flower_version, run_methods_flower
+
+        engine["flwr"] = flower_version()
+        results = run_methods_flower(cfg.methods, ctx, cfg.budget.rounds, progress)
+    else:
+        results = run_methods(cfg.methods, ctx, cfg.budget.rounds, progress)
     total = time.perf_counter() - t0
     title = f"fedpeft personalize.py: {tag}, {len(names)} clients, {cfg.budget.rounds} rounds"
     table = format_table(results, names, backbone_params)
@@ -145,6 +155,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "clients": names,
         "methods": [r.as_dict() for r in results],
         "total_wall_s": total,
+        "engine": engine,
         "environment": _environment(),
         "table": table,
     })

@@ -110,6 +110,7 @@ class RunConfig:
     methods: Tuple[str, ...] = METHODS
     seed: int = 0
     threads: Optional[int] = None
+    engine: str = "local"  # "local" (in-process loop) or "flower" (Flower's simulation runtime)
     out: str = "results"
     cache: str = ""
     smoke: bool = False

@@ -1,0 +1,137 @@
+"""``--engine flower``: the same methods, run by Flower's simulation runtime (Ray), one virtual SuperNode per client.
+
+One Ray start for the whole run: a single ``ServerApp`` runs the methods one after another (each with its own
+``fedpeft.flower`` strategy, exactly the in-process engine's model, protocol, trainer, seed and sampling), and a single
+``ClientApp`` routes each message to that method's ``fedpeft.flower.ClientHandlers`` by the method name the server puts
+in every message. Each virtual SuperNode gets 1 CPU and trains with 1 torch thread; its personal state lives in its
+``context.state`` (per method), its shared state comes from the server's messages. Replies are aggregated in
+partition-id order, so the per-client accuracies equal ``--engine local``'s bit for bit (tests/flower).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import statistics
+import time
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence
+
+from .config import ALL_METHODS
+from .methods import Context, build_model, make_protocol, method_costs
+from .runner import MethodResult
+from .train import make_trainer
+
+__all__ = ["flower_version", "run_methods_flower"]
+
+log = logging.getLogger(__name__)
+
+
+def flower_version() -> str:
+    import flwr
+
+    return flwr.__version__
+
+
+def _result(name: str, strategy, model, n: int, wall_s: float) -> MethodResult:
+    costs = method_costs(strategy.method, model, strategy.server)
+    hist = strategy.history
+    curve_clients = [[h["evaluation"]["accuracy"].get(c) for c in range(n)] for h in hist]
+    last_after: List[Optional[float]] = [None] * n
+    for h in hist:
+        for c, a in h.get("after_local", {}).items():
+            last_after[c] = a
+    return MethodResult(
+        name=name,
+        accuracy=curve_clients[-1],
+        curve=[h["evaluation"]["mean"] for h in hist],
+        curve_clients=curve_clients,
+        wall_s=wall_s,
+        curve_after_local=[[h.get("after_local", {}).get(c) for c in range(n)] for h in hist],
+        accuracy_after_local=last_after,
+        participants=[list(h["sampled"]) for h in hist],
+        train_loss=[[h.get("train_loss", {}).get(c) for c in range(n)] for h in hist],
+        server_log=[{"accepted": h["accepted"], "rejected": [{"client_id": c, "reason": r}
+                                                              for c, r in sorted(h["rejected"].items())],
+                     "diagnostics": h.get("diagnostics", {}), "updated": h.get("updated", False),
+                     "upload_bytes": h.get("upload_bytes", {}), "wall_s": h.get("wall_s")} for h in hist],
+        **costs,
+    )
+
+
+def run_methods_flower(names: Sequence[str], ctx: Context, rounds: int, progress: Callable,
+                       round_timeout: float = 3600.0) -> List[MethodResult]:
+    """Run ``names`` through Flower's simulation runtime (see the module docstring); same results as ``run_methods``."""
+    from flwr.app import ConfigRecord
+    from flwr.clientapp import ClientApp
+    from flwr.serverapp import ServerApp
+    from flwr.simulation import run_simulation
+
+    from fedpeft.flower import ClientHandlers, PersonalizedFedAvg, PFedPGStrategy
+    from fedpeft.flower.client import CONFIG, METHOD
+    from fedpeft.protocols import PFedPG
+
+    unknown = [n for n in names if n not in ALL_METHODS]
+    if unknown:
+        raise ValueError(f"unknown methods {unknown}; known: {list(ALL_METHODS)}")
+    n = len(ctx.clients)
+    trainer = make_trainer(ctx.budget, ctx.backbone.preprocess)
+
+    def handlers(name: str) -> ClientHandlers:
+        def build(context, _name=name):
+            return build_model(_name, ctx)
+
+        def load(context):
+            client = ctx.clients[int(context.node_config["partition-id"])]
+            return client.train, client.test
+
+        return ClientHandlers(make_protocol(name, ctx.budget), build, load, trainer=trainer, threads=1)
+
+    table: Dict[str, ClientHandlers] = {name: handlers(name) for name in names}
+
+    def route(kind: str):
+        def handle(msg, context):
+            name = msg.content.config_records.get(CONFIG, ConfigRecord()).get(METHOD)
+            if name not in table:
+                raise ValueError(f"this ClientApp runs {sorted(table)}, the server asked for {name!r}")
+            return getattr(table[name], kind)(msg, context)
+        return handle
+
+    client = ClientApp()
+    client.query()(route("query"))
+    client.train()(route("train"))
+    client.evaluate()(route("evaluate"))
+
+    results: List[MethodResult] = []
+    server = ServerApp()
+
+    @server.main()
+    def main(grid, context) -> None:
+        with progress(total=len(names) * rounds, unit="round") as bar:
+            for name in names:
+                bar.set_description(f"{name:<16}")
+                t0 = time.perf_counter()
+                model = build_model(name, ctx)  # seeds torch: the server's initial state (pFedPG: the generator)
+                protocol = make_protocol(name, ctx.budget)
+
+                def tick(report) -> None:
+                    bar.set_postfix(acc=f"{report['evaluation']['mean']:.3f}")
+                    bar.update(1)
+
+                cls = PFedPGStrategy if isinstance(protocol, PFedPG) else PersonalizedFedAvg
+                strategy = cls(protocol, model, num_partitions=n, seed=ctx.seed, fraction_train=ctx.budget.fraction,
+                               on_round=tick)
+                strategy.start(grid, num_rounds=rounds, timeout=round_timeout)
+                results.append(_result(name, strategy, model, n, time.perf_counter() - t0))
+                log.info("%s: mean accuracy %.4f", name, statistics.fmean(results[-1].accuracy))
+
+    # Ray workers import this package by name: put benchmarks/ on their path (the driver's sys.path is not shared)
+    here = str(Path(__file__).resolve().parent.parent)
+    paths = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    os.environ["PYTHONPATH"] = os.pathsep.join([here, *[p for p in paths if p != here]])
+    backend = {"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+               "init_args": {"num_cpus": max(1, min(n, os.cpu_count() or 1)), "include_dashboard": False}}
+    run_simulation(server_app=server, client_app=client, num_supernodes=n, backend_config=backend)
+    if len(results) != len(names):
+        raise RuntimeError(f"the Flower simulation ended after {len(results)} of {len(names)} methods (see its log)")
+    return results

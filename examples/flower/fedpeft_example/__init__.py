@@ -1,0 +1,1 @@
+"""A complete Flower app on fedpeft: ``flwr run examples/flower`` (see README.md)."""

@@ -1,0 +1,197 @@
+"""The client side: a Flower ``ClientApp`` that runs one fedpeft protocol on each node.
+
+    app = client_app(method, build_model, load_data, trainer=LocalTrainer(epochs=2, lr=5e-3))
+
+Every message builds the model afresh with ``build_model(context)`` (Flower may serve many nodes from one process, and
+the deployment engine starts a fresh process per message, so nothing is cached between calls) and then loads, by key:
+
+- the shared state from the message (``"arrays"``, float32 on the wire, cast back to the model's dtypes), and
+- the node's personal state from ``context.state`` (:mod:`.node`), or the model's initial values the first time.
+
+Handlers (the message types fedpeft's strategies send):
+
+``query``     registration: the node's ``partition-id`` (from ``node_config``), its number of training examples and a
+              fingerprint of its frozen parameters (so a server can refuse a node whose frozen backbone differs).
+``train``     ``method.client_update``; replies with exactly ``method.upload_keys(model)`` (the shared trainable part,
+              pFedPG's trained prompts P̃) under ``"arrays"`` and ``num-examples``/``partition-id``/``loss`` (and
+              ``accuracy`` right after local training) under ``"metrics"``; the personal part goes to ``context.state`` stamped with the round, never into the reply.
+``evaluate``  ``method.deploy`` (the shared state the server sends + the personal state), then the accuracy on the
+              node's test data: ``accuracy``, ``num-examples``, ``partition-id``, ``has-personal`` (0 before the node
+              has trained once), ``personal-round``.
+
+A message for a round not newer than the node's stored personal state is refused (an error reply; the state is
+untouched): a late or repeated message never rolls newer personal state back. See docs/flower.md.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from typing import Any, Callable, Optional, Tuple, Union
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from torch import nn
+
+from .. import fed
+from ..protocols import Protocol
+from ..protocols import get as get_protocol
+from ..protocols.training import evaluate as plain_evaluate
+from .node import check_fresh, load_personal, partition, save_personal
+from .records import from_record, payload_bytes, to_record
+
+__all__ = ["ClientHandlers", "client_app", "frozen_fingerprint"]
+
+log = logging.getLogger(__name__)
+
+#: ``build_model(context) -> nn.Module``: the client's wrapped model, built the same way on every node
+BuildModel = Callable[[Context], nn.Module]
+#: ``load_data(context) -> (train_data, test_data)``; ``test_data`` may be ``None`` (no evaluation)
+LoadData = Callable[[Context], Tuple[Any, Any]]
+
+# keys of the message records, shared with the strategies
+ARRAYS, CONFIG, METRICS, INFO = "arrays", "config", "metrics", "info"
+ROUND, SEED, METHOD = "fedpeft.round", "fedpeft.seed", "fedpeft.method"
+
+
+def frozen_fingerprint(model: nn.Module) -> str:
+    """SHA-256 (hex) over the names, dtypes, shapes and bytes of ``model``'s frozen state (every state-dict entry that is
+    not a trainable parameter), in sorted key order: equal on two nodes iff their frozen backbones are equal."""
+    trainable = set(fed.trainable_keys(model))
+    h = hashlib.sha256()
+    for k, t in sorted(model.state_dict().items()):
+        if k in trainable:
+            continue
+        t = t.detach().to("cpu").contiguous()
+        h.update(f"{k}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+class ClientHandlers:
+    """The three handlers of :func:`client_app` for one protocol (use them to build a ClientApp of your own).
+
+    Args:
+        method: the protocol (``fedpeft.protocols``), e.g. ``SharedPersonal(["fedvpt"])``, or a method name
+            (``fedpeft.protocols.METHODS``, default options).
+        build_model: ``build_model(context) -> model``; must build the same model (same initial values) every call.
+        load_data: ``load_data(context) -> (train_data, test_data)`` for this node.
+        trainer: the local training callable (default: the protocol's default :class:`LocalTrainer`).
+        evaluate: ``evaluate(model, test_data) -> accuracy``; default ``trainer.evaluate`` if it has one, else
+            :func:`fedpeft.protocols.training.evaluate`.
+        threads: ``torch.set_num_threads`` for each call (``None``: leave torch's setting).
+        after_local_eval: also measure the accuracy right after local training on the test data (the reply's
+            ``accuracy`` metric), as the in-process engine does.
+    """
+
+    def __init__(
+        self,
+        method: Union[str, Protocol],
+        build_model: BuildModel,
+        load_data: LoadData,
+        *,
+        trainer: Optional[Callable] = None,
+        evaluate: Optional[Callable[[nn.Module, Any], float]] = None,
+        threads: Optional[int] = 1,
+        after_local_eval: bool = True,
+    ) -> None:
+        if not isinstance(method, (str, Protocol)):
+            raise TypeError(f"method must be a fedpeft.protocols.Protocol or a method name, got {type(method).__name__}")
+        method = get_protocol(method)
+        for name, fn in (("build_model", build_model), ("load_data", load_data)):
+            if not callable(fn):
+                raise TypeError(f"{name} must be callable (context) -> ..., got {type(fn).__name__}")
+        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+            raise ValueError(f"threads must be None or an int >= 1, got {threads!r}")
+        self.method, self.build_model, self.load_data = method, build_model, load_data
+        self.trainer = trainer
+        own = getattr(trainer, "evaluate", None)
+        self.evaluate_fn = evaluate or (own if callable(own) else plain_evaluate)
+        self.threads = threads
+        self.after_local_eval = bool(after_local_eval)
+
+    # ---- helpers --------------------------------------------------------------------------------------------------
+    def _setup(self, msg: Message, context: Context) -> Tuple[nn.Module, int, int, int]:
+        if self.threads is not None:
+            torch.set_num_threads(self.threads)
+        cfg = msg.content.config_records.get(CONFIG, ConfigRecord())
+        name = cfg.get(METHOD, self.method.name)
+        if name != self.method.name:
+            raise ValueError(f"this ClientApp runs {self.method.name!r}, the server asked for {name!r}")
+        pid, _ = partition(context)
+        model = self.build_model(context)
+        return model, pid, int(cfg.get(ROUND, 0)), int(cfg.get(SEED, 0))
+
+    def _shared(self, msg: Message, model: nn.Module) -> dict:
+        params = dict(model.named_parameters(remove_duplicate=False))
+        like = {k: params[k] for k in self.method.download_keys(model)}
+        record = msg.content.array_records.get(ARRAYS, ArrayRecord())
+        return from_record(record, like=like)
+
+    def _personal(self, context: Context, model: nn.Module) -> Tuple[Optional[dict], Optional[int]]:
+        return load_personal(context, self.method.name, like=self.method.initial_personal(model))
+
+    # ---- handlers -------------------------------------------------------------------------------------------------
+    def query(self, msg: Message, context: Context) -> Message:
+        """Registration: partition id, number of partitions, training examples, frozen-state fingerprint."""
+        pid, num = partition(context)
+        model = self.build_model(context)
+        train, _ = self.load_data(context)
+        metrics = MetricRecord({"partition-id": pid, "num-partitions": -1 if num is None else num,
+                                "num-examples": len(train)})
+        info = ConfigRecord({"method": self.method.name, "frozen-sha256": frozen_fingerprint(model)})
+        return Message(RecordDict({METRICS: metrics, INFO: info}), reply_to=msg)
+
+    def train(self, msg: Message, context: Context) -> Message:
+        """One round of local training (see the module docstring)."""
+        model, pid, round_, seed = self._setup(msg, context)
+        check_fresh(context, self.method.name, round_)
+        shared = self._shared(msg, model)
+        personal, _ = self._personal(context, model)
+        train, test = self.load_data(context)
+        result = self.method.client_update(model, shared=shared, personal=personal, data=train, round=round_,
+                                           client_id=pid, seed=seed, trainer=self.trainer,
+                                           eval_data=test if self.after_local_eval else None)
+        save_personal(context, self.method.name, result.personal, round_)  # only after the work succeeded
+        arrays = to_record(result.upload)
+        metrics = {k: float(v) for k, v in result.metrics.items() if k != "num_examples"}
+        metrics.update({"num-examples": int(result.num_examples), "partition-id": pid,
+                        "upload-bytes": payload_bytes(arrays)})
+        return Message(RecordDict({ARRAYS: arrays, METRICS: MetricRecord(metrics)}), reply_to=msg)
+
+    def evaluate(self, msg: Message, context: Context) -> Message:
+        """The deployed model's accuracy on the node's test data (nothing is written to ``context.state``)."""
+        model, pid, round_, seed = self._setup(msg, context)
+        shared = self._shared(msg, model)
+        personal, written = self._personal(context, model)
+        train, test = self.load_data(context)
+        if test is None:
+            raise ValueError(f"load_data() returned no test data for partition {pid}: nothing to evaluate")
+        self.method.deploy(model, shared=shared, personal=personal, data=train, round=round_, client_id=pid,
+                           seed=seed, trainer=self.trainer)
+        acc = float(self.evaluate_fn(model, test))
+        metrics = MetricRecord({"accuracy": acc, "num-examples": len(test), "partition-id": pid,
+                                "has-personal": int(personal is not None),
+                                "personal-round": -1 if written is None else int(written)})
+        return Message(RecordDict({METRICS: metrics}), reply_to=msg)
+
+
+def client_app(
+    method: Union[str, Protocol],
+    build_model: BuildModel,
+    load_data: LoadData,
+    *,
+    trainer: Optional[Callable] = None,
+    evaluate: Optional[Callable[[nn.Module, Any], float]] = None,
+    threads: Optional[int] = 1,
+    after_local_eval: bool = True,
+) -> ClientApp:
+    """A Flower ``ClientApp`` running ``method`` on every node (arguments: :class:`ClientHandlers`)."""
+    handlers = ClientHandlers(method, build_model, load_data, trainer=trainer, evaluate=evaluate, threads=threads,
+                              after_local_eval=after_local_eval)
+    app = ClientApp()
+    app.query()(handlers.query)
+    app.train()(handlers.train)
+    app.evaluate()(handlers.evaluate)
+    return app

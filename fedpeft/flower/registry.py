@@ -1,0 +1,139 @@
+"""Which node is which client: registration by ``partition-id``, refusing nodes that cannot take part.
+
+Node ids are random 64-bit integers; fedpeft identifies a client by ``node_config["partition-id"]`` only. Before its
+first round a strategy sends each unknown node a ``query`` message (``ClientHandlers.query``) and registers the reply
+unless
+
+- the node failed to answer (an error reply),
+- its partition id is not an int in ``[0, num_partitions)``,
+- it runs another method than the server,
+- its frozen parameters differ from the server's model (``frozen_fingerprint``: a different frozen backbone would
+  make its prompts or adapters meaningless to the others), or
+- its partition id is already taken by a registered node, or claimed by several new nodes at once (every claimant
+  is refused then: which one to keep would depend on arrival order).
+
+Refused nodes are logged with the reason and never asked again in this run.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from typing import Dict, List, Optional, Tuple
+
+from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+from flwr.serverapp import Grid
+
+from .client import INFO, METRICS
+
+__all__ = ["Registry", "discover_partitions"]
+
+log = logging.getLogger("fedpeft.flower")
+
+
+class Registry:
+    """node id ↔ partition id for one run, with the refused nodes and their reasons."""
+
+    def __init__(self, num_partitions: int, method: str, fingerprint: Optional[str]) -> None:
+        self.num_partitions, self.method, self.fingerprint = num_partitions, method, fingerprint
+        self.partition_of: Dict[int, int] = {}  # node id → partition id
+        self.node_of: Dict[int, int] = {}  # partition id → node id
+        self.num_examples: Dict[int, int] = {}  # partition id → training examples
+        self.refused: Dict[int, str] = {}  # node id → reason
+
+    def __len__(self) -> int:
+        return len(self.node_of)
+
+    def _refuse(self, node: int, reason: str) -> None:
+        self.refused[node] = reason
+        log.warning("refused node %d: %s", node, reason)
+
+    def _check(self, reply: Message) -> Tuple[Optional[int], Optional[str], int]:
+        """``(partition_id, reason_to_refuse, num_examples)`` of one query reply."""
+        if reply.has_error():
+            return None, f"registration failed on the node: {reply.error.reason}", 0
+        metrics = reply.content.metric_records.get(METRICS)
+        info = reply.content.config_records.get(INFO)
+        if metrics is None or info is None or "partition-id" not in metrics:
+            return None, "registration reply without partition-id (not a fedpeft ClientApp?)", 0
+        pid, n = metrics["partition-id"], metrics.get("num-examples", 0)
+        if isinstance(pid, float) and pid.is_integer():
+            pid = int(pid)
+        if isinstance(pid, bool) or not isinstance(pid, int) or not 0 <= pid < self.num_partitions:
+            return None, f"partition-id {pid!r} is outside [0, {self.num_partitions})", 0
+        if info.get("method") != self.method:
+            return pid, f"the node runs method {info.get('method')!r}, the server {self.method!r}", 0
+        if self.fingerprint is not None and info.get("frozen-sha256") != self.fingerprint:
+            return pid, "its frozen parameters (backbone) differ from the server's model", 0
+        return pid, None, int(n)
+
+    def add(self, replies: List[Message]) -> None:
+        """Register the nodes of ``replies`` (query replies) by the rules in the module docstring."""
+        checked = [(r.metadata.src_node_id, *self._check(r)) for r in replies]
+        claims = Counter(pid for _, pid, reason, _ in checked if reason is None)
+        for node, pid, reason, n in sorted(checked, key=lambda c: (c[1] is None, c[1] or 0, c[0])):
+            if reason is None and pid in self.node_of:
+                reason = f"partition-id {pid} is already registered by node {self.node_of[pid]}"
+            elif reason is None and claims[pid] > 1:
+                reason = f"partition-id {pid} is claimed by {claims[pid]} nodes at once; all of them are refused"
+            if reason is not None:
+                self._refuse(node, reason)
+                continue
+            self.partition_of[node], self.node_of[pid], self.num_examples[pid] = pid, node, n
+            log.info("registered node %d as partition %d (%d training examples)", node, pid, n)
+
+    def register(self, grid: Grid, *, min_nodes: int, timeout: float, poll: float = 1.0) -> None:
+        """Query every new node until ``min_nodes`` nodes have answered (registered or refused) or ``timeout``
+        seconds have passed.
+
+        Raises:
+            RuntimeError: no node at all could be registered within ``timeout``.
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            new = [n for n in grid.get_node_ids() if n not in self.partition_of and n not in self.refused]
+            if new:
+                msgs = [Message(RecordDict({"config": ConfigRecord({"fedpeft.method": self.method})}), n,
+                                MessageType.QUERY, group_id="register") for n in new]
+                replies = list(grid.send_and_receive(msgs, timeout=max(1.0, deadline - time.monotonic())))
+                answered = {r.metadata.src_node_id for r in replies}
+                self.add(replies)
+                for n in set(new) - answered:
+                    log.warning("node %d did not answer the registration query in time; will ask again", n)
+            if len(self) + len(self.refused) >= min_nodes or time.monotonic() >= deadline:
+                break  # every expected node has answered (registered or refused), or time is up
+            time.sleep(poll)
+        if not len(self):
+            raise RuntimeError(
+                f"no node could be registered within {timeout:.0f}s (refused: {self.refused or 'none'})"
+            )
+        if len(self) < min_nodes:
+            log.warning("only %d of %d partitions registered after %.0fs; continuing with %s",
+                        len(self), min_nodes, timeout, sorted(self.node_of))
+
+
+def discover_partitions(grid: Grid, *, timeout: float, poll: float = 1.0) -> int:
+    """``num-partitions`` as the connected nodes report it (``node_config``), for a server not told C.
+
+    Waits until at least one node is connected and answers a query.
+
+    Raises:
+        RuntimeError: no node answered within ``timeout``, or the nodes disagree.
+    """
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        nodes = list(grid.get_node_ids())
+        if nodes:
+            msgs = [Message(RecordDict({"config": ConfigRecord()}), n, MessageType.QUERY, group_id="discover")
+                    for n in nodes]
+            replies = grid.send_and_receive(msgs, timeout=max(1.0, deadline - time.monotonic()))
+            seen = {int(r.content[METRICS]["num-partitions"]) for r in replies
+                    if r.has_content() and METRICS in r.content.metric_records}
+            seen.discard(-1)
+            if len(seen) > 1:
+                raise RuntimeError(f"the nodes disagree on num-partitions: {sorted(seen)}")
+            if seen:
+                return seen.pop()
+        time.sleep(poll)
+    raise RuntimeError(f"no node reported num-partitions within {timeout:.0f}s; pass num_partitions=")

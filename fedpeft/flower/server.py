@@ -1,0 +1,146 @@
+"""The server side: a Flower ``ServerApp`` that runs one fedpeft method and writes the per-client report.
+
+    app = server_app("FedVPT", build_model, num_partitions=3, num_rounds=5, report="results/flower.json")
+
+``main(grid, context)`` builds the model with ``build_model(context)`` under ``torch.manual_seed(seed)`` (so the
+server's initial shared state, and pFedPG's generator, are what the in-process engine starts from), picks
+:class:`~fedpeft.flower.PFedPGStrategy` for pFedPG and :class:`~fedpeft.flower.PersonalizedFedAvg` otherwise, runs it,
+and writes the report (:func:`method_report`): per-client accuracies after the last round, the per-round mean and
+per-client curves, parameter counts, and every round's accepted/rejected clients with reasons.
+
+``run_config`` (``[tool.flwr.app.config]`` of the app, or ``flwr run --run-config``) overrides the arguments:
+``num-server-rounds``, ``num-partitions``, ``fraction-train``, ``fraction-evaluate``, ``seed``, ``round-timeout``,
+``registration-timeout``, ``report-path``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable, Dict, Optional, Union
+
+import torch
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+from torch import nn
+
+from .. import fed
+from ..protocols import PFedPG, Protocol
+from ..protocols import get as get_protocol
+from .registry import discover_partitions
+from .strategy import PersonalizedFedAvg, PFedPGStrategy, ProtocolStrategy
+
+__all__ = ["method_report", "server_app", "write_report"]
+
+log = logging.getLogger("fedpeft.flower")
+
+
+def method_report(strategy: ProtocolStrategy, model: nn.Module, wall_s: float) -> Dict[str, Any]:
+    """The benchmark's per-method record (``name``, ``accuracy`` per client after the last round, ``curve``,
+    ``curve_clients``, ``trainable``, ``communicated``, ``server``, ``wall_s``, ``personal_keys``) plus ``rounds``
+    (:meth:`ProtocolStrategy.round_report` of every round) and ``engine``. A client missing from an evaluation is
+    ``null`` in it."""
+    import flwr
+
+    method: Protocol = strategy.method
+    curve_clients = []
+    for r in strategy.history:
+        acc = r.get("evaluation", {}).get("accuracy", {})
+        curve_clients.append([acc.get(p) for p in range(strategy.num_partitions)])
+    curve = [r.get("evaluation", {}).get("mean", float("nan")) for r in strategy.history]
+    trainable = fed.num_params(fed.trainable_state(model))
+    upload = {k: v for k, v in fed.trainable_state(model).items() if k in set(method.upload_keys(model))}
+    server_params = sum(p.numel() for p in strategy.generator.parameters()) if isinstance(strategy, PFedPGStrategy) \
+        else 0
+    return {
+        "name": method.name,
+        "accuracy": curve_clients[-1] if curve_clients else [],
+        "curve": curve,
+        "curve_clients": curve_clients,
+        "trainable": trainable,
+        "communicated": fed.num_params(upload),
+        "communicated_bytes": fed.num_bytes(upload),
+        "server": server_params,
+        "wall_s": wall_s,
+        "personal_keys": list(method.personal_keys(model)),
+        "rounds": strategy.history,
+        "engine": {"name": "flower", "flwr": flwr.__version__},
+    }
+
+
+def write_report(path: Union[str, Path], report: Dict[str, Any]) -> Path:
+    """Write ``report`` as JSON to ``path`` atomically (a temporary file in the same folder, then a rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(report, f, indent=2, default=str)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def server_app(
+    method: Any,
+    build_model: Callable[[Context], nn.Module],
+    *,
+    num_partitions: Optional[int] = None,
+    num_rounds: int = 3,
+    fraction_train: float = 1.0,
+    fraction_evaluate: float = 1.0,
+    seed: int = 0,
+    round_timeout: float = 3600.0,
+    registration_timeout: float = 600.0,
+    report: Optional[Union[str, Path]] = None,
+    on_report: Optional[Callable[[Dict[str, Any]], None]] = None,
+    **strategy_options: Any,
+) -> ServerApp:
+    """A ``ServerApp`` running ``method`` (see the module docstring).
+
+    Args:
+        method: a protocol or a method name (``fedpeft.protocols.METHODS``).
+        build_model: ``build_model(context) -> model``, the same builder as the clients'.
+        num_partitions: C (or ``num-partitions`` in the run config; neither: as the nodes' ``node_config`` says).
+        report: path of the JSON report (or ``report-path`` in the run config); ``None`` writes none.
+        on_report: called with the report dict when the run ends (e.g. to collect it in-process).
+        strategy_options: passed to the strategy (e.g. ``min_nodes``, ``check_frozen``, ``generator_seed``).
+    """
+    protocol = get_protocol(method)
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        cfg = context.run_config
+        parts = int(cfg.get("num-partitions", num_partitions or 0))
+        reg_timeout = float(cfg.get("registration-timeout", registration_timeout))
+        if parts < 1:  # not given: as the nodes' node_config says (the simulation sets it)
+            parts = discover_partitions(grid, timeout=reg_timeout)
+        run_seed = int(cfg.get("seed", seed))
+        t0 = time.perf_counter()
+        torch.manual_seed(run_seed)
+        model = build_model(context)
+        cls = PFedPGStrategy if isinstance(protocol, PFedPG) else PersonalizedFedAvg
+        strategy = cls(protocol, model, num_partitions=parts, seed=run_seed,
+                       fraction_train=float(cfg.get("fraction-train", fraction_train)),
+                       fraction_evaluate=float(cfg.get("fraction-evaluate", fraction_evaluate)),
+                       registration_timeout=reg_timeout,
+                       **strategy_options)
+        strategy.start(grid, num_rounds=int(cfg.get("num-server-rounds", num_rounds)),
+                       timeout=float(cfg.get("round-timeout", round_timeout)))
+        result = method_report(strategy, model, time.perf_counter() - t0)
+        path = cfg.get("report-path", None if report is None else str(report))
+        if path:
+            write_report(path, result)
+            log.info("wrote %s", path)
+        if on_report is not None:
+            on_report(result)
+
+    return app
