@@ -65,6 +65,7 @@ class BackboneConfig:
     pretrain_epochs: int = 60
     pretrain_lr: float = 3e-3
     pretrain_batch_size: int = 32
+    pretrain_augment: str = "clean"  # "clean" (light affine) or "broad" (+ inversion, rotation, noise, blur, colour)
 
     @property
     def is_custom(self) -> bool:
@@ -104,8 +105,10 @@ class RunConfig:
     """Everything one run needs; ``asdict`` goes into the JSON."""
 
     methods: Tuple[str, ...] = METHODS
-    seed: int = 0
-    threads: Optional[int] = None
+    seeds: Tuple[int, ...] = (0, 1, 2)  # independent repetitions: new split, pre-training, heads, batch order
+    threads: int = 1  # torch intra-op threads per process
+    workers: int = 1  # parallel processes, each running one (seed, method) at a time
+    last_rounds: int = 5  # the reported accuracy is the mean over the last rounds (noise of ~50 test images)
     out: str = "results"
     cache: str = ""
     smoke: bool = False

@@ -1,80 +1,215 @@
-"""The outputs: the table (printed like pFedPG Tables 1–2 / FedPerfix Table 2), CSV, JSON and a PNG plot.
+"""The outputs of a multi-seed run: the table, the paired verdicts, CSV, JSON and a PNG plot.
 
-Accuracies are per-client top-1 on each client's own test split, in [0, 1] in the files and in % in the printed
-table; "Avg." is the mean over clients ± the population standard deviation across clients (FedPerfix's convention).
-Parameter counts are per client: trainable (what a client optimizes), communicated per round (what it uploads; the
-download is the same size for every method here except pFedPG, whose server sends P_n, also K·D).
+Numbers, per method and evaluation protocol (``deployed``: the latest shared state with the client's own personal
+state, pFedPG's generated prompts; ``local``: the client's model right after its local training of that round):
+
+- a client's accuracy in one seed is the mean of its top-1 test accuracy over the **last ``L`` rounds** (``L`` = 5 by
+  default, fewer if the run is shorter): with ~50 test images per client, one round alone moves by 2–3 points;
+- a seed's value is the mean over clients of those; the table shows the mean over seeds ± the half-width of the 95 %
+  t-interval over seeds (:mod:`.stats`), and each client's column the mean over seeds;
+- the paired verdicts compare two methods seed by seed (same split, backbone and batches).
+
+Parameter counts are per client: trainable (what a client optimizes), communicated per round (what it uploads).
+Time is the mean wall time of one seed's run of the method; GFLOP its counted matmul work (:mod:`.flops`), and
+"of matmul" the achieved FLOP rate as a share of a plain ``torch.matmul``'s on one thread of the same machine.
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import math
+import statistics
 from pathlib import Path
-from typing import Any, Dict, List, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from .runner import MethodResult
+from .stats import Interval, Paired, comparisons, paired, t_interval
 
-__all__ = ["format_table", "plot_curves", "write_csv", "write_json"]
+__all__ = ["PROTOCOLS", "Summary", "format_table", "format_verdicts", "plot_curves", "summary_json", "write_csv",
+           "write_json"]
+
+#: record key → column title
+PROTOCOLS: Dict[str, str] = {"deployed": "Deployed", "local": "After local training"}
+
+Records = Dict[Tuple[int, str], Dict[str, Any]]
+
+
+def _last_mean(curve: Sequence[Sequence[float]], last: int) -> List[float]:
+    """Per client, the mean of its accuracy over the last ``last`` rounds of ``curve`` (rounds × clients)."""
+    tail = curve[-last:]
+    return [statistics.fmean(r[c] for r in tail) for c in range(len(tail[0]))]
+
+
+class Summary:
+    """Everything the table, the verdicts and the files need, computed once from the per-(seed, method) records."""
+
+    def __init__(self, records: Records, seeds: Sequence[int], methods: Sequence[str], last_rounds: int) -> None:
+        self.records, self.seeds, self.methods = records, list(seeds), list(methods)
+        first = records[(self.seeds[0], self.methods[0])]
+        self.rounds = len(first["deployed"])
+        self.last = max(1, min(last_rounds, self.rounds))
+        self.protocols = [p for p in PROTOCOLS if all(records[k].get(p) for k in records)]
+        # per protocol, method: per seed (per-client last-L means)
+        self.clients: Dict[str, Dict[str, List[List[float]]]] = {
+            p: {m: [_last_mean(records[(s, m)][p], self.last) for s in self.seeds] for m in self.methods}
+            for p in self.protocols
+        }
+        self.per_seed: Dict[str, Dict[str, List[float]]] = {
+            p: {m: [statistics.fmean(c) for c in self.clients[p][m]] for m in self.methods} for p in self.protocols
+        }
+        self.interval: Dict[str, Dict[str, Interval]] = {
+            p: {m: t_interval(self.per_seed[p][m]) for m in self.methods} for p in self.protocols
+        }
+        self.pairs: Dict[str, List[Paired]] = {
+            p: [paired(a, b, claim, self.per_seed[p]) for a, b, claim in comparisons(self.methods)]
+            for p in self.protocols
+        }
+
+    def client_means(self, protocol: str, method: str) -> List[float]:
+        per_seed = self.clients[protocol][method]
+        return [statistics.fmean(col) for col in zip(*per_seed)]
+
+    def curve(self, protocol: str, method: str) -> List[Interval]:
+        """Per round: mean over clients, then mean ± 95 % interval over seeds."""
+        per_seed = [[statistics.fmean(r) for r in self.records[(s, method)][protocol]] for s in self.seeds]
+        return [t_interval(col) for col in zip(*per_seed)]
+
+    def cost(self, method: str) -> Dict[str, float]:
+        recs = [self.records[(s, method)] for s in self.seeds]
+        wall = statistics.fmean(r["wall_s"] for r in recs)
+        flops = statistics.fmean(r["flops"]["total"] for r in recs)
+        return {"wall_s": wall, "gflop": flops / 1e9, "gflops_per_s": flops / 1e9 / wall if wall else float("nan"),
+                "trainable": recs[0]["trainable"], "communicated": recs[0]["communicated"],
+                "server": recs[0]["server"]}
+
+
+def _pct(iv: Interval) -> str:
+    if math.isnan(iv.half):
+        return f"{100 * iv.mean:.1f}"
+    return f"{100 * iv.mean:.1f} ± {100 * iv.half:.1f}"
 
 
 def _count(n: int, ref: int) -> str:
     if n == 0:
         return "0"
-    pct = 100.0 * n / ref if ref else 0.0
-    return f"{n:,} ({pct:.3g}%)"
+    return f"{n:,} ({100.0 * n / ref:.3g}%)" if ref else f"{n:,}"
 
 
-def format_table(results: Sequence[MethodResult], clients: Sequence[str], backbone_params: int) -> str:
-    """A fixed-width text table: per-client accuracy (%), Avg. ± std, trainable, comm./round, wall time."""
-    show_clients = len(clients) <= 10
-    head = ["Method"] + (list(clients) if show_clients else []) + ["Avg. ± std", "Trainable", "Comm./round", "Time"]
+def format_table(s: Summary, clients: Sequence[str], backbone_params: int, matmul_gflops: float) -> str:
+    """A fixed-width table: per-client mean (first protocol), mean ± 95 % CI per protocol, costs."""
+    show = len(clients) <= 10
+    first = s.protocols[0]
+    head = ["Method"] + (list(clients) if show else []) + [PROTOCOLS[p] for p in s.protocols]
+    head += ["Trainable", "Comm./round", "Time/seed", "GFLOP", "of matmul"]
     rows = []
-    for r in results:
-        cells = [r.name] + ([f"{100 * a:.2f}" for a in r.accuracy] if show_clients else [])
-        trainable = _count(r.trainable, backbone_params) + (f" +{r.server:,} server" if r.server else "")
-        cells += [f"{100 * r.mean:.2f} ± {100 * r.std:.2f}", trainable, _count(r.communicated, backbone_params),
-                  f"{r.wall_s:.0f}s"]
+    for m in s.methods:
+        c = s.cost(m)
+        cells = [m] + ([f"{100 * a:.1f}" for a in s.client_means(first, m)] if show else [])
+        cells += [_pct(s.interval[p][m]) for p in s.protocols]
+        trainable = _count(c["trainable"], backbone_params) + (f" +{c['server']:,} server" if c["server"] else "")
+        share = c["gflops_per_s"] / matmul_gflops if matmul_gflops else float("nan")
+        cells += [trainable, _count(c["communicated"], backbone_params), f"{c['wall_s']:.0f}s", f"{c['gflop']:.1f}",
+                  f"{100 * share:.1f}%"]
         rows.append(cells)
     widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
     fmt = "  ".join(f"{{:<{w}}}" if i == 0 else f"{{:>{w}}}" for i, w in enumerate(widths))
-    lines = [fmt.format(*head), "  ".join("-" * w for w in widths)]
-    lines += [fmt.format(*row) for row in rows]
-    lines.append(f"(parameter % relative to the {backbone_params:,}-parameter backbone with its head)")
+    lines = [fmt.format(*head), "  ".join("-" * w for w in widths)] + [fmt.format(*r) for r in rows]
+    lines.append(
+        f"accuracy %: mean of the last {s.last} rounds, mean over clients, mean ± 95% t-interval over "
+        f"{len(s.seeds)} seeds {s.seeds}; client columns: {PROTOCOLS[first].lower()}, mean over seeds. "
+        f"Parameters: % of the {backbone_params:,}-parameter backbone with head; "
+        f"'of matmul': achieved GFLOP/s / {matmul_gflops:.1f} (plain matmul, 1 thread)"
+    )
     return "\n".join(lines)
 
 
-def write_csv(path: Path, results: Sequence[MethodResult], clients: Sequence[str]) -> None:
-    """One row per method: mean, std, per-client accuracies in [0, 1], parameter counts, wall seconds."""
+def format_verdicts(s: Summary) -> str:
+    """One line per paired comparison and protocol: difference (points) ± 95 % CI and the verdict."""
+    lines = ["paired comparisons over seeds (A − B, accuracy points, 95% t-interval):"]
+    width = max((len(f"{q.a} > {q.b}") for p in s.protocols for q in s.pairs[p]), default=0)
+    for p in s.protocols:
+        lines.append(f"  {PROTOCOLS[p]}:")
+        for q in s.pairs[p]:
+            diff = _pct(q.diff)
+            lines.append(f"    {q.a + ' > ' + q.b:<{width}}  {diff:>14}  {q.verdict:<28}  ({q.claim})")
+    if len(lines) == 1:
+        lines.append("  none (the compared methods were not all run)")
+    return "\n".join(lines)
+
+
+def write_csv(path: Path, s: Summary, clients: Sequence[str]) -> None:
+    """One row per (method, protocol, seed) and one per (method, protocol) aggregate (seed = "mean"/"ci95")."""
     with path.open("w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["method", "mean", "std", *[f"acc_{c}" for c in clients],
-                    "trainable_params", "communicated_params_per_round", "server_params", "wall_s"])
-        for r in results:
-            w.writerow([r.name, f"{r.mean:.6f}", f"{r.std:.6f}", *[f"{a:.6f}" for a in r.accuracy],
-                        r.trainable, r.communicated, r.server, f"{r.wall_s:.2f}"])
+        w.writerow(["method", "protocol", "seed", "mean", *[f"acc_{c}" for c in clients], "trainable_params",
+                    "communicated_params_per_round", "server_params", "wall_s", "gflop"])
+        for m in s.methods:
+            for p in s.protocols:
+                for i, seed in enumerate(s.seeds):
+                    r = s.records[(seed, m)]
+                    w.writerow([m, p, seed, f"{s.per_seed[p][m][i]:.6f}", *[f"{a:.6f}" for a in s.clients[p][m][i]],
+                                r["trainable"], r["communicated"], r["server"], f"{r['wall_s']:.2f}",
+                                f"{r['flops']['total'] / 1e9:.3f}"])
+                iv, c = s.interval[p][m], s.cost(m)
+                w.writerow([m, p, "mean", f"{iv.mean:.6f}", *[f"{a:.6f}" for a in s.client_means(p, m)],
+                            c["trainable"], c["communicated"], c["server"], f"{c['wall_s']:.2f}", f"{c['gflop']:.3f}"])
+                w.writerow([m, p, "ci95", f"{iv.half:.6f}", *([""] * len(clients)), "", "", "", "", ""])
+
+
+def summary_json(s: Summary) -> Dict[str, Any]:
+    """The aggregate part of the JSON: per method and protocol, the interval and per-seed values; the verdicts."""
+    methods = []
+    for m in s.methods:
+        entry: Dict[str, Any] = {"name": m, **s.cost(m)}
+        for p in s.protocols:
+            iv = s.interval[p][m]
+            entry[p] = {"mean": iv.mean, "ci95": iv.half, "per_seed": s.per_seed[p][m],
+                        "per_client": s.client_means(p, m), "per_seed_per_client": s.clients[p][m],
+                        "curve_mean": [c.mean for c in s.curve(p, m)], "curve_ci95": [c.half for c in s.curve(p, m)]}
+        methods.append(entry)
+    verdicts = [{"protocol": p, "a": q.a, "b": q.b, "claim": q.claim, "diff": q.diff.mean, "ci95": q.diff.half,
+                 "per_seed": list(q.per_seed), "verdict": q.verdict} for p in s.protocols for q in s.pairs[p]]
+    return {"last_rounds": s.last, "seeds": s.seeds, "methods": methods, "verdicts": verdicts}
 
 
 def write_json(path: Path, payload: Dict[str, Any]) -> None:
     path.write_text(json.dumps(payload, indent=2, default=str) + "\n")
 
 
-def plot_curves(path: Path, results: Sequence[MethodResult], title: str) -> None:
-    """Mean client accuracy after each round, one line per method (matplotlib, Agg backend)."""
+_STYLES = ["-", "--", "-.", ":"]
+_MARKERS = ["o", "s", "^", "v", "D", "P", "X", "*", "h", "<", ">"]
+
+
+def plot_curves(path: Path, s: Summary, title: str, protocols: Optional[Sequence[str]] = None) -> None:
+    """Mean client accuracy after each round, mean over seeds with its 95 % band; one panel per protocol."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
-    for r in results:
-        rounds: List[int] = list(range(1, len(r.curve) + 1))
-        ax.plot(rounds, [100 * a for a in r.curve], marker="o", markersize=3, label=r.name)
-    ax.set_xlabel("round")
-    ax.set_ylabel("mean client test accuracy (%)")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
+    protocols = list(protocols or s.protocols)
+    fig, axes = plt.subplots(1, len(protocols), figsize=(5.2 * len(protocols) + 2.2, 4.6), dpi=120, sharey=True,
+                             squeeze=False)
+    rounds = list(range(1, s.rounds + 1))
+    cmap = plt.get_cmap("tab10" if len(s.methods) <= 10 else "tab20")
+    for ax, p in zip(axes[0], protocols):
+        for i, m in enumerate(s.methods):
+            curve = s.curve(p, m)
+            mean = [100 * c.mean for c in curve]
+            ax.plot(rounds, mean, color=cmap(i), linestyle=_STYLES[i % len(_STYLES)],
+                    marker=_MARKERS[i % len(_MARKERS)], markersize=4, markevery=max(1, s.rounds // 10), label=m)
+            if len(s.seeds) > 1:
+                ax.fill_between(rounds, [100 * c.low for c in curve], [100 * c.high for c in curve],
+                                color=cmap(i), alpha=0.12, linewidth=0)
+        ax.set_title(PROTOCOLS[p])
+        ax.set_xlabel("round")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel(f"mean client test accuracy (%), {len(s.seeds)} seeds, 95% band")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8, frameon=False)
+    fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    fig.savefig(path)
+    fig.savefig(path, bbox_inches="tight")
     plt.close(fig)

@@ -1,0 +1,111 @@
+"""The units of work of a run: prepare a seed (data + backbone), then run one method on one seed.
+
+Both are plain functions of ``(RunConfig, seed[, method])`` with everything seeded inside, so their results do not
+depend on which process runs them, in which order, or alongside what (``parallel`` relies on that). A process keeps
+the data and backbone of the seeds it has seen (``_SEEDS``), so several methods of one seed share the preparation.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Callable, Dict, Optional, Tuple
+
+import torch
+
+from .backbone import Backbone, build_backbone
+from .config import RunConfig
+from .data import FederatedData, digits_federated
+from .flops import training_flops
+from .folders import folder_federated
+from .methods import Context
+from .runner import run_methods
+
+__all__ = ["configure_process", "prepare_seed", "run_job"]
+
+#: seed → (data, backbone) already built in this process
+_SEEDS: Dict[int, Tuple[FederatedData, Backbone]] = {}
+
+#: (seed, method, round, mean accuracy) → None; progress reporting, set by the caller
+Report = Callable[[int, str, int, float], None]
+
+
+def configure_process(threads: int) -> None:
+    """One process's torch settings: ``threads`` intra-op threads, deterministic algorithms where torch has them."""
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+def _quiet(iterable=None, **_: Any):
+    """A stand-in for tqdm that shows nothing (workers report progress to the main process instead)."""
+    return iterable
+
+
+def prepare_seed(cfg: RunConfig, seed: int, progress: Optional[Callable] = None) -> Tuple[FederatedData, Backbone]:
+    """The clients' data and the backbone of ``seed`` (pre-trained and cached on first use)."""
+    if seed in _SEEDS:
+        return _SEEDS[seed]
+    progress = progress or _quiet
+    cache = Path(cfg.cache)
+    if cfg.backbone.is_custom:
+        backbone = build_backbone(cfg.backbone, None, 0, cache, seed, progress)
+        size = backbone.preprocess.size
+        data = folder_federated(cfg.data, seed, size) if cfg.data.data else digits_federated(cfg.data, seed, size)
+        backbone.num_classes = data.num_classes
+    else:
+        data = digits_federated(cfg.data, seed, cfg.backbone.img_size)
+        backbone = build_backbone(cfg.backbone, data.public, data.num_classes, cache, seed, progress)
+    _SEEDS[seed] = (data, backbone)
+    return data, backbone
+
+
+def prepare_info(cfg: RunConfig, seed: int) -> Dict[str, Any]:
+    """``prepare_seed`` for a worker: builds and caches, returns only what the report needs (picklable, small)."""
+    data, backbone = prepare_seed(cfg, seed)
+    return {"seed": seed, "backbone": backbone.info, "data": data.description, "clients": [c.name for c in data.clients],
+            "backbone_params": sum(p.numel() for p in backbone.make().parameters())}
+
+
+class _Bar:
+    """A tqdm-like bar that forwards each round's mean accuracy to ``report``."""
+
+    def __init__(self, seed: int, report: Report) -> None:
+        self.seed, self.report, self.name, self.round = seed, report, "", 0
+
+    def __enter__(self) -> _Bar:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        return None
+
+    def set_description(self, text: str) -> None:
+        self.name, self.round = text.strip(), 0
+
+    def set_postfix(self, acc: str = "0", **_: Any) -> None:
+        self.acc = float(acc)
+
+    def update(self, n: int = 1) -> None:
+        self.round += n
+        self.report(self.seed, self.name, self.round, getattr(self, "acc", float("nan")))
+
+
+def run_job(cfg: RunConfig, seed: int, method: str, report: Optional[Report] = None) -> Dict[str, Any]:
+    """Run ``method`` on ``seed`` for ``cfg.budget.rounds`` rounds; a JSON-ready record of that one run."""
+    data, backbone = prepare_seed(cfg, seed)
+    ctx = Context(backbone, data.clients, cfg.budget, seed)
+    t0 = time.perf_counter()
+    bar = _Bar(seed, report or (lambda *a: None))
+    (result,) = run_methods([method], ctx, cfg.budget.rounds, lambda **_: bar)
+    wall = time.perf_counter() - t0
+    flops = training_flops(method, ctx)
+    return {
+        "seed": seed,
+        "method": method,
+        "deployed": result.curve_clients,  # per round, per client
+        "trainable": result.trainable,
+        "communicated": result.communicated,
+        "server": result.server,
+        "personal_keys": list(result.personal_keys),
+        "wall_s": wall,
+        "flops": flops,
+    }
