@@ -8,9 +8,10 @@ Map of the public API:
 - ``LowRankPrompt``, ``knowledge_guided_loss``, ``fedpgp_forward``: FedPGP's global + low-rank prompts and loss.
 - ``save_adapter`` / ``load_adapter``: adapter-only safetensors + JSON files.
 - ``fed``: pure server-side functions (aggregation, personal keys, ΔP as a gradient, accounting, interop).
+- ``protocols``: every method's federated protocol (client step, server step, what is uploaded), engine-agnostic.
 """
 
-from . import fed
+from . import fed, protocols
 from ._version import __version__
 from .adapter_io import load_adapter, save_adapter
 from .fedpgp import FedPGPOutput, fedpgp_forward
@@ -33,5 +34,6 @@ __all__ = [
     "fedpgp_forward",
     "knowledge_guided_loss",
     "load_adapter",
+    "protocols",
     "save_adapter",
 ]

@@ -34,6 +34,7 @@ __all__ = [
     "forward_head",
     "num_prefix_tokens",
     "patch_area",
+    "patch_size",
     "pre_norm",
     "uses_grad_checkpointing",
 ]
@@ -120,11 +121,17 @@ def embed_dim(vit: VisionTransformer) -> int:
     return int(vit.embed_dim)
 
 
-def patch_area(vit: VisionTransformer) -> int:
-    """p² for VPT's init (``p_h·p_w`` for non-square patches)."""
+def patch_size(vit: VisionTransformer) -> Tuple[int, int]:
+    """``(p_h, p_w)``, the patch size of the ViT's patch embedding."""
     ps = vit.patch_embed.patch_size
     ph, pw = (ps, ps) if isinstance(ps, int) else tuple(ps)
-    return int(ph) * int(pw)
+    return int(ph), int(pw)
+
+
+def patch_area(vit: VisionTransformer) -> int:
+    """p² for VPT's init (``p_h·p_w`` for non-square patches)."""
+    ph, pw = patch_size(vit)
+    return ph * pw
 
 
 def classifier_modules(vit: VisionTransformer) -> List[nn.Module]:

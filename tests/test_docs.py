@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-DOCS = ["README.md", "docs/index.md", "docs/concepts.md", "docs/prompts.md", "docs/prefix.md", "docs/fed.md", "docs/federated.md"]
+DOCS = ["README.md", "docs/index.md", "docs/concepts.md", "docs/prompts.md", "docs/prefix.md", "docs/fed.md", "docs/federated.md",
+        "docs/protocols.md"]
 
 
 def _blocks(path: Path) -> list[str]:

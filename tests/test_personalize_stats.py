@@ -14,7 +14,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
-from _personalize.stats import comparisons, paired, t_interval, t_quantile  # noqa: E402
+from _personalize.stats import comparisons, paired, t_interval, t_quantile
 
 TABLE = {1: 12.7062, 2: 4.3027, 4: 2.7764}
 
@@ -55,6 +55,9 @@ def test_paired_verdicts():
     assert paired("A", "B", "", mixed).verdict == "not resolved at this budget"
     one = {"A": [0.9], "B": [0.1]}
     assert paired("A", "B", "", one).verdict == "not resolved at this budget"  # one seed decides nothing
+    two = {"A": [0.8, 0.9], "B": [0.7, 0.8]}  # equal differences: a zero-width interval from two seeds
+    q = paired("A", "B", "", two)
+    assert q.diff.half == pytest.approx(0.0) and q.verdict == "not resolved at this budget"
     with pytest.raises(ValueError, match="same seeds"):
         paired("A", "B", "", {"A": [0.1, 0.2], "B": [0.1]})
 

@@ -7,10 +7,9 @@ One concept per module:
 - ``data``     the embedded data: scikit-learn's digits, the public/client split, domain and Dirichlet splits
 - ``folders``  real data: one ImageFolder per client (``--data PATH``)
 - ``backbone`` the frozen ViT: a small timm ViT pre-trained on the public split (cached), or a real timm model
-- ``train``    local training and evaluation loops, the optimizer rule every method shares
-- ``methods``  Local, FedAvg, FedVPT(-deep), FedPerfix, vanilla attention, FedPGP: shared/personal state dicts
-- ``pfedpg``   pFedPG: the server-side prompt generator and its ΔP update
-- ``runner``   rounds × methods with a progress bar
+- ``train``    the budget's local trainer (``fedpeft.protocols.LocalTrainer``), the optimizer rule every method shares
+- ``methods``  each method's client model and its library protocol (``fedpeft.protocols``): no protocol lives here
+- ``runner``   rounds × methods with the in-process engine (``fedpeft.protocols.Federation``) and a progress bar
 - ``report``   the table, CSV, JSON and the accuracy-by-round plot
 - ``cli``      the command line (``main(argv)``)
 

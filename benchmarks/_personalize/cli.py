@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
 from .checks import check_data_folder, check_model, check_out, check_split
-from .config import METHODS, BackboneConfig, Budget, DataConfig, RunConfig, smoke
+from .config import ALL_METHODS, BackboneConfig, Budget, DataConfig, RunConfig, smoke
 
 __all__ = ["main", "parse_args"]
 
@@ -28,10 +28,10 @@ SMOKE_SEEDS = (0, 1)
 
 def _methods(text: str) -> List[str]:
     names = [m.strip() for m in text.split(",") if m.strip()]
-    lower = {m.lower(): m for m in METHODS}
+    lower = {m.lower(): m for m in ALL_METHODS}
     bad = [m for m in names if m.lower() not in lower]
     if bad:
-        raise argparse.ArgumentTypeError(f"unknown method(s) {bad}; choose from {', '.join(METHODS)}")
+        raise argparse.ArgumentTypeError(f"unknown method(s) {bad}; choose from {', '.join(ALL_METHODS)}")
     if not names:
         raise argparse.ArgumentTypeError("no method given")
     out = [lower[m.lower()] for m in names]
@@ -70,6 +70,16 @@ def _alpha(text: str) -> float:
     return v
 
 
+def _fraction(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}") from None
+    if not 0.0 < v <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text}")
+    return v
+
+
 def build_parser() -> argparse.ArgumentParser:
     b = Budget()
     p = argparse.ArgumentParser(
@@ -79,13 +89,15 @@ def build_parser() -> argparse.ArgumentParser:
         "verdicts. See docs/benchmark.md.",
     )
     add = p.add_argument
-    add("--methods", type=_methods, default=list(METHODS), metavar="A,B,...",
-        help=f"comma-separated subset of: {', '.join(METHODS)} (default: all)")
+    add("--methods", type=_methods, default=list(ALL_METHODS), metavar="A,B,...",
+        help=f"comma-separated subset of: {', '.join(ALL_METHODS)} (default: all)")
     add("--seeds", type=_seeds, default=None, metavar="S,S,...",
         help="seeds; each is a new split, backbone pre-training, heads and batch order (default: 0,1,2; --smoke: 0,1)")
     add("--rounds", type=_positive, default=b.rounds, metavar="N", help=f"communication rounds (default: {b.rounds})")
     add("--local-epochs", type=_positive, default=b.local_epochs, metavar="N",
         help=f"local epochs per round (default: {b.local_epochs})")
+    add("--fraction", type=_fraction, default=b.fraction, metavar="F",
+        help="share of clients per round, in (0, 1]: a seeded sample, at least one client (default: 1)")
     add("--last-rounds", type=_positive, default=5, metavar="N",
         help="report each client's mean accuracy over the last N rounds (default: 5)")
     add("--split", choices=["domain", "dirichlet"], default=None,
@@ -171,7 +183,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> RunConfig:
         last_rounds=a.last_rounds,
         out=str(out),
         cache=a.cache,
-        budget=replace(b, rounds=a.rounds, local_epochs=a.local_epochs),
+        budget=replace(b, rounds=a.rounds, local_epochs=a.local_epochs, fraction=a.fraction),
         backbone=backbone,
         data=replace(d, split=split, clients=a.clients, alpha=a.alpha if a.alpha is not None else d.alpha,
                      data=a.data),

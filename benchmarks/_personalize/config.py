@@ -21,6 +21,9 @@ METHODS: Tuple[str, ...] = (
     "FedPGP",
     "VanillaAttention",
 )
+#: the papers' further baselines (pFedPG's SingleSet-VPT, FedRep, FedAvg + local fine-tuning), not in the default set
+EXTRA_METHODS: Tuple[str, ...] = ("SingleSet-VPT", "FedRep", "FedAvg-FT")
+ALL_METHODS: Tuple[str, ...] = METHODS + EXTRA_METHODS
 
 
 @dataclass(frozen=True)
@@ -43,6 +46,7 @@ class Budget:
     generator_optimizer: str = "Adam"  # pFedPG's server optimizer
     generator_lr: float = 1e-2  # pFedPG's server learning rate α
     generator_descriptor_tokens: Optional[int] = None  # None = K (one query per prompt token)
+    fraction: float = 1.0  # share of clients per round (seeded sample, at least one client)
 
     def bottleneck(self, embed_dim: int) -> int:
         """FedPerfix's adapter width m for a backbone of width D (256 at D = 384, i.e. 2/3·D, unless set)."""

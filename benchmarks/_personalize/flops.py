@@ -4,8 +4,8 @@ Counted, not estimated: ``torch.utils.flop_counter.FlopCounterMode`` records the
 op (2 per multiply-add) of one training step (forward + loss + backward) and of one evaluation forward, on a batch of
 the first client's images; per-image figures are scaled by the images a run processes::
 
-    train = rounds · local_epochs · Σ_c |train_c| · step_flops / B
-    eval  = rounds · evaluations · Σ_c |test_c|   · forward_flops / B
+    train = rounds · fraction · Σ_c |train_c| · Σ_phases epochs · step_flops(phase) / B
+    eval  = rounds · (1 + fraction) · Σ_c |test_c| · forward_flops / B       (deployed + after local training)
 
 Element-wise work (norms, softmax, optimizer updates) is not counted: at these sizes the matmuls dominate the
 count but not necessarily the time, which is what the "share of the matmul rate" in the report shows.
@@ -14,10 +14,10 @@ count but not necessarily the time, which is what the "share of the matmul rate"
 from __future__ import annotations
 
 import time
-from typing import Any, Callable, Dict, Tuple
+from contextlib import contextmanager
+from typing import Any, Callable, Dict, Iterator, List, Sequence, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode, _FlopCounterMode
 
@@ -55,32 +55,56 @@ def step_flops(model: nn.Module, loss_fn: Callable[[nn.Module, Tensor, Tensor], 
     return int(train), int(counter.get_total_flops())
 
 
-def _ce(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
-    return F.cross_entropy(model(x), y)
+@contextmanager
+def _only(model: nn.Module, keys: Sequence[str]) -> Iterator[None]:
+    """Within the block only ``keys`` of the trainable parameters require gradients (one local-training phase)."""
+    off = [p for n, p in model.named_parameters() if p.requires_grad and n not in set(keys)]
+    for p in off:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in off:
+            p.requires_grad_(True)
 
 
-def _model_and_loss(method: Any) -> Tuple[nn.Module, Callable]:
-    return method.model, getattr(method, "loss_fn", _ce)
+def training_flops(name: str, ctx: Any) -> Dict[str, float]:
+    """FLOPs of a whole run of method ``name`` in ``ctx`` (see the module docstring), counted on a fresh model.
 
+    Each local-training phase of the protocol (one for most methods; FedRep's head phase, then its body phase) is
+    counted with only its keys trainable; FedAvg-FT's deployment adds a fine-tuning pass every round. Two
+    evaluations per round: the deployed model and the model after local training.
+    """
+    from .methods import build_model, make_protocol
 
-def training_flops(name: str, ctx: Any, evaluations: int = 1) -> Dict[str, float]:
-    """FLOPs of a whole run of method ``name`` in ``ctx`` (see the module docstring); a fresh, unused instance."""
-    from .methods import registry
-
-    torch.manual_seed(ctx.seed)
-    model, loss_fn = _model_and_loss(registry()[name](ctx))
+    model, protocol = build_model(name, ctx), make_protocol(name, ctx.budget)
     first = ctx.clients[0].train
     batch = min(ctx.budget.batch_size, len(first))
     xs, ys = zip(*(first[i] for i in range(batch)))
     x, y = ctx.backbone.preprocess(torch.stack(xs)), torch.stack([torch.as_tensor(v) for v in ys])
-    train, forward = step_flops(model, loss_fn, x, y)
     b = ctx.budget
-    n_train = sum(len(c.train) for c in ctx.clients)
+    epochs_flops, forward = 0.0, 0
+    phases = list(protocol.phases(model))
+    if name == "FedAvg-FT":
+        phases.append(("finetune", tuple(k for k, _ in _trainable(model)), None))
+    for _, keys, epochs in phases:
+        if not keys:
+            continue
+        with _only(model, keys):
+            step, forward = step_flops(model, protocol.loss_fn, x, y)
+        epochs_flops += (epochs or b.local_epochs) * step
+    if not forward:
+        _, forward = step_flops(model, protocol.loss_fn, x, y)
+    n_train = sum(len(c.train) for c in ctx.clients) * b.fraction
     n_test = sum(len(c.test) for c in ctx.clients)
-    total_train = b.rounds * b.local_epochs * n_train * train / batch
-    total_eval = b.rounds * evaluations * n_test * forward / batch
+    total_train = b.rounds * n_train * epochs_flops / batch
+    total_eval = b.rounds * (n_test + n_test * b.fraction) * forward / batch
     return {"train": total_train, "eval": total_eval, "total": total_train + total_eval,
-            "step_per_image": train / batch, "forward_per_image": forward / batch}
+            "step_per_image": epochs_flops / batch, "forward_per_image": forward / batch}
+
+
+def _trainable(model: nn.Module) -> List[Tuple[str, nn.Parameter]]:
+    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
 
 
 def matmul_rate(size: int = 512, seconds: float = 0.5) -> float:

@@ -19,7 +19,7 @@ from .data import FederatedData, digits_federated
 from .flops import training_flops
 from .folders import folder_federated
 from .methods import Context
-from .runner import run_methods
+from .runner import run_method
 
 __all__ = ["configure_process", "prepare_seed", "run_job"]
 
@@ -66,46 +66,38 @@ def prepare_info(cfg: RunConfig, seed: int) -> Dict[str, Any]:
             "backbone_params": sum(p.numel() for p in backbone.make().parameters())}
 
 
-class _Bar:
-    """A tqdm-like bar that forwards each round's mean accuracy to ``report``."""
-
-    def __init__(self, seed: int, report: Report) -> None:
-        self.seed, self.report, self.name, self.round = seed, report, "", 0
-
-    def __enter__(self) -> _Bar:
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        return None
-
-    def set_description(self, text: str) -> None:
-        self.name, self.round = text.strip(), 0
-
-    def set_postfix(self, acc: str = "0", **_: Any) -> None:
-        self.acc = float(acc)
-
-    def update(self, n: int = 1) -> None:
-        self.round += n
-        self.report(self.seed, self.name, self.round, getattr(self, "acc", float("nan")))
-
-
 def run_job(cfg: RunConfig, seed: int, method: str, report: Optional[Report] = None) -> Dict[str, Any]:
-    """Run ``method`` on ``seed`` for ``cfg.budget.rounds`` rounds; a JSON-ready record of that one run."""
+    """Run ``method`` on ``seed`` for ``cfg.budget.rounds`` rounds; a JSON-ready record of that one run.
+
+    ``deployed[r][c]`` and ``local[r][c]`` are client c's accuracy after round r with its deployed model and right
+    after its local training (``None`` if c did not train in round r); ``server`` is the server's per-round log
+    (accepted clients, rejections, pFedPG's distances and spread).
+    """
     data, backbone = prepare_seed(cfg, seed)
     ctx = Context(backbone, data.clients, cfg.budget, seed)
-    t0 = time.perf_counter()
-    bar = _Bar(seed, report or (lambda *a: None))
-    (result,) = run_methods([method], ctx, cfg.budget.rounds, lambda **_: bar)
-    wall = time.perf_counter() - t0
-    flops = training_flops(method, ctx)
+    done = [0]
+
+    def on_round(acc: float) -> None:
+        done[0] += 1
+        if report is not None:
+            report(seed, method, done[0], acc)
+
+    cpu0 = time.process_time()
+    result = run_method(method, ctx, cfg.budget.rounds, on_round)
+    cpu = time.process_time() - cpu0
     return {
         "seed": seed,
         "method": method,
-        "deployed": result.curve_clients,  # per round, per client
+        "deployed": result.curve_clients,
+        "local": result.curve_after_local,
+        "participants": result.participants,
+        "train_loss": result.train_loss,
+        "server": result.server_log,
         "trainable": result.trainable,
         "communicated": result.communicated,
-        "server": result.server,
+        "server_params": result.server,
         "personal_keys": list(result.personal_keys),
-        "wall_s": wall,
-        "flops": flops,
+        "wall_s": result.wall_s,
+        "cpu_s": cpu,  # CPU seconds of this process (all its threads): the work, whatever the machine's load
+        "flops": training_flops(method, ctx),
     }

@@ -34,10 +34,25 @@ PROTOCOLS: Dict[str, str] = {"deployed": "Deployed", "local": "After local train
 Records = Dict[Tuple[int, str], Dict[str, Any]]
 
 
-def _last_mean(curve: Sequence[Sequence[float]], last: int) -> List[float]:
-    """Per client, the mean of its accuracy over the last ``last`` rounds of ``curve`` (rounds × clients)."""
-    tail = curve[-last:]
-    return [statistics.fmean(r[c] for r in tail) for c in range(len(tail[0]))]
+def _last_mean(curve: Sequence[Sequence[Optional[float]]], last: int) -> List[float]:
+    """Per client, the mean of its accuracy over the last ``last`` rounds of ``curve`` (rounds × clients).
+
+    ``None`` (a client that did not train in a round, ``--fraction`` < 1) is skipped; a client without any value in
+    those rounds gets its last value of the whole run (``nan`` if it never trained).
+    """
+    out = []
+    for c in range(len(curve[0])):
+        values = [r[c] for r in curve[-last:] if r[c] is not None]
+        if not values:
+            values = [r[c] for r in curve if r[c] is not None][-1:] or [float("nan")]
+        out.append(statistics.fmean(values))
+    return out
+
+
+def _mean(values: Sequence[float]) -> float:
+    """Mean of the non-``nan`` values (``nan`` if there are none)."""
+    kept = [v for v in values if not math.isnan(v)]
+    return statistics.fmean(kept) if kept else float("nan")
 
 
 class Summary:
@@ -49,13 +64,15 @@ class Summary:
         self.rounds = len(first["deployed"])
         self.last = max(1, min(last_rounds, self.rounds))
         self.protocols = [p for p in PROTOCOLS if all(records[k].get(p) for k in records)]
+        if "deployed" not in self.protocols:
+            raise ValueError("every record needs its per-round deployed accuracies")
         # per protocol, method: per seed (per-client last-L means)
         self.clients: Dict[str, Dict[str, List[List[float]]]] = {
             p: {m: [_last_mean(records[(s, m)][p], self.last) for s in self.seeds] for m in self.methods}
             for p in self.protocols
         }
         self.per_seed: Dict[str, Dict[str, List[float]]] = {
-            p: {m: [statistics.fmean(c) for c in self.clients[p][m]] for m in self.methods} for p in self.protocols
+            p: {m: [_mean(c) for c in self.clients[p][m]] for m in self.methods} for p in self.protocols
         }
         self.interval: Dict[str, Dict[str, Interval]] = {
             p: {m: t_interval(self.per_seed[p][m]) for m in self.methods} for p in self.protocols
@@ -67,11 +84,12 @@ class Summary:
 
     def client_means(self, protocol: str, method: str) -> List[float]:
         per_seed = self.clients[protocol][method]
-        return [statistics.fmean(col) for col in zip(*per_seed)]
+        return [_mean(col) for col in zip(*per_seed)]
 
     def curve(self, protocol: str, method: str) -> List[Interval]:
         """Per round: mean over clients, then mean ± 95 % interval over seeds."""
-        per_seed = [[statistics.fmean(r) for r in self.records[(s, method)][protocol]] for s in self.seeds]
+        per_seed = [[_mean([v for v in r if v is not None]) for r in self.records[(s, method)][protocol]]
+                    for s in self.seeds]
         return [t_interval(col) for col in zip(*per_seed)]
 
     def cost(self, method: str) -> Dict[str, float]:
@@ -80,7 +98,7 @@ class Summary:
         flops = statistics.fmean(r["flops"]["total"] for r in recs)
         return {"wall_s": wall, "gflop": flops / 1e9, "gflops_per_s": flops / 1e9 / wall if wall else float("nan"),
                 "trainable": recs[0]["trainable"], "communicated": recs[0]["communicated"],
-                "server": recs[0]["server"]}
+                "server": recs[0]["server_params"]}
 
 
 def _pct(iv: Interval) -> str:
@@ -148,7 +166,7 @@ def write_csv(path: Path, s: Summary, clients: Sequence[str]) -> None:
                 for i, seed in enumerate(s.seeds):
                     r = s.records[(seed, m)]
                     w.writerow([m, p, seed, f"{s.per_seed[p][m][i]:.6f}", *[f"{a:.6f}" for a in s.clients[p][m][i]],
-                                r["trainable"], r["communicated"], r["server"], f"{r['wall_s']:.2f}",
+                                r["trainable"], r["communicated"], r["server_params"], f"{r['wall_s']:.2f}",
                                 f"{r['flops']['total'] / 1e9:.3f}"])
                 iv, c = s.interval[p][m], s.cost(m)
                 w.writerow([m, p, "mean", f"{iv.mean:.6f}", *[f"{a:.6f}" for a in s.client_means(p, m)],

@@ -14,7 +14,9 @@ backbone, same batches), and reads its interval:
 
 - ``holds``: the whole interval is above 0;
 - ``does not hold``: the whole interval is below 0 (B beats A);
-- ``not resolved at this budget``: the interval contains 0 (or there is a single seed).
+- ``not resolved at this budget``: the interval contains 0, or fewer than 3 seeds were run (with 2 seeds the
+  interval has one degree of freedom, and two equal differences, common with accuracies on ~50 test images, would
+  give it zero width).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from typing import Dict, List, Sequence, Tuple
 __all__ = ["COMPARISONS", "Interval", "Paired", "paired", "t_interval", "t_quantile"]
 
 HOLDS, FAILS, UNRESOLVED = "holds", "does not hold", "not resolved at this budget"
+MIN_SEEDS = 3  # fewer seeds never decide a comparison
 
 
 def t_quantile(df: int, level: float = 0.95) -> float:
@@ -78,7 +81,7 @@ class Paired:
 
     @property
     def verdict(self) -> str:
-        if self.diff.n < 2 or math.isnan(self.diff.half):
+        if self.diff.n < MIN_SEEDS or math.isnan(self.diff.half):
             return UNRESOLVED
         if self.diff.low > 0:
             return HOLDS
