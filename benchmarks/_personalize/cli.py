@@ -100,6 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="share of clients per round, in (0, 1]: a seeded sample, at least one client (default: 1)")
     add("--last-rounds", type=_positive, default=5, metavar="N",
         help="report each client's mean accuracy over the last N rounds (default: 5)")
+    add("--pfedpg-server", default=f"{b.generator_optimizer}:{b.generator_lr:g}", metavar="OPT:LR",
+        help=f"pFedPG's server optimizer and rate α, SGD or Adam (default: {b.generator_optimizer}:"
+        f"{b.generator_lr:g}, the paper's α; see docs/benchmark.md before changing it)")
     add("--split", choices=["domain", "dirichlet"], default=None,
         help="how the embedded digits go to clients: a visual shift per client, or Dirichlet label skew "
         "(default: domain)")
@@ -136,6 +139,13 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> RunConfig:
     p = build_parser()
     a = p.parse_args(argv)
     b, d = Budget(), DataConfig()
+    opt, _, lr = a.pfedpg_server.partition(":")
+    try:
+        server_lr = float(lr)
+    except ValueError:
+        server_lr = float("nan")
+    if opt not in ("SGD", "Adam") or not (server_lr > 0 and math.isfinite(server_lr)):
+        p.error(f"--pfedpg-server: expected SGD:LR or Adam:LR with LR > 0, got {a.pfedpg_server!r}")
     if a.checkpoint and not a.model:
         p.error("--checkpoint needs --model NAME (the timm architecture the weights belong to)")
     if a.model and not a.checkpoint:
@@ -183,7 +193,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> RunConfig:
         last_rounds=a.last_rounds,
         out=str(out),
         cache=a.cache,
-        budget=replace(b, rounds=a.rounds, local_epochs=a.local_epochs, fraction=a.fraction),
+        budget=replace(b, rounds=a.rounds, local_epochs=a.local_epochs, fraction=a.fraction,
+                       generator_optimizer=opt, generator_lr=server_lr),
         backbone=backbone,
         data=replace(d, split=split, clients=a.clients, alpha=a.alpha if a.alpha is not None else d.alpha,
                      data=a.data),
@@ -245,8 +256,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from .parallel import run_all
     from .report import (
         Summary,
+        format_pfedpg,
         format_table,
         format_verdicts,
+        pfedpg_server,
         plot_curves,
         summary_json,
         write_csv,
@@ -271,12 +284,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     title = (f"fedpeft personalize.py: {tag}, {len(names)} clients, {cfg.budget.rounds} rounds x "
              f"{cfg.budget.local_epochs} local epochs, backbone pre-training '{cfg.backbone.pretrain_augment}'")
     table, verdicts = format_table(s, names, backbone_params, rate), format_verdicts(s)
+    server = pfedpg_server(records, cfg.seeds)
+    server_line = format_pfedpg(server, cfg.budget.generator_optimizer, cfg.budget.generator_lr)
     for seed in cfg.seeds:
         info = prepared[seed]["backbone"]
         acc = info.get("pretrain_val_accuracy")
         print(f"seed {seed}: backbone {'cached' if info.get('cached') else 'built'}"
               + (f", held-out pre-training accuracy {acc:.3f}" if acc is not None else ""))
-    print(f"\n{title}\n{table}\n\n{verdicts}\n\ntotal wall time {wall:.0f}s")
+    cpu = sum(r["cpu_s"] for r in records.values())
+    print(f"\n{title}\n{table}\n\n{verdicts}\n")
+    if server_line:
+        print(server_line + "\n")
+    print(f"total wall time {wall:.0f}s ({cpu:.0f} CPU-seconds in the method runs; load average at the end "
+          f"{os.getloadavg()[0]:.1f})")
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = out / f"personalize_{tag}"
@@ -295,6 +315,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "environment": _environment(cfg),
         "table": table,
         "verdicts": verdicts,
+        "pfedpg_server": server,
+        "method_cpu_s": cpu,
         "torch_threads_main": torch.get_num_threads(),
     })
     plot_curves(stem.with_suffix(".png"), s, title)

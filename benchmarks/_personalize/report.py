@@ -25,8 +25,18 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from .stats import Interval, Paired, comparisons, paired, t_interval
 
-__all__ = ["PROTOCOLS", "Summary", "format_table", "format_verdicts", "plot_curves", "summary_json", "write_csv",
-           "write_json"]
+__all__ = [
+    "PROTOCOLS",
+    "Summary",
+    "format_pfedpg",
+    "format_table",
+    "format_verdicts",
+    "pfedpg_server",
+    "plot_curves",
+    "summary_json",
+    "write_csv",
+    "write_json",
+]
 
 #: record key → column title
 PROTOCOLS: Dict[str, str] = {"deployed": "Deployed", "local": "After local training"}
@@ -153,6 +163,45 @@ def format_verdicts(s: Summary) -> str:
     if len(lines) == 1:
         lines.append("  none (the compared methods were not all run)")
     return "\n".join(lines)
+
+
+def pfedpg_server(records: Records, seeds: Sequence[int]) -> Optional[Dict[str, Any]]:
+    """pFedPG's server step over all seeds, from the per-round diagnostics of ``fedpeft.protocols.PFedPGServer``.
+
+    ``closer``: client-rounds where ``‖gen(n) − P̃ₙ‖`` shrank through the server step, of all client-rounds;
+    ``trained_norm``: mean ‖P̃ₙ‖ over clients in the first and the last round (mean over seeds); ``spread``: the mean
+    distance of the clients' generated prompts to their mean, relative to the mean's norm, first and last round.
+    ``None`` when pFedPG was not run.
+    """
+    logs = [records[(s, "pFedPG")]["server"] for s in seeds if (s, "pFedPG") in records]
+    if not logs:
+        return None
+    closer = total = 0
+    first_norm, last_norm, first_spread, last_spread = [], [], [], []
+    for log in logs:
+        diags = [r["diagnostics"] for r in log if r.get("diagnostics")]
+        for d in diags:
+            closer += sum(a < b for a, b in zip(d["dist_after"], d["dist_before"]))
+            total += len(d["dist_before"])
+        if diags:
+            first_norm.append(statistics.fmean(diags[0]["trained_norm"]))
+            last_norm.append(statistics.fmean(diags[-1]["trained_norm"]))
+            first_spread.append(diags[0]["spread"])
+            last_spread.append(diags[-1]["spread"])
+    if not total:
+        return None
+    return {"closer": closer, "client_rounds": total,
+            "trained_norm": [statistics.fmean(first_norm), statistics.fmean(last_norm)],
+            "spread": [statistics.fmean(first_spread), statistics.fmean(last_spread)]}
+
+
+def format_pfedpg(diag: Optional[Dict[str, Any]], optimizer: str, lr: float) -> str:
+    if diag is None:
+        return ""
+    return (f"pFedPG server ({optimizer}, lr {lr:g}): gen(n) moved closer to the client's trained prompts P̃ₙ in "
+            f"{diag['closer']}/{diag['client_rounds']} client-rounds; mean ‖P̃ₙ‖ {diag['trained_norm'][0]:.3g} "
+            f"(round 1) → {diag['trained_norm'][1]:.3g} (last); spread of gen(ids) across clients "
+            f"{100 * diag['spread'][0]:.3g}% → {100 * diag['spread'][1]:.3g}% of their mean's norm")
 
 
 def write_csv(path: Path, s: Summary, clients: Sequence[str]) -> None:
