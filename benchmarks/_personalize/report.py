@@ -10,8 +10,9 @@ state, pFedPG's generated prompts; ``local``: the client's model right after its
 - the paired verdicts compare two methods seed by seed (same split, backbone and batches).
 
 Parameter counts are per client: trainable (what a client optimizes), communicated per round (what it uploads).
-Time is the mean wall time of one seed's run of the method; GFLOP its counted matmul work (:mod:`.flops`), and
-"of matmul" the achieved FLOP rate as a share of a plain ``torch.matmul``'s on one thread of the same machine.
+Wall and CPU are the mean wall time and CPU seconds of one seed's run of the method; GFLOP its counted matmul work
+(:mod:`.flops`), and "of matmul" the FLOPs per CPU-second as a share of a plain ``torch.matmul``'s rate on one thread
+of the same machine (CPU seconds, not wall time, so other jobs on the machine do not change it).
 """
 
 from __future__ import annotations
@@ -105,8 +106,10 @@ class Summary:
     def cost(self, method: str) -> Dict[str, float]:
         recs = [self.records[(s, method)] for s in self.seeds]
         wall = statistics.fmean(r["wall_s"] for r in recs)
+        cpu = statistics.fmean(r["cpu_s"] for r in recs)
         flops = statistics.fmean(r["flops"]["total"] for r in recs)
-        return {"wall_s": wall, "gflop": flops / 1e9, "gflops_per_s": flops / 1e9 / wall if wall else float("nan"),
+        return {"wall_s": wall, "cpu_s": cpu, "gflop": flops / 1e9,
+                "gflops_per_cpu_s": flops / 1e9 / cpu if cpu else float("nan"),
                 "trainable": recs[0]["trainable"], "communicated": recs[0]["communicated"],
                 "server": recs[0]["server_params"]}
 
@@ -128,16 +131,16 @@ def format_table(s: Summary, clients: Sequence[str], backbone_params: int, matmu
     show = len(clients) <= 10
     first = s.protocols[0]
     head = ["Method"] + (list(clients) if show else []) + [PROTOCOLS[p] for p in s.protocols]
-    head += ["Trainable", "Comm./round", "Time/seed", "GFLOP", "of matmul"]
+    head += ["Trainable", "Comm./round", "Wall/seed", "CPU/seed", "GFLOP", "of matmul"]
     rows = []
     for m in s.methods:
         c = s.cost(m)
         cells = [m] + ([f"{100 * a:.1f}" for a in s.client_means(first, m)] if show else [])
         cells += [_pct(s.interval[p][m]) for p in s.protocols]
         trainable = _count(c["trainable"], backbone_params) + (f" +{c['server']:,} server" if c["server"] else "")
-        share = c["gflops_per_s"] / matmul_gflops if matmul_gflops else float("nan")
-        cells += [trainable, _count(c["communicated"], backbone_params), f"{c['wall_s']:.0f}s", f"{c['gflop']:.1f}",
-                  f"{100 * share:.1f}%"]
+        share = c["gflops_per_cpu_s"] / matmul_gflops if matmul_gflops else float("nan")
+        cells += [trainable, _count(c["communicated"], backbone_params), f"{c['wall_s']:.0f}s", f"{c['cpu_s']:.0f}s",
+                  f"{c['gflop']:.1f}", f"{100 * share:.1f}%"]
         rows.append(cells)
     widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
     fmt = "  ".join(f"{{:<{w}}}" if i == 0 else f"{{:>{w}}}" for i, w in enumerate(widths))
@@ -146,7 +149,7 @@ def format_table(s: Summary, clients: Sequence[str], backbone_params: int, matmu
         f"accuracy %: mean of the last {s.last} rounds, mean over clients, mean ± 95% t-interval over "
         f"{len(s.seeds)} seeds {s.seeds}; client columns: {PROTOCOLS[first].lower()}, mean over seeds. "
         f"Parameters: % of the {backbone_params:,}-parameter backbone with head; "
-        f"'of matmul': achieved GFLOP/s / {matmul_gflops:.1f} (plain matmul, 1 thread)"
+        f"'of matmul': GFLOP per CPU-second / {matmul_gflops:.1f} GFLOP/s of a plain matmul on 1 thread"
     )
     return "\n".join(lines)
 
@@ -247,36 +250,69 @@ _STYLES = ["-", "--", "-.", ":"]
 _MARKERS = ["o", "s", "^", "v", "D", "P", "X", "*", "h", "<", ">"]
 
 
-def plot_curves(path: Path, s: Summary, title: str, protocols: Optional[Sequence[str]] = None) -> None:
-    """Mean client accuracy after each round, mean over seeds with its 95 % band; one panel per protocol."""
+def plot_curves(path: Path, s: Summary, title: str) -> None:
+    """Mean client accuracy after each round, mean over seeds.
+
+    Top row: one panel per protocol with every method's mean curve (markers and line styles tell overlapping curves
+    apart). Below: one small panel per method with both protocols' mean curves and their 95 % bands over seeds (bands
+    of 11 methods in one panel would hide each other). Integer round ticks, legends outside the data.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
-    protocols = list(protocols or s.protocols)
-    fig, axes = plt.subplots(1, len(protocols), figsize=(5.2 * len(protocols) + 2.2, 4.6), dpi=120, sharey=True,
-                             squeeze=False)
+    protocols, methods = list(s.protocols), list(s.methods)
+    cols = 4
+    rows = math.ceil(len(methods) / cols)
+    fig = plt.figure(figsize=(16, 4.2 + 2.6 * rows), dpi=110)
+    grid = fig.add_gridspec(1 + rows, cols * len(protocols), height_ratios=[1.6] + [1.0] * rows, hspace=0.55,
+                            wspace=0.5)
     rounds = list(range(1, s.rounds + 1))
-    cmap = plt.get_cmap("tab10" if len(s.methods) <= 10 else "tab20")
-    for ax, p in zip(axes[0], protocols):
-        for i, m in enumerate(s.methods):
-            curve = s.curve(p, m)
-            mean = [100 * c.mean for c in curve]
-            ax.plot(rounds, mean, color=cmap(i), linestyle=_STYLES[i % len(_STYLES)],
-                    marker=_MARKERS[i % len(_MARKERS)], markersize=4, markevery=max(1, s.rounds // 10), label=m)
-            if len(s.seeds) > 1:
-                ax.fill_between(rounds, [100 * c.low for c in curve], [100 * c.high for c in curve],
-                                color=cmap(i), alpha=0.12, linewidth=0)
-        ax.set_title(PROTOCOLS[p])
-        ax.set_xlabel("round")
+    curves = {(p, m): s.curve(p, m) for p in protocols for m in methods}
+    means = [100 * c.mean for cs in curves.values() for c in cs if not math.isnan(c.mean)]
+    low, high = (min(means), max(means)) if means else (0.0, 100.0)
+    pad = max(2.0, 0.08 * (high - low))
+    ylim = (max(0.0, low - pad), min(100.0, high + pad))
+    cmap = plt.get_cmap("tab10" if len(methods) <= 10 else "tab20")
+
+    def style(ax, ylabel: bool) -> None:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_ylim(*ylim)
         ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel(f"mean client test accuracy (%), {len(s.seeds)} seeds, 95% band")
-    handles, labels = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8, frameon=False)
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
+        if not ylabel:
+            ax.tick_params(labelleft=False)
+
+    width = cols * len(protocols) // len(protocols)
+    for j, p in enumerate(protocols):
+        ax = fig.add_subplot(grid[0, j * width:(j + 1) * width])
+        for i, m in enumerate(methods):
+            ax.plot(rounds, [100 * c.mean for c in curves[(p, m)]], color=cmap(i),
+                    linestyle=_STYLES[i % len(_STYLES)], marker=_MARKERS[i % len(_MARKERS)], markersize=4,
+                    markevery=max(1, s.rounds // 10), label=m)
+        ax.set_title(f"{PROTOCOLS[p]}: mean over {len(s.seeds)} seeds", fontsize=10)
+        ax.set_xlabel("round")
+        style(ax, j == 0)
+        if j == 0:
+            ax.set_ylabel("mean client test accuracy (%)")
+        if j == len(protocols) - 1:
+            ax.legend(loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize=8, frameon=False)
+    for k, m in enumerate(methods):
+        r, c = divmod(k, cols)
+        ax = fig.add_subplot(grid[1 + r, c * len(protocols):(c + 1) * len(protocols)])
+        for j, p in enumerate(protocols):
+            cs = curves[(p, m)]
+            color = "tab:blue" if j == 0 else "tab:orange"
+            ax.plot(rounds, [100 * x.mean for x in cs], color=color, linestyle=_STYLES[j], label=PROTOCOLS[p])
+            if len(s.seeds) > 1:
+                ax.fill_between(rounds, [max(0.0, 100 * x.low) for x in cs], [min(100.0, 100 * x.high) for x in cs],
+                                color=color, alpha=0.18, linewidth=0)
+        ax.set_title(m, fontsize=9)
+        style(ax, c == 0)
+        if k == len(methods) - 1:
+            ax.legend(loc="center left", bbox_to_anchor=(1.05, 0.5), fontsize=8, frameon=False,
+                      title="95% band over seeds", title_fontsize=8)
+    fig.suptitle(title, fontsize=11)
     fig.savefig(path, bbox_inches="tight")
     plt.close(fig)
