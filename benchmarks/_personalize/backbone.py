@@ -115,7 +115,7 @@ def _pretrain_1thread(cfg, public, pre, seed, progress, augment) -> Tuple[nn.Mod
     loader = DataLoader(train, batch_size=cfg.pretrain_batch_size, shuffle=True, generator=g, drop_last=False)
     steps = cfg.pretrain_epochs * len(loader)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.pretrain_lr, total_steps=steps, pct_start=0.1)
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     for _ in progress(range(cfg.pretrain_epochs), desc="pre-training backbone"):
         model.train()
         for xb, yb in loader:
@@ -129,6 +129,7 @@ def _pretrain_1thread(cfg, public, pre, seed, progress, augment) -> Tuple[nn.Mod
         "pretrain_val_images": len(val),
         "pretrain_val_accuracy": _accuracy(model, pre, val),
         "pretrain_seconds": time.perf_counter() - t0,
+        "pretrain_cpu_seconds": time.process_time() - cpu0,
         "pretrain_augment": cfg.pretrain_augment,
     }
     return model, info

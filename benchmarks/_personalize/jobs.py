@@ -2,7 +2,8 @@
 
 Both are plain functions of ``(RunConfig, seed[, method])`` with everything seeded inside, so their results do not
 depend on which process runs them, in which order, or alongside what (``parallel`` relies on that). A process keeps
-the data and backbone of the seeds it has seen (``_SEEDS``), so several methods of one seed share the preparation.
+the data and backbone of the (seed, data, backbone) settings it has seen (``_SEEDS``), so several methods of one seed
+share the preparation.
 """
 
 from __future__ import annotations
@@ -23,8 +24,8 @@ from .runner import run_method
 
 __all__ = ["configure_process", "prepare_seed", "run_job"]
 
-#: seed → (data, backbone) already built in this process
-_SEEDS: Dict[int, Tuple[FederatedData, Backbone]] = {}
+#: (seed, data config, backbone config, cache) → (data, backbone) already built in this process
+_SEEDS: Dict[Tuple[Any, ...], Tuple[FederatedData, Backbone]] = {}
 
 #: (seed, method, round, mean accuracy) → None; progress reporting, set by the caller
 Report = Callable[[int, str, int, float], None]
@@ -43,8 +44,9 @@ def _quiet(iterable=None, **_: Any):
 
 def prepare_seed(cfg: RunConfig, seed: int, progress: Optional[Callable] = None) -> Tuple[FederatedData, Backbone]:
     """The clients' data and the backbone of ``seed`` (pre-trained and cached on first use)."""
-    if seed in _SEEDS:
-        return _SEEDS[seed]
+    key = (seed, cfg.data, cfg.backbone, cfg.cache)
+    if key in _SEEDS:
+        return _SEEDS[key]
     progress = progress or _quiet
     cache = Path(cfg.cache)
     if cfg.backbone.is_custom:
@@ -55,7 +57,7 @@ def prepare_seed(cfg: RunConfig, seed: int, progress: Optional[Callable] = None)
     else:
         data = digits_federated(cfg.data, seed, cfg.backbone.img_size)
         backbone = build_backbone(cfg.backbone, data.public, data.num_classes, cache, seed, progress)
-    _SEEDS[seed] = (data, backbone)
+    _SEEDS[key] = (data, backbone)
     return data, backbone
 
 
