@@ -17,7 +17,8 @@ import timm
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "personalize.py"
-METHODS = ["Local", "FedAvg", "FedVPT", "FedVPT-deep", "pFedPG", "FedPerfix", "FedPGP", "VanillaAttention"]
+METHODS = ["Local", "FedAvg", "FedVPT", "FedVPT-deep", "pFedPG", "FedPerfix", "FedPGP", "VanillaAttention",
+           "SingleSet-VPT", "FedRep", "FedAvg-FT"]
 
 
 SEEDS = [0, 1]
