@@ -5,16 +5,18 @@ Two policies (``--pretrain``), both acting on a batch (B, 3, H, W) in [0, 1] wit
 ``clean``  (default) light random affine per image: rotation ±10°, scale 0.9–1.1, translation ±10 %. The backbone
            sees only clean grey digits, so the clients' shifts (inversion, rotation, noise, …) are new to it.
 ``broad``  the papers' regime, where the frozen ViT has seen every kind of image: the ``clean`` affine, then each of
-           these independently with probability 1/2 per image:
+           these independently with probability ``BROAD_P`` = 0.3 per image (about a sixth of the images stay clean):
 
            - inversion ``1 − x``;
-           - rotation by an angle uniform in [0°, 360°);
+           - rotation by an angle uniform in [−90°, 90°] (not beyond: a 180° turn makes a 6 a 9);
            - Gaussian noise, σ uniform in [0, 0.4], clipped;
            - Gaussian blur, σ uniform in [0.5, 2] pixels (a 7-tap separable kernel), contrast factor in [0.5, 1];
            - colour: strokes and background mapped to two random colours (as ``coloured``, drawn per image).
 
-           Generic image-space changes, not the client shifts replayed: the angle is any angle (the ``rotated`` client
-           is exactly 90°), the noise and blur strengths vary, and edge maps (the ``sketch`` client) are never shown.
+           Generic image-space changes, not the client shifts replayed: the angle varies (the ``rotated`` client is
+           exactly 90°), the noise and blur strengths vary, and edge maps (the ``sketch`` client) are never shown.
+           A first version with probability 1/2 each and any angle left the backbone at 0.21 held-out accuracy
+           after the 60 epochs (chance: 0.1): too hard a task for 486 images and a 4-layer ViT.
            The public split stays disjoint from every client's images.
 """
 
@@ -27,7 +29,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["PRETRAIN_AUGMENT", "affine", "broad"]
+__all__ = ["BROAD_P", "PRETRAIN_AUGMENT", "affine", "broad"]
+
+BROAD_P = 0.3  # probability of each broad transform, per image
 
 
 def _rotate_scale_shift(x: Tensor, angle: Tensor, scale: Tensor, shift: Tensor, fill: Optional[Tensor] = None) -> Tensor:
@@ -63,10 +67,10 @@ def _blur(x: Tensor, sigma: Tensor) -> Tensor:
 
 
 def broad(x: Tensor, g: torch.Generator) -> Tensor:
-    """``affine``, then inversion, any-angle rotation, noise, blur and colour, each with probability 1/2 per image."""
+    """``affine``, then inversion, rotation (±90°), noise, blur and colour, each with probability ``BROAD_P``."""
     B = x.shape[0]
     x = affine(x, g)
-    on = torch.rand(5, B, generator=g) < 0.5  # which transforms each image gets
+    on = torch.rand(5, B, generator=g) < BROAD_P  # which transforms each image gets
     u = torch.rand(6, B, generator=g)
     bg = 0.45 * torch.rand(B, 3, 1, 1, generator=g)
     fg = 0.55 + 0.45 * torch.rand(B, 3, 1, 1, generator=g)
@@ -77,7 +81,7 @@ def broad(x: Tensor, g: torch.Generator) -> Tensor:
 
     x = pick(on[0], 1.0 - x, x)
     corner = x[:, :, 0, 0].mean(dim=1)  # the background level (1 for an inverted digit): corners stay background
-    rotated = _rotate_scale_shift(x, 2 * math.pi * u[0], torch.ones(B), torch.zeros(B, 2), fill=corner)
+    rotated = _rotate_scale_shift(x, math.pi * (u[0] - 0.5), torch.ones(B), torch.zeros(B, 2), fill=corner)
     x = pick(on[1], rotated, x)
     x = pick(on[2], (x + (0.4 * u[1]).view(-1, 1, 1, 1) * noise).clamp(0.0, 1.0), x)
     contrast = (0.5 + 0.5 * u[3]).view(-1, 1, 1, 1)

@@ -29,12 +29,16 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
+from . import augment as _augment_module
 from .augment import PRETRAIN_AUGMENT
 from .config import BackboneConfig
 
 __all__ = ["Backbone", "Preprocess", "build_backbone"]
 
 log = logging.getLogger(__name__)
+
+#: SHA-1 of the augmentation policies' source: part of the cache key
+_AUGMENT_CODE = hashlib.sha1(Path(_augment_module.__file__).read_bytes()).hexdigest()
 
 
 class Preprocess(nn.Module):
@@ -137,13 +141,14 @@ def _pretrain_1thread(cfg, public, pre, seed, progress, augment) -> Tuple[nn.Mod
 
 def _cache_path(cache: Path, cfg: BackboneConfig, public: TensorDataset, seed: int) -> Path:
     """Keyed by everything that changes the weights: the whole configuration (architecture, pre-training epochs,
-    rate, batch, augmentation policy), the seed, the exact public images and labels (a SHA-1 of their bytes), and
-    the timm and torch versions (their initializations and kernels)."""
+    rate, batch, augmentation policy name), the code of the augmentation policies (a SHA-1 of ``augment.py``: a changed
+    policy is a different backbone), the seed, the exact public images and labels (a SHA-1 of their bytes), and the
+    timm and torch versions (their initializations and kernels)."""
     x, y = public.tensors
     digest = hashlib.sha1(x.contiguous().numpy().tobytes())
     digest.update(y.contiguous().numpy().tobytes())
     key = json.dumps(
-        {"cfg": asdict(cfg), "seed": seed, "data": digest.hexdigest(), "timm": timm.__version__,
+        {"cfg": asdict(cfg), "seed": seed, "data": digest.hexdigest(), "augment": _AUGMENT_CODE, "timm": timm.__version__,
          "torch": torch.__version__.split("+")[0], "threads": 1},
         sort_keys=True,
     )

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
 from .checks import check_data_folder, check_model, check_out, check_split
-from .config import ALL_METHODS, BackboneConfig, Budget, DataConfig, RunConfig, smoke
+from .config import ALL_METHODS, BROAD_PRETRAIN_EPOCHS, BackboneConfig, Budget, DataConfig, RunConfig, smoke
 
 __all__ = ["main", "parse_args"]
 
@@ -112,8 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="Dirichlet concentration, --split dirichlet only (default: 0.1)")
     add("--pretrain", choices=["clean", "broad"], default="clean",
         help="backbone pre-training on the public split: clean digits with light affine jitter, or broad "
-        "augmentation (inversion, any rotation, noise, blur, colour) like a backbone that has seen every kind of "
-        "image (default: clean)")
+        "augmentation (inversion, rotation, noise, blur, colour; 200 epochs instead of 60) like a backbone that "
+        "has seen every kind of image (default: clean)")
     add("--data", default=None, metavar="PATH",
         help="real data: PATH/<client>/<class>/<image>, one ImageFolder per client (needs --model, --checkpoint)")
     add("--model", default=None, metavar="NAME", help="a registered timm ViT name, with --checkpoint")
@@ -171,6 +171,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> RunConfig:
         if problem:
             p.error(problem)
     backbone = replace(BackboneConfig(), pretrain_augment=a.pretrain)
+    if a.pretrain == "broad":
+        backbone = replace(backbone, pretrain_epochs=BROAD_PRETRAIN_EPOCHS)
     if a.checkpoint:
         backbone = replace(backbone, model=a.model, checkpoint=a.checkpoint)
     seeds = a.seeds or (SMOKE_SEEDS if a.smoke else DEFAULT_SEEDS)
