@@ -22,12 +22,16 @@ METHODS = ["SingleSet-VPT", "FedRep", "FedAvg-FT", "pFedPG", "FedVPT"]
 def payload(tmp_path_factory):
     out = tmp_path_factory.mktemp("engine")
     proc = subprocess.run(
-        [sys.executable, str(SCRIPT), "--smoke", "--out", str(out), "--cache", str(out / "cache"), "--seed", "2",
+        [sys.executable, str(SCRIPT), "--smoke", "--out", str(out), "--cache", str(out / "cache"), "--seeds", "2",
          "--methods", ",".join(METHODS), "--fraction", "0.67"],
         cwd=ROOT, capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads((out / "personalize_domain.json").read_text())
+    payload = json.loads((out / "personalize_domain.json").read_text())
+    # one record per (seed, method) run: name the fields as this test reads them
+    payload["methods"] = [{**r, "name": r["method"], "curve_after_local": r["local"], "server_log": r["server"],
+                           "curve_clients": r["deployed"]} for r in payload["runs"]]
+    return payload
 
 
 def test_partial_participation_and_the_per_round_fields(payload):

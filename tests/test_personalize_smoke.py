@@ -17,19 +17,27 @@ import timm
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "personalize.py"
-METHODS = ["Local", "FedAvg", "FedVPT", "FedVPT-deep", "pFedPG", "FedPerfix", "FedPGP", "VanillaAttention"]
+METHODS = ["Local", "FedAvg", "FedVPT", "FedVPT-deep", "pFedPG", "FedPerfix", "FedPGP", "VanillaAttention",
+           "SingleSet-VPT", "FedRep", "FedAvg-FT"]
+
+
+SEEDS = [0, 1]
+
+
+def _run(out: Path, *flags: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(SCRIPT), "--smoke", "--out", str(out), "--cache", str(out / "cache"), *flags],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     out = tmp_path_factory.mktemp("personalize")
-    proc = subprocess.run(
-        [sys.executable, str(SCRIPT), "--smoke", "--out", str(out), "--cache", str(out / "cache"), "--seed", "1"],
-        cwd=ROOT, capture_output=True, text=True, timeout=600,
-    )
+    proc = _run(out, "--seeds", "0,1", "--workers", "2", "--threads", "1")
     assert proc.returncode == 0, proc.stderr[-4000:]
     payload = json.loads((out / "personalize_domain.json").read_text())
-    rows = {r["method"]: r for r in csv.DictReader((out / "personalize_domain.csv").open())}
+    rows = list(csv.DictReader((out / "personalize_domain.csv").open()))
     return out, proc, payload, rows
 
 
@@ -37,25 +45,57 @@ def test_outputs_exist_and_list_every_method(run):
     out, proc, payload, rows = run
     png = out / "personalize_domain.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert list(rows) == METHODS
-    assert [m["name"] for m in payload["methods"]] == METHODS
+    assert list(dict.fromkeys(r["method"] for r in rows)) == METHODS
+    assert [m["name"] for m in payload["summary"]["methods"]] == METHODS
+    assert [(r["seed"], r["method"]) for r in payload["runs"]] == [(s, m) for s in SEEDS for m in METHODS]
     for name in METHODS:
         assert name in proc.stdout  # the printed table
+    assert "paired comparisons over seeds" in proc.stdout and "pFedPG > FedVPT" in proc.stdout
 
 
-def test_accuracies_are_fractions_and_consistent(run):
+def test_per_seed_values_means_and_intervals_follow_from_the_runs(run):
+    """Recompute every aggregate from the raw per-round, per-client accuracies in the JSON (t_{0.975,1} = 12.7062)."""
     _, _, payload, rows = run
     rounds = payload["config"]["budget"]["rounds"]
+    last = min(5, rounds)
     n_clients = len(payload["clients"])
-    for m in payload["methods"]:
-        accs = m["accuracy"]
-        assert len(accs) == n_clients and all(0.0 <= a <= 1.0 for a in accs)
-        assert len(m["curve"]) == rounds
-        assert m["mean"] == pytest.approx(sum(accs) / n_clients)
-        row = rows[m["name"]]
-        assert float(row["mean"]) == pytest.approx(m["mean"], abs=1e-6)
-        assert 0.0 <= float(row["mean"]) <= 1.0
-        assert int(row["trainable_params"]) > 0
+    runs = {(r["seed"], r["method"]): r for r in payload["runs"]}
+    csv_rows = {(r["method"], r["protocol"], r["seed"]): r for r in rows}
+    for m in payload["summary"]["methods"]:
+        per_seed = []
+        for seed in SEEDS:
+            curve = runs[(seed, m["name"])]["deployed"]
+            assert len(curve) == rounds and all(len(r) == n_clients for r in curve)
+            assert all(0.0 <= a <= 1.0 for r in curve for a in r)
+            clients = [sum(r[c] for r in curve[-last:]) / last for c in range(n_clients)]
+            per_seed.append(sum(clients) / n_clients)
+            assert float(csv_rows[(m["name"], "deployed", str(seed))]["mean"]) == pytest.approx(per_seed[-1], abs=1e-6)
+        mean = sum(per_seed) / 2
+        half = 12.7062 * abs(per_seed[0] - per_seed[1]) / 2  # sd of two values = |a - b| / sqrt(2); / sqrt(n = 2)
+        assert m["deployed"]["per_seed"] == pytest.approx(per_seed)
+        assert m["deployed"]["mean"] == pytest.approx(mean)
+        assert m["deployed"]["ci95"] == pytest.approx(half, abs=1e-4)
+        assert float(csv_rows[(m["name"], "deployed", "mean")]["mean"]) == pytest.approx(mean, abs=1e-6)
+        assert int(csv_rows[(m["name"], "deployed", "mean")]["trainable_params"]) > 0
+        assert m["gflop"] > 0
+
+
+def test_verdicts_follow_from_the_per_seed_differences(run):
+    _, _, payload, _ = run
+    per_seed = {m["name"]: m["deployed"]["per_seed"] for m in payload["summary"]["methods"]}
+    verdicts = [v for v in payload["summary"]["verdicts"] if v["protocol"] == "deployed"]
+    assert {(v["a"], v["b"]) for v in verdicts} >= {("pFedPG", "FedVPT"), ("FedPerfix", "VanillaAttention"),
+                                                   ("FedPerfix", "FedAvg")}
+    for v in verdicts:
+        d = [x - y for x, y in zip(per_seed[v["a"]], per_seed[v["b"]])]
+        assert v["per_seed"] == pytest.approx(d)
+        assert v["diff"] == pytest.approx(sum(d) / 2)
+        assert v["ci95"] == pytest.approx(12.7062 * abs(d[0] - d[1]) / 2, abs=1e-4)
+        assert v["verdict"] == "not resolved at this budget"  # 2 seeds never decide (stats.MIN_SEEDS = 3)
+
+
+def _rows_by_method(payload):
+    return {(r["seed"], r["method"]): r for r in payload["runs"]}
 
 
 def _plain_vit(cfg):
@@ -68,7 +108,9 @@ def _plain_vit(cfg):
 
 
 def test_communication_matches_the_configuration(run):
-    _, _, payload, rows = run
+    _, _, payload, _ = run
+    rows = {r["method"]: {"communicated_params_per_round": r["communicated"], "trainable_params": r["trainable"]}
+            for r in payload["runs"] if r["seed"] == SEEDS[0]}
     cfg = payload["config"]
     K, D, L = cfg["budget"]["num_prompts"], cfg["backbone"]["embed_dim"], cfg["backbone"]["depth"]
     r, classes = cfg["budget"]["lowrank_rank"], 10
@@ -90,3 +132,20 @@ def test_communication_matches_the_configuration(run):
     m = round(2 * D / 3)  # FedPerfix's bottleneck rule: 256 at D = 384
     adapters = L * ((D * m + m) + (m * 2 * D + 2 * D))
     assert trainable["FedPerfix"] == total + adapters and comm["FedPerfix"] == total - head
+
+
+@pytest.mark.slow
+def test_same_table_whatever_the_process_and_thread_count(run, tmp_path):
+    """Another run with 1 process x 2 threads, an empty backbone cache and only seed 1 gives seed 1's accuracies of
+    the 2-process x 1-thread run bit for bit (a seed's result does not depend on the seeds run alongside it)."""
+    _, _, payload, _ = run
+    proc = _run(tmp_path, "--seeds", "1", "--workers", "1", "--threads", "2")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    other = json.loads((tmp_path / "personalize_domain.json").read_text())
+    assert other["environment"]["workers"] == 1 and payload["environment"]["workers"] == 2
+    a, b = _rows_by_method(payload), _rows_by_method(other)
+    assert set(b) == {(1, m) for m in METHODS}
+    for key in b:
+        assert a[key]["deployed"] == b[key]["deployed"], key
+    per_seed = {m["name"]: m["deployed"]["per_seed"][1] for m in payload["summary"]["methods"]}
+    assert per_seed == {m["name"]: m["deployed"]["per_seed"][0] for m in other["summary"]["methods"]}

@@ -1,30 +1,29 @@
-"""Command line of ``benchmarks/personalize.py``: parse flags, build data and backbone, run, report."""
+"""Command line of ``benchmarks/personalize.py``: parse and check flags, run every (seed, method), report.
+
+Every bad flag or flag combination is reported by ``parse_args`` as an argparse error (usage line, exit status 2)
+before any data is prepared or any model trained.
+"""
 
 from __future__ import annotations
 
 import argparse
-import functools
+import math
 import os
 import platform
 import sys
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
-import torch
-
-from .backbone import build_backbone
-from .config import ALL_METHODS, METHODS, BackboneConfig, Budget, DataConfig, RunConfig, smoke
-from .data import digits_federated
-from .folders import folder_federated
-from .methods import Context
-from .report import format_table, plot_curves, write_csv, write_json
-from .runner import run_methods
+from .checks import check_data_folder, check_model, check_out, check_split
+from .config import ALL_METHODS, BROAD_PRETRAIN_EPOCHS, BackboneConfig, Budget, DataConfig, RunConfig, smoke
 
 __all__ = ["main", "parse_args"]
 
 DEFAULT_CACHE = Path(__file__).resolve().parent.parent / ".cache"
+DEFAULT_SEEDS = (0, 1, 2)
+SMOKE_SEEDS = (0, 1)
 
 
 def _methods(text: str) -> List[str]:
@@ -33,63 +32,227 @@ def _methods(text: str) -> List[str]:
     bad = [m for m in names if m.lower() not in lower]
     if bad:
         raise argparse.ArgumentTypeError(f"unknown method(s) {bad}; choose from {', '.join(ALL_METHODS)}")
-    return [lower[m.lower()] for m in names]
+    if not names:
+        raise argparse.ArgumentTypeError("no method given")
+    out = [lower[m.lower()] for m in names]
+    if len(set(out)) != len(out):
+        raise argparse.ArgumentTypeError(f"a method is listed twice in {text!r}")
+    return out
+
+
+def _seeds(text: str) -> Tuple[int, ...]:
+    try:
+        seeds = tuple(int(s) for s in text.split(",") if s.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers like 0,1,2, got {text!r}") from None
+    if not seeds or min(seeds) < 0 or len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(f"expected distinct non-negative integers like 0,1,2, got {text!r}")
+    return seeds
+
+
+def _positive(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
+    return v
+
+
+def _alpha(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not (v > 0 and math.isfinite(v)):
+        raise argparse.ArgumentTypeError(f"the Dirichlet concentration must be a finite number > 0, got {text}")
+    return v
+
+
+def _fraction(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}") from None
+    if not 0.0 < v <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text}")
+    return v
+
+
+def build_parser() -> argparse.ArgumentParser:
+    b = Budget()
+    p = argparse.ArgumentParser(
+        prog="personalize.py",
+        description="fedpeft's main job: per-client accuracy and cost of personalization methods on heterogeneous "
+        "clients (embedded digits, or your own image folders), over several seeds with 95% intervals and paired "
+        "verdicts. See docs/benchmark.md.",
+    )
+    add = p.add_argument
+    add("--methods", type=_methods, default=list(ALL_METHODS), metavar="A,B,...",
+        help=f"comma-separated subset of: {', '.join(ALL_METHODS)} (default: all)")
+    add("--seeds", type=_seeds, default=None, metavar="S,S,...",
+        help="seeds; each is a new split, backbone pre-training, heads and batch order (default: 0,1,2; --smoke: 0,1)")
+    add("--rounds", type=_positive, default=b.rounds, metavar="N", help=f"communication rounds (default: {b.rounds})")
+    add("--local-epochs", type=_positive, default=b.local_epochs, metavar="N",
+        help=f"local epochs per round (default: {b.local_epochs})")
+    add("--fraction", type=_fraction, default=b.fraction, metavar="F",
+        help="share of clients per round, in (0, 1]: a seeded sample, at least one client (default: 1)")
+    add("--last-rounds", type=_positive, default=5, metavar="N",
+        help="report each client's mean accuracy over the last N rounds (default: 5)")
+    add("--pfedpg-server", default=f"{b.generator_optimizer}:{b.generator_lr:g}", metavar="OPT:LR",
+        help=f"pFedPG's server optimizer and rate α, SGD or Adam (default: {b.generator_optimizer}:"
+        f"{b.generator_lr:g}, the paper's α; see docs/benchmark.md before changing it)")
+    add("--split", choices=["domain", "dirichlet"], default=None,
+        help="how the embedded digits go to clients: a visual shift per client, or Dirichlet label skew "
+        "(default: domain)")
+    add("--clients", type=_positive, default=None, metavar="N",
+        help="number of clients (default: 6 for domain, 10 for dirichlet)")
+    add("--alpha", type=_alpha, default=None, metavar="A",
+        help="Dirichlet concentration, --split dirichlet only (default: 0.1)")
+    add("--pretrain", choices=["clean", "broad"], default="clean",
+        help="backbone pre-training on the public split: clean digits with light affine jitter, or broad "
+        "augmentation (inversion, rotation, noise, blur, colour; 200 epochs instead of 60) like a backbone that "
+        "has seen every kind of image (default: clean)")
+    add("--data", default=None, metavar="PATH",
+        help="real data: PATH/<client>/<class>/<image>, one ImageFolder per client (needs --model, --checkpoint)")
+    add("--model", default=None, metavar="NAME", help="a registered timm ViT name, with --checkpoint")
+    add("--checkpoint", default=None, metavar="FILE", help="local weights file for --model (nothing is downloaded)")
+    add("--out", default=None, metavar="DIR",
+        help="results folder for CSV, JSON, PNG; must be new or empty unless --overwrite "
+        "(default: a new results/personalize-<split>-<date-time>)")
+    add("--overwrite", action="store_true", help="allow --out to be a folder that already holds files")
+    add("--cache", default=str(DEFAULT_CACHE), metavar="DIR",
+        help="folder for the pre-trained backbones (default: benchmarks/.cache)")
+    add("--workers", type=_positive, default=None, metavar="N",
+        help="parallel processes, one (seed, method) each at a time (default: the CPUs available, at most one "
+        "per job)")
+    add("--threads", type=_positive, default=1, metavar="N",
+        help="torch threads per process (default: 1; more threads on shared cores oversubscribe them)")
+    add("--engine", choices=["local", "flower"], default="local",
+        help="local: the in-process engine (worker processes); flower: Flower's simulation runtime (Ray), one "
+        "virtual SuperNode per client with 1 CPU and 1 torch thread, seeds one after another, the same per-client "
+        "results (needs the flower extra; default: local)")
+    add("--smoke", action="store_true",
+        help="seconds-long run for tests: tiny ViT, 3 clients, 2 rounds, 32 training images per client")
+    return p
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> RunConfig:
-    b, d = Budget(), DataConfig()
-    p = argparse.ArgumentParser(
-        prog="personalize.py",
-        description="fedpeft's main job: per-client accuracy and cost of personalization methods on "
-        "heterogeneous clients (embedded digits, or your own image folders).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    p.add_argument("--methods", type=_methods, default=list(METHODS), help="comma-separated subset of " + ",".join(ALL_METHODS))
-    p.add_argument("--rounds", type=int, default=b.rounds, help="communication rounds")
-    p.add_argument("--local-epochs", type=int, default=b.local_epochs, help="local epochs per round")
-    p.add_argument("--fraction", type=float, default=b.fraction,
-                   help="share of clients per round, in (0, 1] (seeded sample, at least one client)")
-    p.add_argument("--clients", type=int, default=None, help="clients (default: 6 for domain, 10 for dirichlet)")
-    p.add_argument("--split", choices=["domain", "dirichlet"], default=d.split, help="how digits go to clients")
-    p.add_argument("--alpha", type=float, default=d.alpha, help="Dirichlet concentration for --split dirichlet")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--data", default=None, help="real data: PATH/<client>/<class>/<image> (ImageFolder per client)")
-    p.add_argument("--model", default=None, help="a registered timm model name (with --checkpoint)")
-    p.add_argument("--checkpoint", default=None, help="local weights file for --model (no download)")
-    p.add_argument("--out", default="results", help="results folder (CSV, JSON, PNG)")
-    p.add_argument("--cache", default=str(DEFAULT_CACHE), help="folder for the pre-trained backbone")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    p.add_argument("--smoke", action="store_true", help="seconds-long run: tiny ViT, 3 clients, 2 rounds")
-    p.add_argument("--engine", choices=["local", "flower"], default="local",
-                   help="local: in-process loop; flower: Flower's simulation runtime (Ray), one SuperNode per client")
+    """Parse and check ``argv``; every problem is a ``parser.error`` (SystemExit 2) before any work."""
+    p = build_parser()
     a = p.parse_args(argv)
-    if a.rounds < 1 or a.local_epochs < 1:
-        p.error("--rounds and --local-epochs must be >= 1")
-    if not 0.0 < a.fraction <= 1.0:
-        p.error(f"--fraction must be in (0, 1], got {a.fraction}")
+    b, d = Budget(), DataConfig()
+    opt, _, lr = a.pfedpg_server.partition(":")
+    try:
+        server_lr = float(lr)
+    except ValueError:
+        server_lr = float("nan")
+    if opt not in ("SGD", "Adam") or not (server_lr > 0 and math.isfinite(server_lr)):
+        p.error(f"--pfedpg-server: expected SGD:LR or Adam:LR with LR > 0, got {a.pfedpg_server!r}")
+    if a.checkpoint and not a.model:
+        p.error("--checkpoint needs --model NAME (the timm architecture the weights belong to)")
     if a.model and not a.checkpoint:
         p.error("--model needs --checkpoint FILE (local weights; nothing is downloaded)")
-    if a.data and not a.checkpoint:
-        p.error("--data needs a real backbone: --model NAME --checkpoint FILE")
-    backbone = BackboneConfig()
+    if a.data:
+        given = [f for f, v in (("--split", a.split), ("--clients", a.clients), ("--alpha", a.alpha)) if v is not None]
+        if given:
+            p.error(f"--data gives the clients (one per folder); {', '.join(given)} only apply to the embedded digits")
+        if not a.checkpoint:
+            p.error("--data needs a real backbone: --model NAME --checkpoint FILE")
+    if a.alpha is not None and (a.split or "domain") != "dirichlet":
+        p.error("--alpha only applies to --split dirichlet")
     if a.checkpoint:
-        backbone = replace(backbone, model=a.model or backbone.model, checkpoint=a.checkpoint)
+        if a.pretrain != "clean":
+            p.error("--pretrain applies to the embedded backbone; a --checkpoint is used as is")
+        if not Path(a.checkpoint).is_file():
+            p.error(f"--checkpoint {a.checkpoint!r} is not a file")
+        problem = check_model(a.model)
+        if problem:
+            p.error(problem)
+    if a.data:
+        problem = check_data_folder(a.data)
+        if problem:
+            p.error(problem)
+    backbone = replace(BackboneConfig(), pretrain_augment=a.pretrain)
+    if a.pretrain == "broad":
+        backbone = replace(backbone, pretrain_epochs=BROAD_PRETRAIN_EPOCHS)
+    if a.checkpoint:
+        backbone = replace(backbone, model=a.model, checkpoint=a.checkpoint)
+    seeds = a.seeds or (SMOKE_SEEDS if a.smoke else DEFAULT_SEEDS)
+    split = a.split or d.split
+    tag = "folders" if a.data else split
+    if a.out is None:
+        out = Path("results") / f"personalize-{tag}-{time.strftime('%Y%m%d-%H%M%S')}"
+        while out.exists():
+            out = out.with_name(out.name + "+")
+    else:
+        out = Path(a.out)
+        problem = check_out(out, a.overwrite)
+        if problem:
+            p.error(problem)
     cfg = RunConfig(
         methods=tuple(a.methods),
-        seed=a.seed,
+        seeds=tuple(seeds),
         threads=a.threads,
+        workers=a.workers or 0,  # 0: decided once the number of jobs is known
+        last_rounds=a.last_rounds,
         engine=a.engine,
-        out=a.out,
+        out=str(out),
         cache=a.cache,
-        budget=replace(b, rounds=a.rounds, local_epochs=a.local_epochs, fraction=a.fraction),
+        budget=replace(b, rounds=a.rounds, local_epochs=a.local_epochs, fraction=a.fraction,
+                       generator_optimizer=opt, generator_lr=server_lr),
         backbone=backbone,
-        data=replace(d, split=a.split, clients=a.clients, alpha=a.alpha, data=a.data),
+        data=replace(d, split=split, clients=a.clients, alpha=a.alpha if a.alpha is not None else d.alpha,
+                     data=a.data),
     )
-    return smoke(cfg) if a.smoke else cfg
+    cfg = smoke(cfg) if a.smoke else cfg
+    problem = _check_splits(cfg)
+    if problem:
+        p.error(problem)
+    if cfg.engine == "flower":
+        if a.workers not in (None, 1):
+            p.error("--workers applies to --engine local; Flower's simulation runs one virtual SuperNode per client")
+        try:
+            import flwr  # noqa: F401
+        except ImportError:
+            p.error("--engine flower needs Flower: pip install -e \".[flower]\"")
+        cfg = replace(cfg, workers=1)
+    if not cfg.workers:
+        from .parallel import default_workers
+
+        cfg = replace(cfg, workers=default_workers(len(cfg.seeds) * len(cfg.methods)))
+    return cfg
 
 
-def _environment() -> dict:
+def _check_splits(cfg: RunConfig) -> Optional[str]:
+    """Draw every seed's split of the embedded digits (cheap, no model): impossible splits fail here, not later."""
+    if cfg.data.data:
+        return None
+    from .data import digits_federated
+
+    sizes = []
+    for seed in cfg.seeds:
+        try:
+            data = digits_federated(cfg.data, seed, 8)  # the split does not depend on the image size
+        except ValueError as e:
+            return f"seed {seed}: {e}"
+        sizes += [(seed, c.name, c.info["train"], c.info["test"]) for c in data.clients]
+    return check_split(sizes)
+
+
+def _engine(cfg: RunConfig) -> dict:
+    """Which engine ran the methods (and Flower's version when it was Flower)."""
+    if cfg.engine != "flower":
+        return {"name": cfg.engine}
+    from .flower_engine import flower_version
+
+    return {"name": "flower", "flwr": flower_version()}
+
+
+def _environment(cfg: RunConfig) -> dict:
     import timm
+    import torch
 
     import fedpeft
 
@@ -98,67 +261,94 @@ def _environment() -> dict:
         "torch": torch.__version__,
         "timm": timm.__version__,
         "fedpeft": fedpeft.__version__,
-        "threads": torch.get_num_threads(),
+        "threads_per_process": cfg.threads,
+        "workers": cfg.workers,
         "cpu_count": os.cpu_count(),
+        "load_average_at_end": os.getloadavg() if hasattr(os, "getloadavg") else None,
         "machine": platform.machine(),
     }
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the benchmark; returns 0. See ``docs/benchmark.md``."""
+    cfg = parse_args(argv)
+    import torch
     from tqdm import tqdm
 
-    cfg = parse_args(argv)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    torch.manual_seed(cfg.seed)
-    progress = functools.partial(tqdm, file=sys.stderr, dynamic_ncols=True, mininterval=1.0)
-    t0 = time.perf_counter()
-    cache = Path(cfg.cache)
-    if cfg.backbone.is_custom:
-        backbone = build_backbone(cfg.backbone, None, 0, cache, cfg.seed, progress)
-        size = backbone.preprocess.size
-        data = folder_federated(cfg.data, cfg.seed, size) if cfg.data.data else digits_federated(cfg.data, cfg.seed, 32)
-        backbone.num_classes = data.num_classes
-    else:
-        data = digits_federated(cfg.data, cfg.seed, cfg.backbone.img_size)
-        backbone = build_backbone(cfg.backbone, data.public, data.num_classes, cache, cfg.seed, progress)
-    names = [c.name for c in data.clients]
-    tag = "folders" if cfg.data.data else cfg.data.split
-    print(f"data: {tag}, {len(names)} clients {names}, train sizes {[c.info['train'] for c in data.clients]}")
-    print(f"backbone: {cfg.backbone.model} {cfg.backbone.timm_kwargs()} {backbone.info}")
-    print(f"budget: {asdict(cfg.budget)}")
-    ctx = Context(backbone, data.clients, cfg.budget, cfg.seed)
-    backbone_params = sum(p.numel() for p in backbone.make().parameters())
-    engine = {"name": cfg.engine}
-    if cfg.engine == "flower":
-        from .flower_engine import flower_version, run_methods_flower
+    from .flops import matmul_rate
+    from .jobs import configure_process
+    from .parallel import run_all
+    from .report import (
+        Summary,
+        format_pfedpg,
+        format_table,
+        format_verdicts,
+        pfedpg_server,
+        plot_curves,
+        summary_json,
+        write_csv,
+        write_json,
+    )
 
-        engine["flwr"] = flower_version()
-        results = run_methods_flower(cfg.methods, ctx, cfg.budget.rounds, progress)
-    else:
-        results = run_methods(cfg.methods, ctx, cfg.budget.rounds, progress)
-    total = time.perf_counter() - t0
-    title = f"fedpeft personalize.py: {tag}, {len(names)} clients, {cfg.budget.rounds} rounds"
-    table = format_table(results, names, backbone_params)
-    print(f"\n{title} (per-client test accuracy, %)\n{table}\ntotal wall time {total:.0f}s")
+    configure_process(cfg.threads)
+    t0 = time.perf_counter()
+    tag = "folders" if cfg.data.data else cfg.data.split
+    jobs = len(cfg.seeds) * len(cfg.methods)
+    print(f"{len(cfg.seeds)} seeds {list(cfg.seeds)} x {len(cfg.methods)} methods = {jobs} runs of "
+          f"{cfg.budget.rounds} rounds, {cfg.workers} worker process(es) x {cfg.threads} torch thread(s)")
+    print(f"budget: {asdict(cfg.budget)}")
+    total = jobs * cfg.budget.rounds
+    with tqdm(total=total, unit="round", file=sys.stderr, dynamic_ncols=True, mininterval=1.0) as bar:
+        if cfg.engine == "flower":
+            from .flower_engine import run_all_flower
+
+            prepared, records = run_all_flower(cfg, bar)
+        else:
+            prepared, records = run_all(cfg, bar)
+    wall = time.perf_counter() - t0
+    first = prepared[cfg.seeds[0]]
+    names, backbone_params = first["clients"], first["backbone_params"]
+    rate = matmul_rate() / 1e9
+    s = Summary(records, cfg.seeds, cfg.methods, cfg.last_rounds)
+    title = (f"fedpeft personalize.py: {tag}, {len(names)} clients, {cfg.budget.rounds} rounds x "
+             f"{cfg.budget.local_epochs} local epochs, backbone pre-training '{cfg.backbone.pretrain_augment}'")
+    table, verdicts = format_table(s, names, backbone_params, rate), format_verdicts(s)
+    server = pfedpg_server(records, cfg.seeds)
+    server_line = format_pfedpg(server, cfg.budget.generator_optimizer, cfg.budget.generator_lr)
+    for seed in cfg.seeds:
+        info = prepared[seed]["backbone"]
+        acc = info.get("pretrain_val_accuracy")
+        print(f"seed {seed}: backbone {'cached' if info.get('cached') else 'built'}"
+              + (f", held-out pre-training accuracy {acc:.3f}" if acc is not None else ""))
+    cpu = sum(r["cpu_s"] for r in records.values())
+    print(f"\n{title}\n{table}\n\n{verdicts}\n")
+    if server_line:
+        print(server_line + "\n")
+    print(f"total wall time {wall:.0f}s ({cpu:.0f} CPU-seconds in the method runs; load average at the end "
+          f"{os.getloadavg()[0]:.1f})")
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = out / f"personalize_{tag}"
-    write_csv(stem.with_suffix(".csv"), results, names)
+    write_csv(stem.with_suffix(".csv"), s, names)
     write_json(stem.with_suffix(".json"), {
         "title": title,
         "command": "python benchmarks/personalize.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "config": cfg.as_dict(),
-        "backbone": {**backbone.info, "params": backbone_params},
-        "data": data.description,
         "clients": names,
-        "methods": [r.as_dict() for r in results],
-        "total_wall_s": total,
-        "engine": engine,
-        "environment": _environment(),
+        "backbone": {"params": backbone_params, "per_seed": {s_: prepared[s_]["backbone"] for s_ in cfg.seeds}},
+        "data": {s_: prepared[s_]["data"] for s_ in cfg.seeds},
+        "summary": summary_json(s),
+        "runs": [records[k] for k in records],
+        "total_wall_s": wall,
+        "matmul_gflops_1thread": rate,
+        "engine": _engine(cfg),
+        "environment": _environment(cfg),
         "table": table,
+        "verdicts": verdicts,
+        "pfedpg_server": server,
+        "method_cpu_s": cpu,
+        "torch_threads_main": torch.get_num_threads(),
     })
-    plot_curves(stem.with_suffix(".png"), results, title)
+    plot_curves(stem.with_suffix(".png"), s, title)
     print(f"wrote {stem}.csv, .json, .png")
     return 0

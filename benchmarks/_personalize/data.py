@@ -90,6 +90,9 @@ def _dirichlet_parts(
     labels: np.ndarray, clients: int, alpha: float, rng: np.random.Generator, min_size: int
 ) -> List[np.ndarray]:
     """Label skew: class c's samples split in proportions ~ Dir(α·1); redrawn until every client has ≥ min_size."""
+    if clients * min_size > len(labels):
+        raise ValueError(f"could not draw a Dir({alpha}) split giving {clients} clients ≥ {min_size} samples each: "
+                         f"there are only {len(labels)} samples")
     for _ in range(1000):
         parts: List[list] = [[] for _ in range(clients)]
         for c in np.unique(labels):

@@ -10,19 +10,20 @@ partition-id order, so the per-client accuracies equal ``--engine local``'s bit 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import statistics
 import time
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from .config import ALL_METHODS
 from .methods import Context, build_model, make_protocol, method_costs
 from .runner import MethodResult
 from .train import make_trainer
 
-__all__ = ["flower_version", "run_methods_flower"]
+__all__ = ["flower_version", "run_all_flower", "run_methods_flower"]
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +32,21 @@ def flower_version() -> str:
     import flwr
 
     return flwr.__version__
+
+
+def _tree_cpu_s() -> float:
+    """CPU seconds used so far by this process and every live descendant (the Ray processes of the simulation)."""
+    import psutil
+
+    me = psutil.Process()
+    total = 0.0
+    for proc in [me, *me.children(recursive=True)]:
+        try:
+            t = proc.cpu_times()
+        except psutil.Error:  # exited meanwhile
+            continue
+        total += t.user + t.system
+    return total
 
 
 def _result(name: str, strategy, model, n: int, wall_s: float) -> MethodResult:
@@ -60,7 +76,8 @@ def _result(name: str, strategy, model, n: int, wall_s: float) -> MethodResult:
 
 
 def run_methods_flower(names: Sequence[str], ctx: Context, rounds: int, progress: Callable,
-                       round_timeout: float = 3600.0) -> List[MethodResult]:
+                       round_timeout: float = 3600.0, cpu_out: Optional[Dict[str, float]] = None
+                       ) -> List[MethodResult]:
     """Run ``names`` through Flower's simulation runtime (see the module docstring); same results as ``run_methods``."""
     from flwr.app import ConfigRecord
     from flwr.clientapp import ClientApp
@@ -103,6 +120,7 @@ def run_methods_flower(names: Sequence[str], ctx: Context, rounds: int, progress
     client.evaluate()(route("evaluate"))
 
     results: List[MethodResult] = []
+    cpu_s: Dict[str, float] = {}
     server = ServerApp()
 
     @server.main()
@@ -110,7 +128,7 @@ def run_methods_flower(names: Sequence[str], ctx: Context, rounds: int, progress
         with progress(total=len(names) * rounds, unit="round") as bar:
             for name in names:
                 bar.set_description(f"{name:<16}")
-                t0 = time.perf_counter()
+                t0, cpu0 = time.perf_counter(), _tree_cpu_s()
                 model = build_model(name, ctx)  # seeds torch: the server's initial state (pFedPG: the generator)
                 protocol = make_protocol(name, ctx.budget)
 
@@ -123,6 +141,7 @@ def run_methods_flower(names: Sequence[str], ctx: Context, rounds: int, progress
                                on_round=tick)
                 strategy.start(grid, num_rounds=rounds, timeout=round_timeout)
                 results.append(_result(name, strategy, model, n, time.perf_counter() - t0))
+                cpu_s[name] = _tree_cpu_s() - cpu0
                 log.info("%s: mean accuracy %.4f", name, statistics.fmean(results[-1].accuracy))
 
     # Ray workers import this package by name: put benchmarks/ on their path (the driver's sys.path is not shared)
@@ -134,4 +153,31 @@ def run_methods_flower(names: Sequence[str], ctx: Context, rounds: int, progress
     run_simulation(server_app=server, client_app=client, num_supernodes=n, backend_config=backend)
     if len(results) != len(names):
         raise RuntimeError(f"the Flower simulation ended after {len(results)} of {len(names)} methods (see its log)")
+    if cpu_out is not None:
+        cpu_out.update(cpu_s)
     return results
+
+
+def run_all_flower(cfg, bar) -> Tuple[Dict[int, Dict[str, Any]], Dict[Tuple[int, str], Dict[str, Any]]]:
+    """``parallel.run_all`` for ``--engine flower``: per seed (one after another) the same preparation, then every
+    method through one Flower simulation; the same records as the in-process engine (``jobs.job_record``), with
+    ``cpu_s`` the CPU seconds of this process and its Ray processes during that method."""
+    from .jobs import configure_process, job_record, prepare_info, prepare_seed
+
+    configure_process(cfg.threads)
+
+    @contextlib.contextmanager
+    def shared_bar(total=None, unit=None):
+        yield bar
+
+    prepared: Dict[int, Dict[str, Any]] = {}
+    records: Dict[Tuple[int, str], Dict[str, Any]] = {}
+    for seed in cfg.seeds:
+        data, backbone = prepare_seed(cfg, seed)
+        prepared[seed] = prepare_info(cfg, seed)
+        ctx = Context(backbone, data.clients, cfg.budget, seed)
+        bar.set_description(f"seed {seed} (Flower)", refresh=False)
+        cpu: Dict[str, float] = {}
+        for result in run_methods_flower(cfg.methods, ctx, cfg.budget.rounds, shared_bar, cpu_out=cpu):
+            records[(seed, result.name)] = job_record(seed, result.name, result, ctx, cpu[result.name])
+    return prepared, records

@@ -1,80 +1,318 @@
-"""The outputs: the table (printed like pFedPG Tables 1–2 / FedPerfix Table 2), CSV, JSON and a PNG plot.
+"""The outputs of a multi-seed run: the table, the paired verdicts, CSV, JSON and a PNG plot.
 
-Accuracies are per-client top-1 on each client's own test split, in [0, 1] in the files and in % in the printed
-table; "Avg." is the mean over clients ± the population standard deviation across clients (FedPerfix's convention).
-Parameter counts are per client: trainable (what a client optimizes), communicated per round (what it uploads; the
-download is the same size for every method here except pFedPG, whose server sends P_n, also K·D).
+Numbers, per method and evaluation protocol (``deployed``: the latest shared state with the client's own personal
+state, pFedPG's generated prompts; ``local``: the client's model right after its local training of that round):
+
+- a client's accuracy in one seed is the mean of its top-1 test accuracy over the **last ``L`` rounds** (``L`` = 5 by
+  default, fewer if the run is shorter): with ~50 test images per client, one round alone moves by 2–3 points;
+- a seed's value is the mean over clients of those; the table shows the mean over seeds ± the half-width of the 95 %
+  t-interval over seeds (:mod:`.stats`), and each client's column the mean over seeds;
+- the paired verdicts compare two methods seed by seed (same split, backbone and batches).
+
+Parameter counts are per client: trainable (what a client optimizes), communicated per round (what it uploads).
+Wall and CPU are the mean wall time and CPU seconds of one seed's run of the method; GFLOP its counted matmul work
+(:mod:`.flops`), and "of matmul" the FLOPs per CPU-second as a share of a plain ``torch.matmul``'s rate on one thread
+of the same machine (CPU seconds, not wall time, so other jobs on the machine do not change it).
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import math
+import statistics
 from pathlib import Path
-from typing import Any, Dict, List, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from .runner import MethodResult
+from .stats import Interval, Paired, comparisons, paired, t_interval
 
-__all__ = ["format_table", "plot_curves", "write_csv", "write_json"]
+__all__ = [
+    "PROTOCOLS",
+    "Summary",
+    "format_pfedpg",
+    "format_table",
+    "format_verdicts",
+    "pfedpg_server",
+    "plot_curves",
+    "summary_json",
+    "write_csv",
+    "write_json",
+]
+
+#: record key → column title
+PROTOCOLS: Dict[str, str] = {"deployed": "Deployed", "local": "After local training"}
+
+Records = Dict[Tuple[int, str], Dict[str, Any]]
+
+
+def _last_mean(curve: Sequence[Sequence[Optional[float]]], last: int) -> List[float]:
+    """Per client, the mean of its accuracy over the last ``last`` rounds of ``curve`` (rounds × clients).
+
+    ``None`` (a client that did not train in a round, ``--fraction`` < 1) is skipped; a client without any value in
+    those rounds gets its last value of the whole run (``nan`` if it never trained).
+    """
+    out = []
+    for c in range(len(curve[0])):
+        values = [r[c] for r in curve[-last:] if r[c] is not None]
+        if not values:
+            values = [r[c] for r in curve if r[c] is not None][-1:] or [float("nan")]
+        out.append(statistics.fmean(values))
+    return out
+
+
+def _mean(values: Sequence[float]) -> float:
+    """Mean of the non-``nan`` values (``nan`` if there are none)."""
+    kept = [v for v in values if not math.isnan(v)]
+    return statistics.fmean(kept) if kept else float("nan")
+
+
+class Summary:
+    """Everything the table, the verdicts and the files need, computed once from the per-(seed, method) records."""
+
+    def __init__(self, records: Records, seeds: Sequence[int], methods: Sequence[str], last_rounds: int) -> None:
+        self.records, self.seeds, self.methods = records, list(seeds), list(methods)
+        first = records[(self.seeds[0], self.methods[0])]
+        self.rounds = len(first["deployed"])
+        self.last = max(1, min(last_rounds, self.rounds))
+        self.protocols = [p for p in PROTOCOLS if all(records[k].get(p) for k in records)]
+        if "deployed" not in self.protocols:
+            raise ValueError("every record needs its per-round deployed accuracies")
+        # per protocol, method: per seed (per-client last-L means)
+        self.clients: Dict[str, Dict[str, List[List[float]]]] = {
+            p: {m: [_last_mean(records[(s, m)][p], self.last) for s in self.seeds] for m in self.methods}
+            for p in self.protocols
+        }
+        self.per_seed: Dict[str, Dict[str, List[float]]] = {
+            p: {m: [_mean(c) for c in self.clients[p][m]] for m in self.methods} for p in self.protocols
+        }
+        self.interval: Dict[str, Dict[str, Interval]] = {
+            p: {m: t_interval(self.per_seed[p][m]) for m in self.methods} for p in self.protocols
+        }
+        self.pairs: Dict[str, List[Paired]] = {
+            p: [paired(a, b, claim, self.per_seed[p]) for a, b, claim in comparisons(self.methods)]
+            for p in self.protocols
+        }
+
+    def client_means(self, protocol: str, method: str) -> List[float]:
+        per_seed = self.clients[protocol][method]
+        return [_mean(col) for col in zip(*per_seed)]
+
+    def curve(self, protocol: str, method: str) -> List[Interval]:
+        """Per round: mean over clients, then mean ± 95 % interval over seeds."""
+        per_seed = [[_mean([v for v in r if v is not None]) for r in self.records[(s, method)][protocol]]
+                    for s in self.seeds]
+        return [t_interval(col) for col in zip(*per_seed)]
+
+    def cost(self, method: str) -> Dict[str, float]:
+        recs = [self.records[(s, method)] for s in self.seeds]
+        wall = statistics.fmean(r["wall_s"] for r in recs)
+        cpu = statistics.fmean(r["cpu_s"] for r in recs)
+        flops = statistics.fmean(r["flops"]["total"] for r in recs)
+        return {"wall_s": wall, "cpu_s": cpu, "gflop": flops / 1e9,
+                "gflops_per_cpu_s": flops / 1e9 / cpu if cpu else float("nan"),
+                "trainable": recs[0]["trainable"], "communicated": recs[0]["communicated"],
+                "server": recs[0]["server_params"]}
+
+
+def _pct(iv: Interval) -> str:
+    if math.isnan(iv.half):
+        return f"{100 * iv.mean:.1f}"
+    return f"{100 * iv.mean:.1f} ± {100 * iv.half:.1f}"
 
 
 def _count(n: int, ref: int) -> str:
     if n == 0:
         return "0"
-    pct = 100.0 * n / ref if ref else 0.0
-    return f"{n:,} ({pct:.3g}%)"
+    return f"{n:,} ({100.0 * n / ref:.3g}%)" if ref else f"{n:,}"
 
 
-def format_table(results: Sequence[MethodResult], clients: Sequence[str], backbone_params: int) -> str:
-    """A fixed-width text table: per-client accuracy (%), Avg. ± std, trainable, comm./round, wall time."""
-    show_clients = len(clients) <= 10
-    head = ["Method"] + (list(clients) if show_clients else []) + ["Avg. ± std", "Trainable", "Comm./round", "Time"]
+def format_table(s: Summary, clients: Sequence[str], backbone_params: int, matmul_gflops: float) -> str:
+    """A fixed-width table: per-client mean (first protocol), mean ± 95 % CI per protocol, costs."""
+    show = len(clients) <= 10
+    first = s.protocols[0]
+    head = ["Method"] + (list(clients) if show else []) + [PROTOCOLS[p] for p in s.protocols]
+    head += ["Trainable", "Comm./round", "Wall/seed", "CPU/seed", "GFLOP", "of matmul"]
     rows = []
-    for r in results:
-        cells = [r.name] + ([f"{100 * a:.2f}" for a in r.accuracy] if show_clients else [])
-        trainable = _count(r.trainable, backbone_params) + (f" +{r.server:,} server" if r.server else "")
-        cells += [f"{100 * r.mean:.2f} ± {100 * r.std:.2f}", trainable, _count(r.communicated, backbone_params),
-                  f"{r.wall_s:.0f}s"]
+    for m in s.methods:
+        c = s.cost(m)
+        cells = [m] + ([f"{100 * a:.1f}" for a in s.client_means(first, m)] if show else [])
+        cells += [_pct(s.interval[p][m]) for p in s.protocols]
+        trainable = _count(c["trainable"], backbone_params) + (f" +{c['server']:,} server" if c["server"] else "")
+        share = c["gflops_per_cpu_s"] / matmul_gflops if matmul_gflops else float("nan")
+        cells += [trainable, _count(c["communicated"], backbone_params), f"{c['wall_s']:.0f}s", f"{c['cpu_s']:.0f}s",
+                  f"{c['gflop']:.1f}", f"{100 * share:.1f}%"]
         rows.append(cells)
     widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
     fmt = "  ".join(f"{{:<{w}}}" if i == 0 else f"{{:>{w}}}" for i, w in enumerate(widths))
-    lines = [fmt.format(*head), "  ".join("-" * w for w in widths)]
-    lines += [fmt.format(*row) for row in rows]
-    lines.append(f"(parameter % relative to the {backbone_params:,}-parameter backbone with its head)")
+    lines = [fmt.format(*head), "  ".join("-" * w for w in widths)] + [fmt.format(*r) for r in rows]
+    lines.append(
+        f"accuracy %: mean of the last {s.last} rounds, mean over clients, mean ± 95% t-interval over "
+        f"{len(s.seeds)} seeds {s.seeds}; client columns: {PROTOCOLS[first].lower()}, mean over seeds. "
+        f"Parameters: % of the {backbone_params:,}-parameter backbone with head; "
+        f"'of matmul': GFLOP per CPU-second / {matmul_gflops:.1f} GFLOP/s of a plain matmul on 1 thread"
+    )
     return "\n".join(lines)
 
 
-def write_csv(path: Path, results: Sequence[MethodResult], clients: Sequence[str]) -> None:
-    """One row per method: mean, std, per-client accuracies in [0, 1], parameter counts, wall seconds."""
+def format_verdicts(s: Summary) -> str:
+    """One line per paired comparison and protocol: difference (points) ± 95 % CI and the verdict."""
+    lines = ["paired comparisons over seeds (A − B, accuracy points, 95% t-interval):"]
+    width = max((len(f"{q.a} > {q.b}") for p in s.protocols for q in s.pairs[p]), default=0)
+    for p in s.protocols:
+        lines.append(f"  {PROTOCOLS[p]}:")
+        for q in s.pairs[p]:
+            diff = _pct(q.diff)
+            lines.append(f"    {q.a + ' > ' + q.b:<{width}}  {diff:>14}  {q.verdict:<28}  ({q.claim})")
+    if len(lines) == 1:
+        lines.append("  none (the compared methods were not all run)")
+    return "\n".join(lines)
+
+
+def pfedpg_server(records: Records, seeds: Sequence[int]) -> Optional[Dict[str, Any]]:
+    """pFedPG's server step over all seeds, from the per-round diagnostics of ``fedpeft.protocols.PFedPGServer``.
+
+    ``closer``: client-rounds where ``‖gen(n) − P̃ₙ‖`` shrank through the server step, of all client-rounds;
+    ``trained_norm``: mean ‖P̃ₙ‖ over clients in the first and the last round (mean over seeds); ``spread``: the mean
+    distance of the clients' generated prompts to their mean, relative to the mean's norm, first and last round.
+    ``None`` when pFedPG was not run.
+    """
+    logs = [records[(s, "pFedPG")]["server"] for s in seeds if (s, "pFedPG") in records]
+    if not logs:
+        return None
+    closer = total = 0
+    first_norm, last_norm, first_spread, last_spread = [], [], [], []
+    for log in logs:
+        diags = [r["diagnostics"] for r in log if r.get("diagnostics")]
+        for d in diags:
+            closer += sum(a < b for a, b in zip(d["dist_after"], d["dist_before"]))
+            total += len(d["dist_before"])
+        if diags:
+            first_norm.append(statistics.fmean(diags[0]["trained_norm"]))
+            last_norm.append(statistics.fmean(diags[-1]["trained_norm"]))
+            first_spread.append(diags[0]["spread"])
+            last_spread.append(diags[-1]["spread"])
+    if not total:
+        return None
+    return {"closer": closer, "client_rounds": total,
+            "trained_norm": [statistics.fmean(first_norm), statistics.fmean(last_norm)],
+            "spread": [statistics.fmean(first_spread), statistics.fmean(last_spread)]}
+
+
+def format_pfedpg(diag: Optional[Dict[str, Any]], optimizer: str, lr: float) -> str:
+    if diag is None:
+        return ""
+    return (f"pFedPG server ({optimizer}, lr {lr:g}): gen(n) moved closer to the client's trained prompts P̃ₙ in "
+            f"{diag['closer']}/{diag['client_rounds']} client-rounds; mean ‖P̃ₙ‖ {diag['trained_norm'][0]:.3g} "
+            f"(round 1) → {diag['trained_norm'][1]:.3g} (last); spread of gen(ids) across clients "
+            f"{100 * diag['spread'][0]:.3g}% → {100 * diag['spread'][1]:.3g}% of their mean's norm")
+
+
+def write_csv(path: Path, s: Summary, clients: Sequence[str]) -> None:
+    """One row per (method, protocol, seed) and one per (method, protocol) aggregate (seed = "mean"/"ci95")."""
     with path.open("w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["method", "mean", "std", *[f"acc_{c}" for c in clients],
-                    "trainable_params", "communicated_params_per_round", "server_params", "wall_s"])
-        for r in results:
-            w.writerow([r.name, f"{r.mean:.6f}", f"{r.std:.6f}", *[f"{a:.6f}" for a in r.accuracy],
-                        r.trainable, r.communicated, r.server, f"{r.wall_s:.2f}"])
+        w.writerow(["method", "protocol", "seed", "mean", *[f"acc_{c}" for c in clients], "trainable_params",
+                    "communicated_params_per_round", "server_params", "wall_s", "gflop"])
+        for m in s.methods:
+            for p in s.protocols:
+                for i, seed in enumerate(s.seeds):
+                    r = s.records[(seed, m)]
+                    w.writerow([m, p, seed, f"{s.per_seed[p][m][i]:.6f}", *[f"{a:.6f}" for a in s.clients[p][m][i]],
+                                r["trainable"], r["communicated"], r["server_params"], f"{r['wall_s']:.2f}",
+                                f"{r['flops']['total'] / 1e9:.3f}"])
+                iv, c = s.interval[p][m], s.cost(m)
+                w.writerow([m, p, "mean", f"{iv.mean:.6f}", *[f"{a:.6f}" for a in s.client_means(p, m)],
+                            c["trainable"], c["communicated"], c["server"], f"{c['wall_s']:.2f}", f"{c['gflop']:.3f}"])
+                w.writerow([m, p, "ci95", f"{iv.half:.6f}", *([""] * len(clients)), "", "", "", "", ""])
+
+
+def summary_json(s: Summary) -> Dict[str, Any]:
+    """The aggregate part of the JSON: per method and protocol, the interval and per-seed values; the verdicts."""
+    methods = []
+    for m in s.methods:
+        entry: Dict[str, Any] = {"name": m, **s.cost(m)}
+        for p in s.protocols:
+            iv = s.interval[p][m]
+            entry[p] = {"mean": iv.mean, "ci95": iv.half, "per_seed": s.per_seed[p][m],
+                        "per_client": s.client_means(p, m), "per_seed_per_client": s.clients[p][m],
+                        "curve_mean": [c.mean for c in s.curve(p, m)], "curve_ci95": [c.half for c in s.curve(p, m)]}
+        methods.append(entry)
+    verdicts = [{"protocol": p, "a": q.a, "b": q.b, "claim": q.claim, "diff": q.diff.mean, "ci95": q.diff.half,
+                 "per_seed": list(q.per_seed), "verdict": q.verdict} for p in s.protocols for q in s.pairs[p]]
+    return {"last_rounds": s.last, "seeds": s.seeds, "methods": methods, "verdicts": verdicts}
 
 
 def write_json(path: Path, payload: Dict[str, Any]) -> None:
     path.write_text(json.dumps(payload, indent=2, default=str) + "\n")
 
 
-def plot_curves(path: Path, results: Sequence[MethodResult], title: str) -> None:
-    """Mean client accuracy after each round, one line per method (matplotlib, Agg backend)."""
+_STYLES = ["-", "--", "-.", ":"]
+_MARKERS = ["o", "s", "^", "v", "D", "P", "X", "*", "h", "<", ">"]
+
+
+def plot_curves(path: Path, s: Summary, title: str) -> None:
+    """Mean client accuracy after each round, mean over seeds.
+
+    Top row: one panel per protocol with every method's mean curve (markers and line styles tell overlapping curves
+    apart). Below: one small panel per method with both protocols' mean curves and their 95 % bands over seeds (bands
+    of 11 methods in one panel would hide each other). Integer round ticks, legends outside the data.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
-    for r in results:
-        rounds: List[int] = list(range(1, len(r.curve) + 1))
-        ax.plot(rounds, [100 * a for a in r.curve], marker="o", markersize=3, label=r.name)
-    ax.set_xlabel("round")
-    ax.set_ylabel("mean client test accuracy (%)")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path)
+    protocols, methods = list(s.protocols), list(s.methods)
+    cols = 4
+    rows = math.ceil(len(methods) / cols)
+    fig = plt.figure(figsize=(16, 4.2 + 2.6 * rows), dpi=110)
+    grid = fig.add_gridspec(1 + rows, cols * len(protocols), height_ratios=[1.6] + [1.0] * rows, hspace=0.55,
+                            wspace=0.5)
+    rounds = list(range(1, s.rounds + 1))
+    curves = {(p, m): s.curve(p, m) for p in protocols for m in methods}
+    means = [100 * c.mean for cs in curves.values() for c in cs if not math.isnan(c.mean)]
+    low, high = (min(means), max(means)) if means else (0.0, 100.0)
+    pad = max(2.0, 0.08 * (high - low))
+    ylim = (max(0.0, low - pad), min(100.0, high + pad))
+    cmap = plt.get_cmap("tab10" if len(methods) <= 10 else "tab20")
+
+    def style(ax, ylabel: bool) -> None:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_ylim(*ylim)
+        ax.grid(alpha=0.3)
+        if not ylabel:
+            ax.tick_params(labelleft=False)
+
+    width = cols * len(protocols) // len(protocols)
+    for j, p in enumerate(protocols):
+        ax = fig.add_subplot(grid[0, j * width:(j + 1) * width])
+        for i, m in enumerate(methods):
+            ax.plot(rounds, [100 * c.mean for c in curves[(p, m)]], color=cmap(i),
+                    linestyle=_STYLES[i % len(_STYLES)], marker=_MARKERS[i % len(_MARKERS)], markersize=4,
+                    markevery=max(1, s.rounds // 10), label=m)
+        ax.set_title(f"{PROTOCOLS[p]}: mean over {len(s.seeds)} seeds", fontsize=10)
+        ax.set_xlabel("round")
+        style(ax, j == 0)
+        if j == 0:
+            ax.set_ylabel("mean client test accuracy (%)")
+        if j == len(protocols) - 1:
+            ax.legend(loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize=8, frameon=False)
+    for k, m in enumerate(methods):
+        r, c = divmod(k, cols)
+        ax = fig.add_subplot(grid[1 + r, c * len(protocols):(c + 1) * len(protocols)])
+        for j, p in enumerate(protocols):
+            cs = curves[(p, m)]
+            color = "tab:blue" if j == 0 else "tab:orange"
+            ax.plot(rounds, [100 * x.mean for x in cs], color=color, linestyle=_STYLES[j], label=PROTOCOLS[p])
+            if len(s.seeds) > 1:
+                ax.fill_between(rounds, [max(0.0, 100 * x.low) for x in cs], [min(100.0, 100 * x.high) for x in cs],
+                                color=color, alpha=0.18, linewidth=0)
+        ax.set_title(m, fontsize=9)
+        style(ax, c == 0)
+        if k == len(methods) - 1:
+            ax.legend(loc="center left", bbox_to_anchor=(1.05, 0.5), fontsize=8, frameon=False,
+                      title="95% band over seeds", title_fontsize=8)
+    fig.suptitle(title, fontsize=11)
+    fig.savefig(path, bbox_inches="tight")
     plt.close(fig)

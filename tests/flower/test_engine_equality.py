@@ -25,7 +25,7 @@ METHODS = "FedVPT,pFedPG,FedPerfix,FedPGP"
 def _run(tmp: Path, engine: str) -> dict:
     out = tmp / engine
     proc = subprocess.run(
-        [sys.executable, str(SCRIPT), "--smoke", "--methods", METHODS, "--fraction", "0.67", "--seed", "1",
+        [sys.executable, str(SCRIPT), "--smoke", "--methods", METHODS, "--fraction", "0.67", "--seeds", "1",
          "--engine", engine, "--out", str(out), "--cache", str(tmp / "cache")],
         cwd=ROOT, capture_output=True, text=True, timeout=300,
     )
@@ -41,13 +41,18 @@ def test_flower_simulation_gives_the_local_engines_per_client_results(tmp_path):
 
     assert local["engine"] == {"name": "local"}
     assert flower["engine"] == {"name": "flower", "flwr": flwr.__version__}
-    assert [m["name"] for m in flower["methods"]] == METHODS.split(",")
-    for lm, fm in zip(local["methods"], flower["methods"]):
+    runs = {"local": {r["method"]: r for r in local["runs"]}, "flower": {r["method"]: r for r in flower["runs"]}}
+    assert list(runs["flower"]) == METHODS.split(",")
+    for name in METHODS.split(","):
+        lm, fm = runs["local"][name], runs["flower"][name]
         assert fm["participants"] == lm["participants"]
         assert all(len(p) == 2 for p in fm["participants"])  # round(0.67 · 3) = 2 clients per round
-        assert fm["accuracy"] == lm["accuracy"], fm["name"]
-        assert fm["curve_clients"] == lm["curve_clients"], fm["name"]
-        assert fm["curve_after_local"] == lm["curve_after_local"], fm["name"]
-        assert fm["train_loss"] == lm["train_loss"], fm["name"]
-        assert (fm["trainable"], fm["communicated"], fm["server"]) == (lm["trainable"], lm["communicated"],
-                                                                      lm["server"])
+        assert fm["deployed"] == lm["deployed"], name
+        assert fm["local"] == lm["local"], name
+        assert fm["train_loss"] == lm["train_loss"], name
+        assert (fm["trainable"], fm["communicated"], fm["server_params"]) == (lm["trainable"], lm["communicated"],
+                                                                             lm["server_params"])
+    # the aggregate the table prints: every accuracy interval and verdict equal (costs, wall and CPU time, differ)
+    assert flower["summary"]["verdicts"] == local["summary"]["verdicts"]
+    for lm, fm in zip(local["summary"]["methods"], flower["summary"]["methods"]):
+        assert {k: v for k, v in fm.items() if isinstance(v, dict)} == {k: v for k, v in lm.items() if isinstance(v, dict)}
