@@ -68,7 +68,7 @@ def test_impossible_dirichlet_split(capsys, tmp_path):
 
 
 def test_too_many_domain_clients(capsys, tmp_path):
-    _refused(["--clients", "2000"], capsys, tmp_path, r"gets \d+ training and 0 test images; use fewer --clients")
+    _refused(["--clients", "700"], capsys, tmp_path, r"gets \d+ training and 0 test images; use fewer --clients")
 
 
 def test_missing_checkpoint(capsys, tmp_path):
