@@ -97,15 +97,22 @@ def _identity(x: Tensor) -> Tensor:
     return x
 
 
+def _device(model: nn.Module) -> torch.device:
+    """Where the model's parameters live (batches are moved there; CPU for a parameter-less model)."""
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
 @torch.no_grad()
 def evaluate(
     model: nn.Module, data: Any, *, preprocess: Optional[Callable[[Tensor], Tensor]] = None, batch_size: int = 256
 ) -> float:
     """Top-1 accuracy of ``model`` on ``data`` (a map-style dataset of ``(x, y)``), in [0, 1]; leaves ``eval()`` on."""
-    pre = preprocess or _identity
+    pre, dev = preprocess or _identity, _device(model)
     model.eval()
     correct = total = 0
     for x, y in _loader(data, batch_size, None):
+        x, y = x.to(dev), y.to(dev)
         correct += int((model(pre(x)).argmax(-1) == y).sum())
         total += len(y)
     return correct / max(total, 1)
@@ -124,7 +131,8 @@ class LocalTrainer:
         weight_decay: the optimizer's weight decay.
         momentum: SGD's momentum (ignored by Adam/AdamW).
         preprocess: applied to every input batch before the model, in training and in :meth:`evaluate` (e.g.
-            resize + normalize); ``None`` feeds the batches as they come.
+            resize + normalize), after the batch is moved to the model's device (a module: put it there too);
+            ``None`` feeds the batches as they come.
         eval_batch_size: batch size of :meth:`evaluate`.
     """
 
@@ -186,11 +194,12 @@ class LocalTrainer:
         """Train ``model`` in place on ``data``; returns the mean training loss over the steps."""
         opt = self.make_optimizer(model)
         loader = _loader(data, self.batch_size, task.batch_seed)
-        pre = self.preprocess or _identity
+        pre, dev = self.preprocess or _identity, _device(model)
         model.train()
         total, n = 0.0, 0
         for _ in range(task.epochs or self.epochs):
             for x, y in loader:
+                x, y = x.to(dev), y.to(dev)  # no-op when the data already lives there
                 loss = task.loss_fn(model, pre(x), y)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()

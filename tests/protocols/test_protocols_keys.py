@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from protocol_models import NUM_CLASSES, K, model_for, vit
+from protocol_models import NUM_CLASSES, K, client_data, model_for, vit
 
 from fedpeft import fed, protocols
 
@@ -101,3 +101,16 @@ def test_unknown_method_and_bad_options():
         protocols.get(protocols.get("FedAvg"), name="x")
     with pytest.raises(TypeError, match="VPT"):
         protocols.upload_keys(vit(), "pFedPG")
+
+
+@pytest.mark.parametrize("method", sorted(_expected_uploads()))
+def test_a_real_round_uploads_exactly_the_upload_keys(method):
+    model = model_for(method)
+    p = protocols.get(method)
+    server = p.make_server(model, num_clients=2)
+    result = p.client_update(model, shared=server.payloads([1])[1], personal=None, data=client_data(2, n=6)[1],
+                             round=0, client_id=1, trainer=protocols.LocalTrainer(batch_size=6))
+    assert sorted(result.upload) == _expected_uploads()[method]
+    assert not set(result.upload) & set(result.personal)
+    assert sorted(result.personal) == p.personal_keys(model)
+    assert server.update([result.reply(1)]).accepted == [1]
