@@ -68,7 +68,7 @@ def test_impossible_dirichlet_split(capsys, tmp_path):
 
 
 def test_too_many_domain_clients(capsys, tmp_path):
-    _refused(["--clients", "2000"], capsys, tmp_path, r"gets \d+ training and 0 test images; use fewer --clients")
+    _refused(["--clients", "700"], capsys, tmp_path, r"gets \d+ training and 0 test images; use fewer --clients")
 
 
 def test_missing_checkpoint(capsys, tmp_path):
@@ -79,7 +79,8 @@ def test_missing_checkpoint(capsys, tmp_path):
 def test_unknown_and_non_vit_models(capsys, tmp_path, ckpt):
     _refused(["--model", "vit_tinyy_patch16_224", "--checkpoint", ckpt], capsys, tmp_path,
              r"not a registered timm model")
-    _refused(["--model", "resnet18", "--checkpoint", ckpt], capsys, tmp_path, r"is a ResNet, not a timm VisionTransformer")
+    _refused(["--model", "resnet18", "--checkpoint", ckpt], capsys, tmp_path,
+             r"--model 'resnet18': fedpeft cannot wrap a timm.models.resnet.ResNet")
 
 
 def test_empty_and_flat_data_folders(capsys, tmp_path, ckpt):
