@@ -14,7 +14,7 @@ import sys
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
-from typing import List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 from .checks import check_data_folder, check_model, check_out, check_split
 from .config import ALL_METHODS, BROAD_PRETRAIN_EPOCHS, BackboneConfig, Budget, DataConfig, RunConfig, smoke
@@ -50,34 +50,24 @@ def _seeds(text: str) -> Tuple[int, ...]:
     return seeds
 
 
-def _positive(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
-    return v
+def _number(cast: Callable[[str], float], ok: Callable[[float], bool], expected: str) -> Callable[[str], float]:
+    """An argparse ``type=``: ``cast(text)``, refused with "expected <expected>" unless ``ok`` of the value."""
+
+    def parse(text: str) -> float:
+        try:
+            v = cast(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+        if not ok(v):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text}")
+        return v
+
+    return parse
 
 
-def _alpha(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not (v > 0 and math.isfinite(v)):
-        raise argparse.ArgumentTypeError(f"the Dirichlet concentration must be a finite number > 0, got {text}")
-    return v
-
-
-def _fraction(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}") from None
-    if not 0.0 < v <= 1.0:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text}")
-    return v
+_positive = _number(int, lambda v: v >= 1, "a positive integer")
+_alpha = _number(float, lambda v: v > 0 and math.isfinite(v), "a finite Dirichlet concentration > 0")
+_fraction = _number(float, lambda v: 0.0 < v <= 1.0, "a number in (0, 1]")
 
 
 def build_parser() -> argparse.ArgumentParser:
