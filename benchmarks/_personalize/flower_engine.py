@@ -78,7 +78,7 @@ def _result(name: str, strategy, model, n: int, wall_s: float) -> MethodResult:
 def run_methods_flower(names: Sequence[str], ctx: Context, rounds: int, progress: Callable,
                        round_timeout: float = 3600.0, cpu_out: Optional[Dict[str, float]] = None
                        ) -> List[MethodResult]:
-    """Run ``names`` through Flower's simulation runtime (see the module docstring); same results as ``run_methods``."""
+    """Run ``names`` through Flower's simulation runtime (see the module docstring); same results as ``runner.run_method`` for each."""
     from flwr.app import ConfigRecord
     from flwr.clientapp import ClientApp
     from flwr.serverapp import ServerApp

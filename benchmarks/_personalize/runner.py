@@ -13,15 +13,14 @@ from __future__ import annotations
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional
 
 from fedpeft.protocols import Federation
 
-from .config import ALL_METHODS as METHOD_NAMES
 from .methods import Context, build_model, make_protocol, method_costs
 from .train import make_trainer
 
-__all__ = ["MethodResult", "run_method", "run_methods"]
+__all__ = ["MethodResult", "run_method"]
 
 
 @dataclass
@@ -86,22 +85,4 @@ def run_method(name: str, ctx: Context, rounds: int, on_round: Callable[[float],
     result.accuracy_after_local = last_after
     result.wall_s = time.perf_counter() - t0
     return result
-
-
-def run_methods(names: Sequence[str], ctx: Context, rounds: int, progress: Callable) -> List[MethodResult]:
-    """Build and run each method in ``names``; ``progress(total=…)`` returns a tqdm-like bar."""
-    unknown = [n for n in names if n not in METHOD_NAMES]
-    if unknown:
-        raise ValueError(f"unknown methods {unknown}; known: {list(METHOD_NAMES)}")
-    results = []
-    with progress(total=len(names) * rounds, unit="round") as bar:
-        for name in names:
-            bar.set_description(f"{name:<16}")
-
-            def tick(acc: float) -> None:
-                bar.set_postfix(acc=f"{acc:.3f}")
-                bar.update(1)
-
-            results.append(run_method(name, ctx, rounds, tick))
-    return results
 
