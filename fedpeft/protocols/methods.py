@@ -26,10 +26,11 @@ from typing import Any, Callable, Dict, List, Union
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .. import fed
 from ..fedpgp import fedpgp_forward
 from ..losses import knowledge_guided_loss
 from .pfedpg import PFedPG
-from .protocol import Protocol, _copies
+from .protocol import Protocol, _subset
 from .shared_personal import FedAvgFT, SharedPersonal
 from .training import LossFn
 
@@ -108,4 +109,4 @@ def upload_state(model: nn.Module, method: Union[str, Protocol]) -> Dict[str, Te
 
     ``fed.num_params(upload_state(model, m))`` / ``fed.num_bytes(...)`` is the per-round upload cost.
     """
-    return _copies(model, upload_keys(model, method))
+    return _subset(fed.trainable_state(model), upload_keys(model, method))
