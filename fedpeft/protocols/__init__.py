@@ -27,7 +27,8 @@ so they cannot drift apart. Design:
 
 Public names::
 
-    METHODS, get(method, **options), upload_keys(model, method), upload_state(model, method)
+    METHODS, REGISTRY, Method, method(name), get(method, **options), method_costs(protocol, model, server),
+    upload_keys(model, method), upload_state(model, method)
     Protocol, SharedPersonal(patterns, ...), FedAvgFT, PFedPG, AveragingServer, PFedPGServer
     ClientResult, Reply, Rejection, ServerReport, screen_replies
     LocalTask, LocalTrainer, Trainer, LossFn, batch_seed, cross_entropy_loss, evaluate, fedpgp_loss
@@ -37,7 +38,17 @@ See docs/protocols.md.
 """
 
 from .inprocess import Federation
-from .methods import METHODS, fedpgp_loss, get, upload_keys, upload_state
+from .methods import (
+    METHODS,
+    REGISTRY,
+    Method,
+    fedpgp_loss,
+    get,
+    method,
+    method_costs,
+    upload_keys,
+    upload_state,
+)
 from .pfedpg import PFedPG, PFedPGServer
 from .protocol import Phase, Protocol
 from .records import ClientResult, Rejection, Reply, RoundRecord, ServerReport
@@ -50,6 +61,7 @@ from .training import LocalTask, LocalTrainer, LossFn, Trainer, batch_seed, cros
 
 __all__ = [
     "METHODS",
+    "REGISTRY",
     "AveragingServer",
     "ClientResult",
     "FedAvgFT",
@@ -57,6 +69,7 @@ __all__ = [
     "LocalTask",
     "LocalTrainer",
     "LossFn",
+    "Method",
     "PFedPG",
     "PFedPGServer",
     "Phase",
@@ -74,6 +87,8 @@ __all__ = [
     "evaluate",
     "fedpgp_loss",
     "get",
+    "method",
+    "method_costs",
     "sample_clients",
     "screen_replies",
     "upload_keys",

@@ -98,6 +98,11 @@ class PFedPGServer:
         self._pending: Optional[tuple] = None  # (ids, P with graph) of the round in flight
         self.round = 0  # update() calls so far
 
+    @property
+    def own_params(self) -> int:
+        """The generator's parameter count (trained on the server only)."""
+        return sum(p.numel() for p in self.generator.parameters())
+
     def _ids_tensor(self, ids: List[int]) -> Tensor:
         return torch.tensor(ids, dtype=torch.long, device=self.generator.descriptors.device)
 

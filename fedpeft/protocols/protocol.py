@@ -204,8 +204,20 @@ class Protocol:
         trainer: Optional[Trainer] = None,
     ) -> None:
         """Put the client's *deployed* model into ``model``: the latest shared state (:meth:`Server.deployment`)
-        merged with its personal state. Protocols whose deployed model needs local work (FedAvg-FT) override this."""
+        merged with its personal state, then the :meth:`deploy_phases` of local training, if any (FedAvg-FT's
+        fine-tuning: ``data`` is required then)."""
         self.load(model, shared, personal)
+        phases = self.deploy_phases(model)
+        if phases:
+            if data is None:
+                raise ValueError(f"{self.name}'s deployed model is trained locally ({[p[0] for p in phases]}): "
+                                 "deploy() needs the client's data=")
+            self.train(model, data, round=round, client_id=client_id, seed=seed, trainer=trainer, phases=phases)
+
+    def deploy_phases(self, model: nn.Module) -> List[Phase]:
+        """Local training that makes the deployed model from the loaded one (default none; FedAvg-FT fine-tunes).
+        Engines and cost models read it: every evaluation of a deployed model runs these phases first."""
+        return []
 
     # ---- server ------------------------------------------------------------------------------------------------
 

@@ -7,7 +7,8 @@ the shared keys) or :class:`PFedPGServer` (pFedPG's generator). Every engine tal
     server.update(replies)    -> ServerReport  screen the replies, then one server step on the accepted ones
     server.deployment(ids)    -> {id: state}   what each client deploys with (no side effect)
     server.expected_upload                     keys, shapes and dtypes every upload must have (values unused)
-    server.round                               how many times ``update`` ran (with or without accepted replies)
+    server.round                               how many rounds ``update`` closed (with or without accepted replies)
+    server.own_params                          parameters only the server trains (pFedPG's generator; 0 for FedAvg)
     server.state_dict()       -> (tensors, meta)
     server.load_state_dict(tensors, meta)
 
@@ -38,6 +39,9 @@ class Server(Protocol):
     """What every protocol's server offers (see the module docstring); ``isinstance(x, Server)`` checks the members."""
 
     round: int
+
+    @property
+    def own_params(self) -> int: ...
 
     @property
     def expected_upload(self) -> Mapping[str, Tensor]: ...

@@ -25,7 +25,7 @@ from ..fed._validate import check_state
 from .protocol import Phase, Protocol
 from .records import ServerReport
 from .screening import screen_replies
-from .training import LossFn, Trainer
+from .training import LossFn
 
 __all__ = ["AveragingServer", "FedAvgFT", "SharedPersonal"]
 
@@ -69,6 +69,11 @@ class AveragingServer:
     def expected_upload(self) -> Dict[str, Tensor]:
         """Keys, shapes and dtypes every upload must have (the current shared state)."""
         return self._shared
+
+    @property
+    def own_params(self) -> int:
+        """0: an averaging server trains no parameters of its own."""
+        return 0
 
     def payloads(self, client_ids: Iterable[int]) -> Dict[int, Dict[str, Tensor]]:
         """``{client_id: shared state}`` for this round's clients (one dict, the same for all of them)."""
@@ -182,13 +187,6 @@ class FedAvgFT(SharedPersonal):
         self.finetune_epochs = None if finetune_epochs is None else check_positive_int("finetune_epochs",
                                                                                        finetune_epochs)
 
-    def deploy(self, model: nn.Module, *, shared: Mapping[str, Tensor], personal: Optional[Mapping[str, Tensor]],
-               data: Any = None, round: int = 0, client_id: int = 0, seed: int = 0,
-               trainer: Optional[Trainer] = None) -> None:
-        """Load the global model, then fine-tune it on ``data`` (required)."""
-        if data is None:
-            raise ValueError("FedAvg-FT's deployed model is fine-tuned locally: deploy() needs the client's data=")
-        self.load(model, shared, personal)
-        keys = tuple(fed.trainable_keys(model))
-        self.train(model, data, round=round, client_id=client_id, seed=seed, trainer=trainer,
-                   phases=[("finetune", keys, self.finetune_epochs)])
+    def deploy_phases(self, model: nn.Module) -> List[Phase]:
+        """One ``"finetune"`` phase over every trainable key, ``finetune_epochs`` epochs."""
+        return [("finetune", tuple(fed.trainable_keys(model)), self.finetune_epochs)]
