@@ -112,6 +112,8 @@ def server_app(
             ``server_seed``).
     """
     protocol = get_protocol(method)
+    if "generator_seed" in strategy_options:  # the 0.1 name (PFedPGStrategy's)
+        strategy_options["server_seed"] = strategy_options.pop("generator_seed")
     app = ServerApp()
 
     @app.main()

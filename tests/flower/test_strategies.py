@@ -13,7 +13,7 @@ import pytest
 import torch
 from flower_harness import flower_task  # noqa: F401  (autouse fixture)
 from flower_worlds import NODE_IDS, SEED, build, client_data, oracle, world
-from flwr.app import Array
+from flwr.app import Array, RecordDict
 
 from fedpeft import fed
 from fedpeft.flower import PersonalizedFedAvg, PFedPGStrategy
@@ -314,3 +314,33 @@ def test_a_bf16_federation_equals_the_in_process_engine():
     assert torch.equal(w.strategy.shared["prompts"], ref.server.shared["prompts"])
     assert [h.deployed for h in w.strategy.history] == [r.deployed for r in ref.history]
     assert w.strategy.history[0].upload_bytes[0] == 2 * fed.num_bytes(ref.server.shared)  # float32 on the wire
+
+
+def test_replies_are_matched_to_the_messages_sent_not_to_the_sender_node():
+    """Flower's own error replies (e.g. "node unavailable") come from the SuperLink's node id: the reply is still
+    attributed to the partition its message went to (by reply_to_message_id), and a reply to no message this round
+    is a rejection of its own, not an overwrite of another's."""
+    from flwr.app import Error, Message
+
+    w = world("FedVPT")
+
+    def tamper(node, reply):
+        if w.partition_of(node) == 1 and ARRAYS in reply.content.array_records:  # partition 1's train reply
+            failed = Message(Error(code=1, reason="node unavailable"), reply_to=reply)
+            failed.metadata.__dict__["_reply_to_message_id"] = reply.metadata.reply_to_message_id
+            failed.metadata.__dict__["_src_node_id"] = 1  # the SuperLink, not the node
+            return failed
+        return reply
+
+    w.grid.tamper = tamper
+    w.strategy.start(w.grid, num_rounds=1, timeout=10)
+    rec = w.strategy.history[0]
+    assert rec.server.accepted == [0, 2]
+    assert [(r.client_id, r.reason) for r in rec.server.rejected] == [(1, "the client failed: node unavailable")]
+
+    # a reply that answers no message of this round: rejected under the sender's node id, the others untouched
+    from fedpeft.flower import parse_reply
+
+    stray = w.grid.log[-1]  # any message object: its id was not sent in this (new) round map
+    got = parse_reply(Message(RecordDict(), reply_to=stray), {}, like={})
+    assert got.client_id.startswith("node ") and "no message sent this round" in got.reason
