@@ -37,7 +37,7 @@ from ..generator import PromptGenerator
 from ..vpt import VPT
 from .protocol import Protocol
 from .records import ServerReport
-from .screening import screen_replies
+from .screening import check_max_weight, screen_replies
 from .server import flatten_optimizer, unflatten_optimizer
 from .shared_personal import _check_ids
 from .training import LossFn
@@ -85,7 +85,7 @@ class PFedPGServer:
     """
 
     def __init__(self, generator: PromptGenerator, optimizer: torch.optim.Optimizer,
-                 expected: Dict[str, Tensor]) -> None:
+                 expected: Dict[str, Tensor], *, max_weight: Optional[float] = None) -> None:
         if not isinstance(generator, PromptGenerator):
             raise TypeError(f"generator must be a fedpeft.PromptGenerator, got {type(generator).__name__}")
         (self.key, ref), = expected.items()
@@ -97,6 +97,7 @@ class PFedPGServer:
         self.expected_upload = {self.key: torch.empty(shape, dtype=ref.dtype)}
         self._pending: Optional[tuple] = None  # (ids, P with graph) of the round in flight
         self.round = 0  # update() calls so far
+        self.max_weight = check_max_weight(max_weight)
 
     @property
     def own_params(self) -> int:
@@ -132,13 +133,15 @@ class PFedPGServer:
     def update(self, replies: Iterable[Any]) -> ServerReport:
         """Screen the replies, then one generator step on the accepted ones (nothing moves if none is accepted)."""
         if self._pending is None:
-            _, rejected = screen_replies(replies, self.expected_upload, num_clients=self.num_clients, allowed=())
+            _, rejected = screen_replies(replies, self.expected_upload, num_clients=self.num_clients, allowed=(),
+                                         round=self.round, max_weight=self.max_weight)
             return ServerReport(rejected=rejected)
         ids, generated = self._pending
+        # screen first: a call that raises (``update(None)``) leaves the round in flight for its real replies
+        accepted, rejected = screen_replies(replies, self.expected_upload, num_clients=self.num_clients,
+                                            allowed=set(ids), round=self.round, max_weight=self.max_weight)
         self._pending = None
         self.round += 1
-        accepted, rejected = screen_replies(replies, self.expected_upload, num_clients=self.num_clients,
-                                            allowed=set(ids))
         report = ServerReport(accepted=[r.client_id for r in accepted], rejected=rejected)
         if not accepted:
             return report
