@@ -37,7 +37,7 @@ def diverged(result: ClientResult) -> Optional[str]:
     for name, state in (("upload", result.upload), ("personal state", result.personal)):
         key = _nonfinite(state)
         if key is not None:
-            return (f"local training diverged: its {name}[{key!r}] is not finite; the upload is refused and the "
+            return (f"local training diverged: its {name}[{key!r}] holds non-finite values; the upload is refused and the "
                     "client keeps its previous personal state")
     return None
 
