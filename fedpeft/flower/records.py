@@ -59,7 +59,7 @@ def to_record(state: Mapping[str, Tensor]) -> ArrayRecord:
     for k, a in zip(keys, arrays):
         if np.issubdtype(a.dtype, np.floating) and a.dtype.itemsize < 4:  # float16 (bf16 came as float32)
             a = a.astype(np.float32)
-        record[k] = Array(np.ascontiguousarray(a))
+        record[k] = Array(np.asarray(a, order="C"))  # (np.ascontiguousarray makes a 0-d array 1-d)
     return record
 
 

@@ -39,6 +39,7 @@ def test_every_round_is_one_line_equal_to_the_record(tmp_path):
         assert row["deployed"] == rec.deployed and row["accepted"] == rec.server.accepted == [0, 1, 2]
         assert row["train_loss"] == {str(c): v for c, v in rec.train_loss.items()}
     assert not list(path.parent.glob(".*.tmp"))  # no temporary file left behind
+    assert [RoundRecord.from_dict(r) for r in rows] == fed.history  # a resumed run can rebuild its history
 
 
 def test_rejections_are_a_list_so_unattributed_ones_never_overwrite_each_other():
