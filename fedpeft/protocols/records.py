@@ -148,23 +148,6 @@ class RoundRecord:
         got = [a for a in (self.deployed or []) if a is not None]
         return sum(got) / len(got) if got else None
 
-    @classmethod
-    def from_dict(cls, row: Mapping[str, Any]) -> RoundRecord:
-        """The inverse of :meth:`as_dict` (e.g. a line of the round log, to rebuild a resumed run's history)."""
-        def ints(m: Mapping[str, Any]) -> Dict[int, Any]:
-            return {int(c): v for c, v in m.items()}
-
-        def rejections(rows: List[Mapping[str, Any]]) -> List[Rejection]:
-            return [Rejection(r["client_id"], r["reason"]) for r in rows]
-
-        server = ServerReport(accepted=list(row["accepted"]), rejected=rejections(row["rejected"]),
-                              diagnostics=dict(row["diagnostics"]), updated=bool(row["updated"]))
-        return cls(round=int(row["round"]), participants=list(row["participants"]),
-                   train_loss=ints(row["train_loss"]), after_local=ints(row["after_local"]),
-                   deployed=None if row["deployed"] is None else list(row["deployed"]), server=server,
-                   upload_bytes=ints(row["upload_bytes"]), without_personal=list(row["without_personal"]),
-                   eval_dropped=rejections(row["eval_dropped"]), wall_s=row["wall_s"])
-
     def as_dict(self) -> Dict[str, Any]:
         """JSON-ready (client ids as str keys in the per-client maps), the round log's line."""
         return {
@@ -185,7 +168,8 @@ class RoundRecord:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> RoundRecord:
-        """The record :meth:`as_dict` wrote (a checkpoint's history); ``as_dict`` of the result equals ``d``."""
+        """The inverse of :meth:`as_dict` (a line of the round log, a checkpoint's history): ``as_dict`` of the result
+        equals ``d``."""
         def ints(m: Mapping[str, Any]) -> Dict[int, Any]:
             return {int(k): v for k, v in m.items()}
 
