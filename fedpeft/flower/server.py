@@ -11,7 +11,7 @@ record as one JSON line (:class:`~fedpeft.protocols.RoundLog`).
 
 ``run_config`` (``[tool.flwr.app.config]`` of the app, or ``flwr run --run-config``) overrides the arguments:
 ``num-server-rounds``, ``num-partitions``, ``fraction-train``, ``fraction-evaluate``, ``seed``, ``round-timeout``,
-``registration-timeout``, ``report-path``, ``round-log-path``.
+``registration-timeout``, ``report-path``, ``round-log-path``, ``checkpoint-dir``, ``run-name``, ``probe-timeout``.
 """
 
 from __future__ import annotations
@@ -96,6 +96,7 @@ def server_app(
     report: Optional[Union[str, Path]] = None,
     round_log: Optional[Union[str, Path]] = None,
     checkpoint_dir: Optional[Union[str, Path]] = None,
+    on_round: Optional[Callable[[Any], None]] = None,
     on_report: Optional[Callable[[Dict[str, Any]], None]] = None,
     **strategy_options: Any,
 ) -> ServerApp:
@@ -112,6 +113,8 @@ def server_app(
             ServerApp started again with the same folder (after a crash of the ServerApp or the SuperLink) resumes
             from it and runs the rounds that are left (:mod:`.resume`). ``run-name`` in the run config names the
             run the nodes file their personal state under (default: the checkpoint's, else Flower's run id).
+        on_round: called with each round's :class:`~fedpeft.protocols.RoundRecord` after the report (and the
+            checkpoint) are written.
         on_report: called with the report dict when the run ends (e.g. to collect it in-process).
         strategy_options: passed to :class:`ProtocolStrategy` (e.g. ``min_nodes``, ``check_frozen``,
             ``server_seed``).
@@ -138,6 +141,8 @@ def server_app(
         def each_round(record: Any) -> None:
             if path:
                 write_report(path, method_report(strategy, model, time.perf_counter() - t0))
+            if on_round is not None:
+                on_round(record)
 
         strategy = ProtocolStrategy(protocol, model, num_partitions=parts, seed=run_seed,
                                     fraction_train=float(cfg.get("fraction-train", fraction_train)),
@@ -147,6 +152,8 @@ def server_app(
                                     checkpoint_dir=cfg.get("checkpoint-dir", None if checkpoint_dir is None
                                                            else str(checkpoint_dir)) or None,
                                     **({"run_name": str(cfg["run-name"])} if cfg.get("run-name") else {}),
+                                    **({"probe_timeout": float(cfg["probe-timeout"])} if "probe-timeout" in cfg
+                                       else {}),
                                     **strategy_options)
         strategy.start(grid, num_rounds=int(cfg.get("num-server-rounds", num_rounds)),
                        timeout=float(cfg.get("round-timeout", round_timeout)))
