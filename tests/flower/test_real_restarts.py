@@ -71,7 +71,8 @@ class Cluster:
     def superlink(self) -> None:
         self.start("superlink", "flower-superlink", "--insecure", "--host", "127.0.0.1", "--port", str(self.link),
                    "--disable-runtime-dependency-installation", "--database", str(self.tmp / "superlink.db"))
-        self.wait_log("superlink", "Uvicorn running")
+        self.starts["link"] = self.starts.get("link", 0) + 1
+        self.wait_log("superlink", "Uvicorn running", count=self.starts["link"])
 
     def wait_log(self, name: str, text: str, timeout: float = 120, count: int = 1) -> None:
         """Until ``text`` appears ``count`` times in the process's log."""
