@@ -32,7 +32,7 @@ from typing import Dict, Iterable, Mapping, Optional, Tuple
 import torch
 from torch import Tensor
 
-from ._validate import check_dense, check_state, check_weight, check_weights, first_nonfinite, value_ranges
+from .._checks import check_dense, check_state, check_weight, check_weights, first_nonfinite, value_ranges
 
 __all__ = ["Averager", "average"]
 

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ._validate import check_dense, check_state, format_keys
+from .._checks import check_dense, check_state, format_keys
 
 __all__ = ["from_ndarrays", "to_ndarrays"]
 

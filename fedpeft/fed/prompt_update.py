@@ -15,8 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .._checks import check_fits
-from ._validate import check_state
+from .._checks import check_fits, check_state
 
 __all__ = ["delta", "delta_backward"]
 

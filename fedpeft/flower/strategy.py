@@ -337,7 +337,7 @@ class PersonalizedFedAvg(ProtocolStrategy):
         return to_record(self.server.shared)
 
     def _set_initial(self, arrays: ArrayRecord) -> None:
-        from ..fed._validate import check_state
+        from .._checks import check_state
 
         state = from_record(arrays, like=self.server.shared)
         check_state(state, like=self.server.shared, finite=True, name="initial_arrays")
