@@ -75,9 +75,13 @@ def check_float_dtype(name: str, dtype: Any) -> Optional[torch.dtype]:
     return dtype
 
 
-def check_data(name: str, value: Tensor) -> None:
-    """Raise ``TypeError`` if ``value`` is a ``meta`` tensor: it has a shape but no values to read or compute with."""
-    if value.device.type == "meta":
+def check_data(name: str, value: Tensor, *, beside: Optional[Tensor] = None) -> None:
+    """Raise ``TypeError`` if ``value`` is a ``meta`` tensor: it has a shape but no values to read or compute with.
+
+    ``beside``: the tensor ``value`` is used with; a meta ``value`` is fine beside a meta one (a shape-only run of a
+    model built on the meta device).
+    """
+    if value.device.type == "meta" and (beside is None or beside.device.type != "meta"):
         raise TypeError(f"{name} is a meta tensor (shape only, no values); pass a tensor with data")
 
 
