@@ -348,3 +348,68 @@ def test_leftovers_of_a_killed_save_are_removed_by_the_next_one(tmp_path):
     save_adapter(VPT(_vit(), num_prompts=2), tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([ADAPTER_WEIGHTS_NAME, ADAPTER_CONFIG_NAME,
                                                                   "notes.txt"])
+
+
+# ---- issue 19.6: the header's parameter shapes, files of a newer fedpeft -------------------------------------------
+
+
+def test_header_shapes_are_compared_with_the_model(saved):
+    """The header said [999, 999] for the prompts and the file still loaded: the recorded shapes are checked now."""
+    folder, model = saved
+    config, _ = _read(folder)
+    config["parameters"]["prompts"] = [999, 999]
+    _rewrite(folder, config=config)
+    snap = _snapshot(model)
+    with pytest.raises(ValueError, match=r"shapes in the header .*'prompts': file \[999, 999\], model \[1, 2, 64\]"):
+        load_adapter(model, folder)
+    _assert_unchanged(model, snap)
+
+
+@pytest.mark.parametrize("parameters", [None, [1, 2, 64], {"prompts": [1, 2, 64]}])
+def test_header_without_the_model_s_parameter_list_is_refused(saved, parameters):
+    folder, model = saved
+    config, _ = _read(folder)
+    config["parameters"] = parameters
+    _rewrite(folder, config=config)
+    snap = _snapshot(model)
+    with pytest.raises(ValueError, match="shapes in the header"):
+        load_adapter(model, folder)
+    _assert_unchanged(model, snap)
+
+
+def test_a_newer_fedpeft_s_file_loads_when_its_format_is_known(saved):
+    folder, model = saved
+    config, tensors = _read(folder)
+    config["fedpeft_version"] = "99.0.0"
+    _rewrite(folder, config=config)
+    load_adapter(model, folder)
+    state = dict(model.named_parameters())
+    for key, value in tensors.items():  # oracle: the tensors as written in the file
+        assert torch.equal(state[key].detach(), value), key
+
+
+@pytest.mark.parametrize("writer, fmt", [("99.0.0", 2), ("0.2.0", 3)])
+def test_an_unknown_format_says_who_wrote_it_and_what_this_release_reads(saved, writer, fmt):
+    folder, model = saved
+    config, _ = _read(folder)
+    config["fedpeft_version"], config["format"] = writer, fmt
+    _rewrite(folder, config=config)
+    snap = _snapshot(model)
+    with pytest.raises(ValueError, match=rf"format version {fmt} \(written by fedpeft {writer}\).*reads format 1"):
+        load_adapter(model, folder)
+    _assert_unchanged(model, snap)
+
+
+@pytest.mark.parametrize("writer", [None, 2, ["0.2.0"]])
+def test_fedpeft_version_must_be_a_string(saved, writer):
+    folder, model = saved
+    config, _ = _read(folder)
+    if writer is None:
+        del config["fedpeft_version"]
+    else:
+        config["fedpeft_version"] = writer
+    _rewrite(folder, config=config)
+    snap = _snapshot(model)
+    with pytest.raises(ValueError, match="'fedpeft_version' must be a version string"):
+        load_adapter(model, folder)
+    _assert_unchanged(model, snap)
