@@ -18,9 +18,11 @@ into that directory. Concurrent saves into one directory are not supported.
 
 Loading refuses, with a ``ValueError`` naming the file (and the key, where there is one), before anything is copied:
 an unreadable or corrupt file (truncated, empty, absurd header length, garbage header, not a safetensors file), a
-config that is not a JSON object or has an unknown ``format`` version, another method chain, any recorded
-hyper-parameter that differs from the model's (all listed, e.g. ``scale: file 3.0, model 1.5``), a JSON copy that
-disagrees with the header, missing or unexpected keys, other shapes, a dtype that cannot be the parameter's (bool,
+config that is not a JSON object, has no ``fedpeft_version`` string or an unknown ``format`` version (a file of a
+newer fedpeft loads if its format is known; otherwise the message names the writer), another method chain, any
+recorded hyper-parameter that differs from the model's (all listed, e.g. ``scale: file 3.0, model 1.5``), recorded
+parameter shapes other than the model's, a JSON copy that disagrees with the header, missing or unexpected keys,
+other shapes, a dtype that cannot be the parameter's (bool,
 integer or complex into a floating parameter), NaN/Inf, and values that overflow the parameter's dtype (float64
 ``1e300`` into float32). After a refused load the model is bit-for-bit unchanged.
 """
