@@ -353,26 +353,51 @@ def test_leftovers_of_a_killed_save_are_removed_by_the_next_one(tmp_path):
 # ---- issue 19.6: the header's parameter shapes, files of a newer fedpeft -------------------------------------------
 
 
-def test_header_shapes_are_compared_with_the_model(saved):
-    """The header said [999, 999] for the prompts and the file still loaded: the recorded shapes are checked now."""
-    folder, model = saved
-    config, _ = _read(folder)
-    config["parameters"]["prompts"] = [999, 999]
-    _rewrite(folder, config=config)
-    snap = _snapshot(model)
-    with pytest.raises(ValueError, match=r"shapes in the header .*'prompts': file \[999, 999\], model \[1, 2, 64\]"):
-        load_adapter(model, folder)
-    _assert_unchanged(model, snap)
+def _set(key, value):
+    """A config tamperer: ``config[key] = value`` (``...`` deletes the key; a dotted key reaches into a sub-dict)."""
+
+    def tamper(config):
+        *path, last = key.split(".")
+        for part in path:
+            config = config[part]
+        if value is ...:
+            del config[last]
+        else:
+            config[last] = value
+
+    return tamper
 
 
-@pytest.mark.parametrize("parameters", [None, [1, 2, 64], {"prompts": [1, 2, 64]}])
-def test_header_without_the_model_s_parameter_list_is_refused(saved, parameters):
+def _both(*tamperers):
+    return lambda config: [t(config) for t in tamperers]
+
+
+HEADER_CASES = {  # tampered header config → what the refusal must say
+    # the header said [999, 999] for the prompts and the file still loaded
+    "shape": (_set("parameters.prompts", [999, 999]),
+              r"shapes in the header .*'prompts': file \[999, 999\], model \[1, 2, 64\]"),
+    "no parameters": (_set("parameters", ...), "shapes in the header"),
+    "parameters a list": (_set("parameters", [1, 2, 64]), r"'parameters' must be a JSON object"),
+    "a key missing": (_set("parameters", {"prompts": [1, 2, 64]}), r"'model.head.bias': file missing, model \[3\]"),
+    "newer, format 2": (_both(_set("fedpeft_version", "99.0.0"), _set("format", 2)),
+                        r"format version 2 \(written by fedpeft 99.0.0\).*reads format 1"),
+    "format 3": (_both(_set("fedpeft_version", "0.2.0"), _set("format", 3)),
+                 r"format version 3 \(written by fedpeft 0.2.0\).*reads format 1"),
+    "no version": (_set("fedpeft_version", ...), "'fedpeft_version' must be a version string, got None"),
+    "int version": (_set("fedpeft_version", 2), "'fedpeft_version' must be a version string, got 2"),
+    "list version": (_set("fedpeft_version", ["0.2.0"]), "'fedpeft_version' must be a version string"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(HEADER_CASES))
+def test_header_shapes_and_versions_are_checked(saved, case):
     folder, model = saved
+    tamper, match = HEADER_CASES[case]
     config, _ = _read(folder)
-    config["parameters"] = parameters
+    tamper(config)
     _rewrite(folder, config=config)
     snap = _snapshot(model)
-    with pytest.raises(ValueError, match="shapes in the header"):
+    with pytest.raises(ValueError, match=match):
         load_adapter(model, folder)
     _assert_unchanged(model, snap)
 
@@ -386,30 +411,3 @@ def test_a_newer_fedpeft_s_file_loads_when_its_format_is_known(saved):
     state = dict(model.named_parameters())
     for key, value in tensors.items():  # oracle: the tensors as written in the file
         assert torch.equal(state[key].detach(), value), key
-
-
-@pytest.mark.parametrize("writer, fmt", [("99.0.0", 2), ("0.2.0", 3)])
-def test_an_unknown_format_says_who_wrote_it_and_what_this_release_reads(saved, writer, fmt):
-    folder, model = saved
-    config, _ = _read(folder)
-    config["fedpeft_version"], config["format"] = writer, fmt
-    _rewrite(folder, config=config)
-    snap = _snapshot(model)
-    with pytest.raises(ValueError, match=rf"format version {fmt} \(written by fedpeft {writer}\).*reads format 1"):
-        load_adapter(model, folder)
-    _assert_unchanged(model, snap)
-
-
-@pytest.mark.parametrize("writer", [None, 2, ["0.2.0"]])
-def test_fedpeft_version_must_be_a_string(saved, writer):
-    folder, model = saved
-    config, _ = _read(folder)
-    if writer is None:
-        del config["fedpeft_version"]
-    else:
-        config["fedpeft_version"] = writer
-    _rewrite(folder, config=config)
-    snap = _snapshot(model)
-    with pytest.raises(ValueError, match="'fedpeft_version' must be a version string"):
-        load_adapter(model, folder)
-    _assert_unchanged(model, snap)
