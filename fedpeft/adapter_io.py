@@ -22,9 +22,9 @@ config that is not a JSON object, has no ``fedpeft_version`` string or an unknow
 newer fedpeft loads if its format is known; otherwise the message names the writer), another method chain, any
 recorded hyper-parameter that differs from the model's (all listed, e.g. ``scale: file 3.0, model 1.5``), recorded
 parameter shapes other than the model's, a JSON copy that disagrees with the header, missing or unexpected keys,
-other shapes, a dtype that cannot be the parameter's (bool,
-integer or complex into a floating parameter), NaN/Inf, and values that overflow the parameter's dtype (float64
-``1e300`` into float32). After a refused load the model is bit-for-bit unchanged.
+other shapes, a dtype that cannot be the parameter's (bool, integer or complex into a floating parameter), NaN/Inf,
+and values that overflow the parameter's dtype (float64 ``1e300`` into float32). After a refused load the model is
+bit-for-bit unchanged.
 """
 
 from __future__ import annotations

@@ -79,8 +79,8 @@ def knowledge_guided_loss(
     Returns:
         ``mean_b softplus((cos(f_global, f_personal) − cos(f_anchor, f_global)) / τ)``, which equals
         ``mean_b −log(e^{pos/τ} / (e^{pos/τ} + e^{neg/τ}))`` and FedPGP's ``cross_entropy([pos, neg] / τ, 0)``,
-        computed without forming the exponentials (finite for every accepted τ). Half-precision inputs are computed in float32
-        (the result is float32); float64 stays float64.
+        computed without forming the exponentials (finite for every accepted τ). Half-precision inputs are computed
+        in float32 (the result is float32); float64 stays float64.
 
     See ``fedpeft.fedpgp.fedpgp_forward`` for computing the three feature sets from one ``VPT``.
     """

@@ -165,7 +165,9 @@ def _check_casts(state: Mapping[str, Tensor], dtypes: Mapping[str, torch.dtype])
     """Refuse a cast that would drop information a float/complex array holds (to an integer, bool or real dtype)."""
     for k, d in dtypes.items():
         t = state[k]
-        if (t.is_complex() and not d.is_complex) or (t.is_floating_point() and not (d.is_floating_point or d.is_complex)):
+        drops_imaginary = t.is_complex() and not d.is_complex
+        drops_fraction = t.is_floating_point() and not (d.is_floating_point or d.is_complex)
+        if drops_imaginary or drops_fraction:
             raise ValueError(
                 f"dtypes[{k!r}] = {d} cannot hold the {t.dtype} array sent for {k!r} (the cast would truncate it); "
                 "pass a floating dtype"
