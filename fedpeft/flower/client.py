@@ -6,7 +6,9 @@ Every message builds the model afresh with ``build_model(context)`` (Flower may 
 the deployment engine starts a fresh process per message, so nothing is cached between calls) and then loads, by key:
 
 - the shared state from the message (``"arrays"``, float32 on the wire, cast back to the model's dtypes), and
-- the node's personal state from ``context.state`` (:mod:`.node`), or the model's initial values the first time.
+- the node's personal state, or the model's initial values the first time: from the node's disk when it has a
+  state folder (``node_config["state-dir"]`` or ``state_dir=``; one safetensors file per (run, partition), so a
+  restarted SuperNode continues), else from Flower's in-memory ``context.state`` (:mod:`.durable`).
 
 Handlers (the message types fedpeft's strategies send):
 
@@ -14,13 +16,18 @@ Handlers (the message types fedpeft's strategies send):
               fingerprint of its frozen parameters (so a server can refuse a node whose frozen backbone differs).
 ``train``     ``method.client_update``; replies with exactly ``method.upload_keys(model)`` (the shared trainable part,
               pFedPG's trained prompts P̃) under ``"arrays"`` and ``num-examples``/``partition-id``/``loss`` (and
-              ``accuracy`` right after local training) under ``"metrics"``; the personal part goes to ``context.state`` stamped with the round, never into the reply.
+              ``accuracy`` right after local training) and the ``round`` it trained under ``"metrics"``; the personal
+              part is stored stamped with the round, never sent. A client whose training diverges (non-finite values)
+              stores nothing and replies ``diverged`` without arrays.
 ``evaluate``  ``method.deploy`` (the shared state the server sends + the personal state), then the accuracy on the
               node's test data: ``accuracy``, ``num-examples``, ``partition-id``, ``has-personal`` (0 before the node
               has trained once), ``personal-round``.
 
-A message for a round not newer than the node's stored personal state is refused (an error reply; the state is
-untouched): a late or repeated message never rolls newer personal state back. See docs/flower.md.
+A message for a round older than the node's stored personal state is refused (an error reply; the state is
+untouched): a late message never rolls newer personal state back (without a state folder a repeated round is refused
+too; with one it is redone from the state that round started from, as after a server resume). A message without a
+config or round, with a negative round, or with non-finite or integer arrays for floating parameters is refused. See
+docs/flower.md.
 """
 
 from __future__ import annotations

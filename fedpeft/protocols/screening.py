@@ -25,7 +25,7 @@ from typing import Collection, Iterable, List, Mapping, Optional, Sequence, Tupl
 
 from torch import Tensor
 
-from ..fed._validate import check_state, check_weight
+from .._checks import check_state, check_weight
 from .records import Rejection, Reply
 
 __all__ = ["check_max_weight", "screen_replies"]
