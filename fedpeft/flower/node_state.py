@@ -43,7 +43,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from .. import _atomic
-from ..fed._validate import check_state
+from .._checks import check_state
 from .node import StaleMessage
 
 __all__ = ["NodeState", "NodeStateError", "StoredState", "run_folder_name", "state_dir_of"]

@@ -225,8 +225,10 @@ class ProtocolStrategy(Strategy):
         server_round += self._offset
         fresh = not self._registered
         self._ensure_registered(grid)
-        flags = self._pending_flags if fresh else self.registry.refresh(
-            grid, timeout=self.registration_timeout, probe_timeout=self.probe_timeout)
+        flags = {} if fresh else self.registry.refresh(grid, timeout=self.registration_timeout,
+                                                       probe_timeout=self.probe_timeout)
+        for key, parts in self._pending_flags.items():  # from the first registration of a resumed run
+            flags[key] = sorted(set(flags.get(key, [])) | set(parts))
         self._pending_flags = {}
         self._started = time.perf_counter()
         ids = self._sample(self.fraction_train, server_round - 1)

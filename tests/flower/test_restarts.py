@@ -148,6 +148,23 @@ def test_server_resumed_from_its_checkpoint_is_bit_identical(tmp_path, method):
     assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
 
 
+def test_a_node_that_lost_its_state_while_the_server_was_down_is_flagged_after_the_resume(tmp_path):
+    ckpt = tmp_path / "ckpt"
+    first = world("FedVPT")
+    _durable(first, tmp_path)
+    first.strategy.checkpoint_dir = ckpt
+    first.strategy.start(first.grid, num_rounds=1, timeout=10)
+    for f in (tmp_path / "node1").rglob("*.safetensors"):
+        f.unlink()  # node 1's disk was wiped
+    second = world("FedVPT")
+    _durable(second, tmp_path)
+    second.strategy = ProtocolStrategy("FedVPT", build("FedVPT"), num_partitions=3, seed=SEED,
+                                       registration_timeout=1.0, checkpoint_dir=ckpt)
+    second.strategy.start(second.grid, num_rounds=2, timeout=10)
+    assert second.strategy.history[1].restarted_without_state == [second.partition_of(NODE_IDS[1])]
+    assert second.strategy.history[1].rejoined == []
+
+
 def test_resume_refuses_another_configuration(tmp_path):
     from fedpeft.protocols import CheckpointError
 
