@@ -25,7 +25,7 @@ from __future__ import annotations
 import contextlib
 import math
 import warnings
-from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Union
+from typing import Any, Callable, ClassVar, Dict, Iterable, List, Mapping, Optional, Union
 
 import torch
 from torch import Tensor, nn
@@ -248,7 +248,7 @@ class PFedPG(Protocol):
     rate that is ≤ 0 or not finite.
     """
 
-    RECIPES: Dict[str, Dict[str, Any]] = {
+    RECIPES: ClassVar[Dict[str, Dict[str, Any]]] = {
         "fedpeft": {"server_optimizer": "Adam", "server_lr": 1e-3, "generator_init": "unit_logits"},
         "paper": {"server_optimizer": "SGD", "server_lr": 1e-3, "generator_init": "vpt"},
     }
