@@ -205,7 +205,8 @@ def format_pfedpg(diag: Optional[Dict[str, Any]], optimizer: str, lr: float) -> 
     if diag is None:
         return ""
     r, s = diag["spread_rounds"], diag["spread_at"]
-    server = "paper: SGD lr 0.001, VPT init" if optimizer == "paper" else f"{optimizer}, lr {lr:g}"
+    server = {"paper": "paper: SGD lr 0.001, VPT init",
+              "default": "default: Adam, lr 1e-2 descriptors / 1e-3 rest"}.get(optimizer, f"{optimizer}, lr {lr:g}")
     return (f"pFedPG server ({server}): descending steps {100 * diag['descending']:.0f}% "
             f"({diag['closer']}/{diag['client_rounds']} client-rounds where gen(n) moved closer to P̃ₙ); "
             f"spread of gen(ids) across clients at rounds {r[0]}/{r[1]}/{r[2]}: "

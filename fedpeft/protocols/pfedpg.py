@@ -11,8 +11,10 @@ Algorithm 1, for the clients S_t of round t (every client, or a sample)::
 Deployment (Eq. 6): client n uses ``gen(n)`` of the latest generator with its head (``PFedPGServer.deployment``).
 
 Only the accepted replies enter the step: a dropped or absent client's prompts get no gradient, so under plain SGD
-(no momentum, no weight decay: the paper's Eq. 5, α = 0.001, the default here) its descriptor row does not move.
-Adam keeps moving rows from stale moments. The step returns diagnostics per round (``ServerReport.diagnostics``):
+(no momentum, no weight decay: the paper's Eq. 5, α = 0.001, ``PFedPG(recipe="paper")``) its descriptor row does not
+move. The default server is Adam (α = 1e-2 on the descriptors, 1e-3 elsewhere) on the unit-logit generator init,
+because Eq. 5 with the VPT-like init stays client-agnostic (docs/protocols.md has the study); Adam keeps moving absent
+rows from stale moments. The step returns diagnostics per round (``ServerReport.diagnostics``):
 
 - ``clients``: the accepted ids; ``dist_before`` / ``dist_after``: ``‖gen(n) − P̃_n‖`` before and after the step;
 - ``trained_norm``: ``‖P̃_n‖``; ``generated_norm``: ``‖gen(n)‖`` after the step;
@@ -41,7 +43,7 @@ from .screening import screen_replies
 from .shared_personal import _check_ids
 from .training import LossFn
 
-__all__ = ["PARAM_GROUPS", "PFedPG", "PFedPGServer", "param_groups"]
+__all__ = ["DEFAULT_SERVER_LR", "PARAM_GROUPS", "PFedPG", "PFedPGServer", "param_groups"]
 
 OptimizerSpec = Union[str, Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]]
 
@@ -67,6 +69,9 @@ def _prompt_key(model: nn.Module) -> str:
 
 #: the generator's parameter groups a per-group server rate may name
 PARAM_GROUPS = ("prompt_base", "descriptors", "projections")
+
+#: the default server rates (Adam): 10× on the descriptors, the per-client parameters (docs/protocols.md)
+DEFAULT_SERVER_LR: Dict[str, float] = {"prompt_base": 1e-3, "descriptors": 1e-2, "projections": 1e-3}
 
 
 def _check_rate(name: str, value: Any) -> float:
@@ -232,7 +237,8 @@ class PFedPG(Protocol):
     ``gen(n)``, not an average).
 
     Args:
-        recipe: the server's defaults in one word. ``"fedpeft"`` (default): ``Adam`` at α = 1e-3 on a generator with
+        recipe: the server's defaults in one word. ``"fedpeft"`` (default): ``Adam`` with α = 1e-2 on the descriptors
+            and 1e-3 on ``prompt_base`` and the projections (:data:`DEFAULT_SERVER_LR`), on a generator with
             ``init="unit_logits"``. ``"paper"``: Eq. 5 literally, one plain SGD α = 1e-3 on every generator
             parameter, on the ``init="vpt"`` generator of fedpeft ≤ 0.1. The arguments below override the recipe's.
             Why the default departs from Eq. 5 (measured by ``benchmarks/study_pfedpg.py``): see docs/protocols.md.
@@ -249,7 +255,7 @@ class PFedPG(Protocol):
     """
 
     RECIPES: ClassVar[Dict[str, Dict[str, Any]]] = {
-        "fedpeft": {"server_optimizer": "Adam", "server_lr": 1e-3, "generator_init": "unit_logits"},
+        "fedpeft": {"server_optimizer": "Adam", "server_lr": DEFAULT_SERVER_LR, "generator_init": "unit_logits"},
         "paper": {"server_optimizer": "SGD", "server_lr": 1e-3, "generator_init": "vpt"},
     }
 

@@ -17,10 +17,10 @@ import pytest
 import timm
 import torch
 
-from fedpeft import VPT, PromptGenerator, fed, protocols
+from fedpeft import VPT, PromptGenerator, protocols
 from fedpeft.protocols.pfedpg import PARAM_GROUPS, PFedPG
 
-C, K, ROUNDS = 6, 10, 12
+C, K, ROUNDS = 6, 10, 30
 
 
 def _model():
@@ -60,7 +60,8 @@ def test_default_server_personalizes_and_descends(seed):
     descending = sum(a < b for d in diags for a, b in zip(d["dist_after"], d["dist_before"]))
     assert descending >= 0.9 * C * ROUNDS
     spread = [d["spread"] for d in diags]
-    assert spread[-1] > 0.01 and spread[-1] > spread[0] and spread[-1] > spread[ROUNDS // 2 - 1]
+    # growing: at round 12 (a benchmark run's length) above round 1 and 6, and still growing after it
+    assert spread[11] > 0.01 and spread[11] > spread[5] > spread[0] and spread[-1] > spread[11]
     norm1, norm_end = (sum(diags[r]["trained_norm"]) / C for r in (0, -1))
     assert 0.5 * norm1 < norm_end < 2 * norm1
     with torch.no_grad():
@@ -98,12 +99,13 @@ def _round(server, ids, seed):
     return trained
 
 
-def test_default_step_is_adam_at_1e_3_by_hand():
+def test_default_step_is_adam_with_group_rates_by_hand():
     server = protocols.get("pFedPG").make_server(_model(), num_clients=C, seed=3)
     ref = copy.deepcopy(server.generator)
     m = {n: torch.zeros_like(p) for n, p in ref.named_parameters()}
     v = {n: torch.zeros_like(p) for n, p in ref.named_parameters()}
-    lr, b1, b2, eps = 1e-3, 0.9, 0.999, 1e-8
+    lr = {"prompt_base": 1e-3, "descriptors": 1e-2, "projections": 1e-3}
+    b1, b2, eps = 0.9, 0.999, 1e-8
     for t, ids in enumerate([[0, 2, 5], [1, 2, 3, 4]], start=1):
         trained = _round(server, ids, seed=t)
         grads = _grads(ref, ids, trained)
@@ -111,7 +113,7 @@ def test_default_step_is_adam_at_1e_3_by_hand():
             for name, p in ref.named_parameters():
                 m[name] = b1 * m[name] + (1 - b1) * grads[name]
                 v[name] = b2 * v[name] + (1 - b2) * grads[name] ** 2
-                p -= lr * (m[name] / (1 - b1 ** t)) / ((v[name] / (1 - b2 ** t)).sqrt() + eps)
+                p -= lr[_group_of(name)] * (m[name] / (1 - b1 ** t)) / ((v[name] / (1 - b2 ** t)).sqrt() + eps)
         server.update([(c, {server.key: trained[i]}, 1) for i, c in enumerate(ids)])
         for (name, p), q in zip(server.generator.named_parameters(), ref.parameters()):
             assert torch.allclose(p, q, atol=1e-6), name
@@ -195,4 +197,3 @@ def test_warns_when_most_steps_ascend():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         _federate(protocols.get("pFedPG"), rounds=4)
-    assert fed is not None
