@@ -11,18 +11,20 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Dict, Optional, Tuple
 
+#: the default set: every method of the primary claims (stats.PRIMARY) and the clustered oracle
 METHODS: Tuple[str, ...] = (
     "Local",
+    "Local-FT",
+    "SingleSet-VPT",
     "FedAvg",
     "FedVPT",
-    "FedVPT-deep",
+    "Clustered-FedVPT",
     "pFedPG",
     "FedPerfix",
-    "FedPGP",
     "VanillaAttention",
 )
-#: the papers' further baselines (pFedPG's SingleSet-VPT, FedRep, FedAvg + local fine-tuning), not in the default set
-EXTRA_METHODS: Tuple[str, ...] = ("SingleSet-VPT", "FedRep", "FedAvg-FT")
+#: the papers' further baselines and variants, outside the default's CPU budget (``--methods all``)
+EXTRA_METHODS: Tuple[str, ...] = ("FedVPT-deep", "FedPGP", "FedRep", "FedAvg-FT")
 ALL_METHODS: Tuple[str, ...] = METHODS + EXTRA_METHODS
 
 
@@ -75,6 +77,7 @@ class BackboneConfig:
     pretrain_lr: float = 3e-3
     pretrain_batch_size: int = 32
     pretrain_augment: str = "clean"  # "clean" (light affine) or "broad" (+ inversion, rotation, noise, blur, colour)
+    pretrain_seed: int = 0  # one public backbone for every run seed (the papers' one pre-trained ViT)
 
     @property
     def is_custom(self) -> bool:
@@ -97,15 +100,17 @@ class BackboneConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    """How the embedded digits are split (ignored for the pre-training part when ``--data`` is given)."""
+    """How the embedded digits are split (see :mod:`.data`; ignored when ``--data`` gives real folders)."""
 
-    split: str = "domain"  # "domain" or "dirichlet"
-    clients: Optional[int] = None  # None: 6 for domain (one per shift), 10 for dirichlet (pFedPG's CIFAR setting)
+    split: str = "domain"  # "domain" (shift families) or "dirichlet" (clean, label skew)
+    clients: Optional[int] = None  # None: 12 for domain (6 families x 2), 10 for dirichlet
+    families: int = 6  # shift families of --split domain (client c is in family c mod families)
+    classes_per_client: int = 5  # --split domain: classes each client holds
     alpha: float = 0.1
-    public_fraction: float = 0.3  # held-out clean digits for pre-training, disjoint from every client
-    test_fraction: float = 0.25  # per client, per class
-    max_train_per_client: Optional[int] = None  # caps for --smoke
-    max_test_per_client: Optional[int] = None
+    train_per_client: int = 40
+    val_per_client: int = 40
+    test_per_client: int = 100  # one test image = 1 accuracy point per client
+    evaluate: str = "test"  # "test", or "val" for the learning-rate sweep and the pilot (never reported)
     data: Optional[str] = None  # real data: one ImageFolder per client
 
 
@@ -114,10 +119,10 @@ class RunConfig:
     """Everything one run needs; ``asdict`` goes into the JSON."""
 
     methods: Tuple[str, ...] = METHODS
-    seeds: Tuple[int, ...] = (0, 1, 2)  # independent repetitions: new split, pre-training, heads, batch order
+    seeds: Tuple[int, ...] = (0, 1, 2, 3, 4)  # independent repetitions: new split, shift strengths, heads, batches
     threads: int = 1  # torch intra-op threads per process
     workers: int = 1  # parallel processes, each running one (seed, method) at a time
-    last_rounds: int = 5  # the reported accuracy is the mean over the last rounds (noise of ~50 test images)
+    last_rounds: int = 3  # the reported accuracy is the mean over the last rounds
     engine: str = "local"  # "local" (in-process, worker processes) or "flower" (Flower's simulation runtime)
     out: str = "results"
     cache: str = ""
@@ -140,5 +145,18 @@ def smoke(cfg: RunConfig) -> RunConfig:
         backbone=cfg.backbone if cfg.backbone.is_custom else replace(
             cfg.backbone, img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2, pretrain_epochs=1
         ),
-        data=replace(cfg.data, clients=cfg.data.clients or 3, max_train_per_client=32, max_test_per_client=24),
+        data=replace(cfg.data, clients=cfg.data.clients or 3, families=min(cfg.data.families, 3),
+                     train_per_client=32, val_per_client=8, test_per_client=24),
     )
+
+
+#: ``--quick``: the frozen-backbone prompt methods and their baselines (no whole-model training)
+QUICK_METHODS: Tuple[str, ...] = ("Local", "SingleSet-VPT", "FedVPT", "Clustered-FedVPT", "pFedPG")
+QUICK_ROUNDS = 6
+
+
+def quick(cfg: RunConfig, rounds_given: bool = False) -> RunConfig:
+    """``--quick``: a look in about 3 minutes (``QUICK_ROUNDS`` rounds unless ``--rounds`` was given)."""
+    if rounds_given:
+        return cfg
+    return replace(cfg, budget=replace(cfg.budget, rounds=min(cfg.budget.rounds, QUICK_ROUNDS)))

@@ -77,7 +77,7 @@ def training_flops(name: str, ctx: Any) -> Dict[str, float]:
     """
     from .methods import build_model, make_protocol
 
-    model, protocol = build_model(name, ctx), make_protocol(name, ctx.budget)
+    model, protocol = build_model(name, ctx), make_protocol(name, ctx)
     first = ctx.clients[0].train
     batch = min(ctx.budget.batch_size, len(first))
     xs, ys = zip(*(first[i] for i in range(batch)))

@@ -1,19 +1,23 @@
 """The methods of the benchmark: a client model built from fedpeft's public API, and its library protocol.
 
 Every protocol (what a client loads, trains, uploads and keeps; what the server does) is
-``fedpeft.protocols.get(name)``; this module only builds each method's model from the budget, the same way for every
-engine (the in-process loop here, Flower's ClientApp), and picks the budget's options:
+``fedpeft.protocols.get(name)``, except two built here from the library's ``SharedPersonal``: Local-FT (everything
+personal) and the clustered oracle (:mod:`.oracle`, one averaging server per shift family). This module builds each
+method's model from the budget, the same way for every engine (the in-process loop here, Flower's ClientApp), and
+picks the budget's options:
 
 =================  ===============================================  =========================  ====================
 method             client model                                     personal (kept)            upload (per round)
 =================  ===============================================  =========================  ====================
 Local              ``VPT(vit, num_prompts=0)`` (linear probe)       head                       nothing
+Local-FT           the timm ViT, all trainable (the papers' Local)  everything                 nothing
 SingleSet-VPT      ``VPT(vit, num_prompts=K)``                      prompts, head              nothing
 FedAvg             the timm ViT, all trainable                      nothing                    everything
 FedAvg-FT          the same; deployed = global fine-tuned locally   nothing                    everything
 FedRep             the same; head epochs, then body epochs          head                       the body
 FedVPT             ``VPT(vit, num_prompts=K)``                      head                       prompts
 FedVPT-deep        ``VPT(vit, num_prompts=K, deep=True)``           head                       prompts (every layer)
+Clustered-FedVPT   ``VPT(vit, num_prompts=K)``                      head                       prompts (family avg.)
 pFedPG             ``VPT(vit, num_prompts=K)``                      head                       trained prompts P̃_n
 FedPerfix          ``ParallelPrefix(vit, train_backbone=True)``     adapters, head             backbone
 FedPGP             ``VPT(vit, prompts=LowRankPrompt(...))``         U, V, head                 σ
@@ -34,10 +38,12 @@ import torch
 from torch import nn
 
 from fedpeft import VPT, LowRankPrompt, ParallelPrefix, fed, protocols
+from fedpeft.protocols.shared_personal import SharedPersonal
 
 from .backbone import Backbone
 from .config import Budget
 from .data import ClientData
+from .oracle import ClusteredFedVPT
 
 __all__ = ["Context", "build_model", "make_protocol", "method_costs"]
 
@@ -69,12 +75,14 @@ def _fedpgp(ctx: Context) -> nn.Module:
 
 _MODELS: Dict[str, Callable[[Context], nn.Module]] = {
     "Local": lambda ctx: _vpt(ctx, 0),
+    "Local-FT": lambda ctx: ctx.backbone.make(),
     "SingleSet-VPT": lambda ctx: _vpt(ctx, ctx.budget.num_prompts),
     "FedAvg": lambda ctx: ctx.backbone.make(),
     "FedAvg-FT": lambda ctx: ctx.backbone.make(),
     "FedRep": lambda ctx: ctx.backbone.make(),
     "FedVPT": lambda ctx: _vpt(ctx, ctx.budget.num_prompts),
     "FedVPT-deep": lambda ctx: _vpt(ctx, ctx.budget.num_prompts, deep=True),
+    "Clustered-FedVPT": lambda ctx: _vpt(ctx, ctx.budget.num_prompts),
     "pFedPG": lambda ctx: _vpt(ctx, ctx.budget.num_prompts),
     "FedPerfix": _fedperfix,
     "FedPGP": _fedpgp,
@@ -90,8 +98,17 @@ def build_model(name: str, ctx: Context) -> nn.Module:
     return _MODELS[name](ctx)
 
 
-def make_protocol(name: str, budget: Budget) -> protocols.Protocol:
-    """The library protocol of method ``name`` with the budget's method-specific options."""
+def make_protocol(name: str, ctx: Context) -> protocols.Protocol:
+    """The protocol of method ``name`` with the budget's method-specific options (the library's, except Local-FT
+    and the clustered oracle, which are built here from the library's ``SharedPersonal``)."""
+    budget = ctx.budget
+    if name == "Local-FT":
+        return SharedPersonal(["*"], name="Local-FT")  # the whole model, personal: nothing is sent
+    if name == "Clustered-FedVPT":
+        families = [c.family for c in ctx.clients]
+        if not all(families):
+            raise ValueError("Clustered-FedVPT needs every client's shift family (--split domain)")
+        return ClusteredFedVPT(families)
     if name == "pFedPG":
         return protocols.get(name, server_optimizer=budget.generator_optimizer, server_lr=budget.generator_lr,
                              descriptor_tokens=budget.generator_descriptor_tokens)
