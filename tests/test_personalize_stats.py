@@ -14,7 +14,17 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
-from _personalize.stats import comparisons, holm, holm_claims, mdd, p_value, paired, primary, t_interval, t_quantile
+from _personalize.stats import (
+    comparisons,
+    holm,
+    holm_claims,
+    mdd,
+    p_value,
+    paired,
+    primary,
+    t_interval,
+    t_quantile,
+)
 
 TABLE = {1: 12.7062, 2: 4.3027, 4: 2.7764}
 

@@ -37,7 +37,7 @@ from typing import Callable, Dict, List
 import torch
 from torch import nn
 
-from fedpeft import VPT, LowRankPrompt, ParallelPrefix, fed, protocols
+from fedpeft import VPT, protocols
 from fedpeft.protocols.shared_personal import SharedPersonal
 
 from .backbone import Backbone
@@ -58,44 +58,26 @@ class Context:
     seed: int
 
 
-def _vpt(ctx: Context, num_prompts: int, deep: bool = False) -> nn.Module:
-    return VPT(ctx.backbone.make(), num_prompts=num_prompts, deep=deep)
-
-
-def _fedperfix(ctx: Context) -> nn.Module:
-    vit, b = ctx.backbone.make(), ctx.budget
-    return ParallelPrefix(vit, bottleneck=b.bottleneck(vit.embed_dim), scale=b.prefix_scale, train_backbone=True)
-
-
-def _fedpgp(ctx: Context) -> nn.Module:
-    vit, b = ctx.backbone.make(), ctx.budget
-    prompts = LowRankPrompt(num_prompts=b.num_prompts, embed_dim=vit.embed_dim, rank=b.lowrank_rank)
-    return VPT(vit, num_prompts=b.num_prompts, prompts=prompts)
-
-
-_MODELS: Dict[str, Callable[[Context], nn.Module]] = {
-    "Local": lambda ctx: _vpt(ctx, 0),
+#: the benchmark's own methods (everything else is an entry of ``fedpeft.protocols.REGISTRY``)
+_OWN: Dict[str, Callable[[Context], nn.Module]] = {
     "Local-FT": lambda ctx: ctx.backbone.make(),
-    "SingleSet-VPT": lambda ctx: _vpt(ctx, ctx.budget.num_prompts),
-    "FedAvg": lambda ctx: ctx.backbone.make(),
-    "FedAvg-FT": lambda ctx: ctx.backbone.make(),
-    "FedRep": lambda ctx: ctx.backbone.make(),
-    "FedVPT": lambda ctx: _vpt(ctx, ctx.budget.num_prompts),
-    "FedVPT-deep": lambda ctx: _vpt(ctx, ctx.budget.num_prompts, deep=True),
-    "Clustered-FedVPT": lambda ctx: _vpt(ctx, ctx.budget.num_prompts),
-    "pFedPG": lambda ctx: _vpt(ctx, ctx.budget.num_prompts),
-    "FedPerfix": _fedperfix,
-    "FedPGP": _fedpgp,
-    "VanillaAttention": lambda ctx: ctx.backbone.make(),
+    "Clustered-FedVPT": lambda ctx: VPT(ctx.backbone.make(), num_prompts=ctx.budget.num_prompts),
 }
+
+
+def _registry_model(name: str, ctx: Context) -> nn.Module:
+    vit, b = ctx.backbone.make(), ctx.budget
+    return protocols.method(name).build(vit, num_prompts=b.num_prompts, bottleneck=b.bottleneck(vit.embed_dim),
+                                        prefix_scale=b.prefix_scale, rank=b.lowrank_rank)
 
 
 def build_model(name: str, ctx: Context) -> nn.Module:
     """Method ``name``'s client model, built under ``torch.manual_seed(ctx.seed)`` (identical in every process)."""
-    if name not in _MODELS:
-        raise ValueError(f"unknown method {name!r}; known: {list(_MODELS)}")
+    known = [*protocols.METHODS, *_OWN]
+    if name not in known:
+        raise ValueError(f"unknown method {name!r}; known: {known}")
     torch.manual_seed(ctx.seed)
-    return _MODELS[name](ctx)
+    return _OWN[name](ctx) if name in _OWN else _registry_model(name, ctx)
 
 
 def make_protocol(name: str, ctx: Context) -> protocols.Protocol:
@@ -118,11 +100,6 @@ def make_protocol(name: str, ctx: Context) -> protocols.Protocol:
 
 
 def method_costs(protocol: protocols.Protocol, model: nn.Module, server: object) -> Dict[str, object]:
-    """Parameter counts per client: trainable, communicated (uploaded per round), server-only; and the personal keys."""
-    generator = getattr(server, "generator", None)
-    return {
-        "trainable": fed.num_params(fed.trainable_state(model)),
-        "communicated": fed.num_params(protocols.upload_state(model, protocol)),
-        "server": sum(p.numel() for p in generator.parameters()) if generator is not None else 0,
-        "personal_keys": protocol.personal_keys(model),
-    }
+    """Parameter counts per client: trainable, communicated (uploaded per round), server-only; and the personal keys
+    (``fedpeft.protocols.method_costs``)."""
+    return protocols.method_costs(protocol, model, server)

@@ -12,7 +12,7 @@ generator can get from the family structure, and its margin over FedVPT says how
 
 from __future__ import annotations
 
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 from torch import Tensor, nn
 
@@ -64,6 +64,7 @@ class FamilyServer(AveragingServer):
             else:  # let the screening of any family server word the reason
                 groups[self.families[0]].append(reply)
         weight = 0.0
+        self.round += 1
         for f, server in self.servers.items():
             r = server.update(groups[f])
             report.accepted += r.accepted
@@ -72,9 +73,31 @@ class FamilyServer(AveragingServer):
             weight += r.diagnostics.get("total_weight", 0.0)
         report.accepted.sort()
         report.diagnostics["total_weight"] = weight
-        if report.updated:
-            self.rounds += 1
         return report
+
+    def state_dict(self) -> Tuple[Dict[str, Tensor], Dict[str, Any]]:
+        """``({"family.<i>.shared.<key>": tensor}, {"kind": "family-averaging", "round": r, "families": [...]})``."""
+        tensors: Dict[str, Tensor] = {}
+        for i, server in enumerate(self.servers.values()):
+            t, _ = server.state_dict()
+            tensors.update({f"family.{i}.{k}": v for k, v in t.items()})
+        return tensors, {"kind": "family-averaging", "round": self.round, "families": list(self.servers)}
+
+    def load_state_dict(self, tensors: Mapping[str, Tensor], meta: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict`'s output; ``ValueError`` (server untouched) on another kind or families."""
+        if not isinstance(meta, Mapping) or meta.get("kind") != "family-averaging":
+            raise ValueError("meta: expected a family-averaging server's checkpoint")
+        if list(meta.get("families", [])) != list(self.servers):
+            raise ValueError(f"meta['families']: expected {list(self.servers)}, got {meta.get('families')}")
+        staged = {}
+        for i, (f, server) in enumerate(self.servers.items()):
+            prefix = f"family.{i}."
+            part = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+            copy = AveragingServer(server.shared, num_clients=len(self.families))
+            copy.load_state_dict(part, {"kind": "averaging", "round": meta["round"]})  # checks before any change
+            staged[f] = copy
+        self.servers.update(staged)
+        self.round = int(meta["round"])
 
 
 class ClusteredFedVPT(SharedPersonal):
@@ -84,9 +107,9 @@ class ClusteredFedVPT(SharedPersonal):
         super().__init__(["fedvpt"], name=name)
         self.families = list(families)
 
-    def make_server(self, model: nn.Module, *, num_clients: Optional[int] = None, **options: Any) -> FamilyServer:
-        if options:
-            raise TypeError(f"ClusteredFedVPT.make_server() got unexpected options {sorted(options)}")
+    def make_server(self, model: nn.Module, *, num_clients: Optional[int] = None,
+                    seed: Optional[int] = None) -> FamilyServer:
+        """A :class:`FamilyServer` from ``model``'s current prompts (``seed``: the common signature; unused)."""
         if num_clients is not None and num_clients != len(self.families):
             raise ValueError(f"num_clients={num_clients} but {len(self.families)} clients have a family")
         return FamilyServer(self.initial_shared(model), self.families)
