@@ -171,7 +171,7 @@ def test_good_defaults():
     assert cfg.data.evaluate == "test"
     assert parse_args(["--smoke", "--out", "/nonexistent/fresh"]).seeds == (0, 1)
     q = parse_args(["--quick", "--out", "/nonexistent/fresh"])
-    assert q.seeds == (0, 1, 2) and q.budget.rounds == 6 and "Local-FT" not in q.methods
+    assert q.seeds == (0, 1, 2) and q.budget.rounds == 4 and "Local-FT" not in q.methods
     assert len(parse_args(["--methods", "all", "--out", "/nonexistent/fresh"]).methods) == 13
     # the oracle needs families: dropped from the default set under --split dirichlet
     assert "Clustered-FedVPT" not in parse_args(["--split", "dirichlet", "--out", "/nonexistent/fresh"]).methods

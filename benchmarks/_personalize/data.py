@@ -43,7 +43,7 @@ from .shifts import SHIFTS, apply_shift
 
 __all__ = ["ClientData", "DataFileError", "FederatedData", "digits_federated", "mnist_path", "per_class_split"]
 
-DEFAULT_CLIENTS = {"domain": 12, "dirichlet": 10}
+DEFAULT_CLIENTS = {"domain": 8, "dirichlet": 10}
 NUM_CLASSES = 10
 
 
