@@ -107,12 +107,11 @@ def build_parser() -> argparse.ArgumentParser:
     add("--evaluate", choices=["test", "val"], default="test",
         help="the split every accuracy is measured on: test (reported runs) or val (the learning-rate sweep and "
         "the pilot, on seeds never reported; default: test)")
-    add("--lr-prompt", type=_rate, default=b.lr_prompt, metavar="LR",
-        help=f"learning rate of prompt tokens (default: {b.lr_prompt:g}, chosen on validation, see "
-        "benchmarks/README.md)")
     add("--lr-new", type=_rate, default=b.lr_new, metavar="LR",
-        help=f"learning rate of the other parameters that start from scratch: heads, adapters (default: "
-        f"{b.lr_new:g}, chosen on validation)")
+        help=f"learning rate of heads and prompts (default: {b.lr_new:g}, chosen on validation, see "
+        "benchmarks/README.md)")
+    add("--lr-adapter", type=_rate, default=b.lr_adapter, metavar="LR",
+        help=f"learning rate of FedPerfix's adapters (default: {b.lr_adapter:g}, chosen on validation)")
     add("--lr-backbone", type=_rate, default=b.lr_backbone, metavar="LR",
         help=f"learning rate of pre-trained weights when a method trains them (default: {b.lr_backbone:g}, chosen "
         "on validation)")
@@ -123,17 +122,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="share of clients per round, in (0, 1]: a seeded sample, at least one client (default: 1)")
     add("--last-rounds", type=_positive, default=RunConfig.last_rounds, metavar="N",
         help=f"report each client's mean accuracy over the last N rounds (default: {RunConfig.last_rounds})")
-    add("--pfedpg-server", default=f"{b.generator_optimizer}:{b.generator_lr:g}", metavar="OPT:LR",
-        help=f"pFedPG's server optimizer and rate α, SGD or Adam (default: {b.generator_optimizer}:"
-        f"{b.generator_lr:g}, the paper's α; see docs/benchmark.md before changing it)")
+    add("--pfedpg-server", default=b.generator_optimizer, metavar="default|paper|OPT:LR",
+        help="pFedPG's server: 'default' (the library's: Adam, 1e-2 on the descriptors and 1e-3 elsewhere, "
+        "unit-logit generator init), 'paper' (Eq. 5 literally: SGD 0.001 on the VPT-like init of fedpeft 0.1), or "
+        "SGD:LR / Adam:LR, one rate on the unit-logit init (default: default; see docs/protocols.md, pFedPG)")
     add("--split", choices=["domain", "dirichlet"], default=None,
         help="how the MNIST digits go to clients: shift families (each client its own strength and 5 of the 10 "
         "classes), or clean images with Dirichlet label skew (default: domain)")
     add("--clients", type=_positive, default=None, metavar="N",
-        help="number of clients (default: 12 for domain, i.e. 2 per family, 10 for dirichlet)")
+        help="number of clients (default: 8 for domain, i.e. 2 per family, 10 for dirichlet)")
     add("--families", type=_positive, default=None, metavar="F",
         help="shift families of --split domain, 1 to 6 (rotated, inverted, coloured, noisy, blurred, sketch; "
-        "default: 6)")
+        "default: 4)")
     add("--alpha", type=_alpha, default=None, metavar="A",
         help="Dirichlet concentration, --split dirichlet only (default: 0.1)")
     add("--pretrain", choices=["clean", "broad"], default="clean",
@@ -169,13 +169,14 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> RunConfig:
     p = build_parser()
     a = p.parse_args(argv)
     b, d = Budget(), DataConfig()
-    opt, _, lr = a.pfedpg_server.partition(":")
+    opt, _, lr = (a.pfedpg_server, "", "0.001") if a.pfedpg_server in ("default", "paper") \
+        else a.pfedpg_server.partition(":")
     try:
         server_lr = float(lr)
     except ValueError:
         server_lr = float("nan")
-    if opt not in ("SGD", "Adam") or not (server_lr > 0 and math.isfinite(server_lr)):
-        p.error(f"--pfedpg-server: expected SGD:LR or Adam:LR with LR > 0, got {a.pfedpg_server!r}")
+    if opt not in ("SGD", "Adam", "default", "paper") or not (server_lr > 0 and math.isfinite(server_lr)):
+        p.error(f"--pfedpg-server: expected default, paper, SGD:LR or Adam:LR with LR > 0, got {a.pfedpg_server!r}")
     if a.checkpoint and not a.model:
         p.error("--checkpoint needs --model NAME (the timm architecture the weights belong to)")
     if a.model and not a.checkpoint:
@@ -241,7 +242,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> RunConfig:
         out=str(out),
         cache=a.cache,
         budget=replace(b, rounds=a.rounds, local_epochs=a.local_epochs, fraction=a.fraction,
-                       generator_optimizer=opt, generator_lr=server_lr, lr_new=a.lr_new, lr_prompt=a.lr_prompt,
+                       generator_optimizer=opt, generator_lr=server_lr, lr_new=a.lr_new, lr_adapter=a.lr_adapter,
                        lr_backbone=a.lr_backbone),
         backbone=backbone,
         data=replace(d, split=split, clients=a.clients, alpha=a.alpha if a.alpha is not None else d.alpha,

@@ -41,8 +41,8 @@ class Budget:
     local_epochs: int = 2
     batch_size: int = 32
     optimizer: str = "AdamW"  # every client, every method; re-created each round (clients are stateless)
-    lr_prompt: float = 5e-2  # prompt tokens (VPT's prompts, FedPGP's factors; chosen on validation)
-    lr_new: float = 5e-3  # heads, FedPerfix's adapters (chosen on validation)
+    lr_new: float = 5e-2  # heads, prompts, low-rank prompt factors (chosen on validation)
+    lr_adapter: float = 5e-3  # FedPerfix's adapters (chosen on validation)
     lr_backbone: float = 5e-4  # pre-trained weights, for the methods that train them (FedAvg, FedPerfix, vanilla)
     weight_decay: float = 1e-3  # pFedPG's client weight decay
     num_prompts: int = 10  # K (pFedPG, FedVPT: 10)
@@ -51,8 +51,8 @@ class Budget:
     fedpgp_temperature: float = 0.5  # τ (FedPGP: 0.5)
     prefix_bottleneck: Optional[int] = None  # m; None = 2/3·D, FedPerfix's 256 for ViT-S's D = 384
     prefix_scale: float = 1.5  # s (FedPerfix: 1.5)
-    generator_optimizer: str = "SGD"  # pFedPG's server optimizer: plain descent on Σ‖gen(n) − P̃ₙ‖²/2 (docs/benchmark.md)
-    generator_lr: float = 1e-3  # pFedPG's server learning rate α (the paper's 0.001)
+    generator_optimizer: str = "default"  # pFedPG's server: "default" (the library's), "paper" (Eq. 5), SGD or Adam
+    generator_lr: float = 1e-3  # pFedPG's server rate α for SGD / Adam (unused by "default" and "paper")
     generator_descriptor_tokens: Optional[int] = None  # None = K (one query per prompt token)
     fraction: float = 1.0  # share of clients per round (seeded sample, at least one client)
 

@@ -91,6 +91,9 @@ def make_protocol(name: str, ctx: Context) -> protocols.Protocol:
         if not all(families):
             raise ValueError("Clustered-FedVPT needs every client's shift family (--split domain)")
         return ClusteredFedVPT(families)
+    if name == "pFedPG" and budget.generator_optimizer in ("default", "paper"):  # the library's recipes
+        recipe = "fedpeft" if budget.generator_optimizer == "default" else "paper"
+        return protocols.get(name, recipe=recipe, descriptor_tokens=budget.generator_descriptor_tokens)
     if name == "pFedPG":
         return protocols.get(name, server_optimizer=budget.generator_optimizer, server_lr=budget.generator_lr,
                              descriptor_tokens=budget.generator_descriptor_tokens)
