@@ -107,11 +107,12 @@ def build_parser() -> argparse.ArgumentParser:
     add("--evaluate", choices=["test", "val"], default="test",
         help="the split every accuracy is measured on: test (reported runs) or val (the learning-rate sweep and "
         "the pilot, on seeds never reported; default: test)")
-    add("--lr-new", type=_rate, default=b.lr_new, metavar="LR",
-        help=f"learning rate of heads and prompts (default: {b.lr_new:g}, chosen on validation, see "
+    add("--lr-prompt", type=_rate, default=b.lr_prompt, metavar="LR",
+        help=f"learning rate of prompt tokens (default: {b.lr_prompt:g}, chosen on validation, see "
         "benchmarks/README.md)")
-    add("--lr-adapter", type=_rate, default=b.lr_adapter, metavar="LR",
-        help=f"learning rate of FedPerfix's adapters (default: {b.lr_adapter:g}, chosen on validation)")
+    add("--lr-new", type=_rate, default=b.lr_new, metavar="LR",
+        help=f"learning rate of the other parameters that start from scratch: heads, adapters (default: "
+        f"{b.lr_new:g}, chosen on validation)")
     add("--lr-backbone", type=_rate, default=b.lr_backbone, metavar="LR",
         help=f"learning rate of pre-trained weights when a method trains them (default: {b.lr_backbone:g}, chosen "
         "on validation)")
@@ -242,7 +243,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> RunConfig:
         out=str(out),
         cache=a.cache,
         budget=replace(b, rounds=a.rounds, local_epochs=a.local_epochs, fraction=a.fraction,
-                       generator_optimizer=opt, generator_lr=server_lr, lr_new=a.lr_new, lr_adapter=a.lr_adapter,
+                       generator_optimizer=opt, generator_lr=server_lr, lr_new=a.lr_new, lr_prompt=a.lr_prompt,
                        lr_backbone=a.lr_backbone),
         backbone=backbone,
         data=replace(d, split=split, clients=a.clients, alpha=a.alpha if a.alpha is not None else d.alpha,
