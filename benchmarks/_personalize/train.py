@@ -10,7 +10,7 @@ clients), three parameter groups decided by what a parameter is, not by method:
 Prompts get their own rate because the validation pilot showed the kinds need rates 10× apart (seed 100's
 validation split, 12 rounds × 2 local epochs): prompt tokens at 5·10⁻³ barely move, while FedPerfix's adapters and
 head at 5·10⁻² wreck the model (33.2 % against 76.1 % at 5·10⁻³; 20 % is guessing among a client's 5 classes), and
-heads do as well or better at 5·10⁻³ (Local 63.9 vs 63.0 %, VanillaAttention 76.9 vs 70.6 % after 10 rounds).
+heads do as well or better at 5·10⁻³ (Local 63.9 vs 63.0 %, VanillaAttention 76.4 vs 70.6 % over rounds 8–10).
 
 A client's batches are drawn from a generator seeded by (seed, round, client, phase)
 (``fedpeft.protocols.batch_seed``), so every method and every engine sees the same batches in the same order.
