@@ -102,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--smoke: 0,1). The learning-rate sweep and the pilot used seeds 100,101 (validation splits), never report "
         "those")
     add("--quick", action="store_true",
-        help=f"a look in about 3 minutes: {', '.join(QUICK_METHODS)}, 3 seeds, 4 rounds (no Holm verdicts at 3 "
+        help=f"a short look (about 145 CPU-seconds): {', '.join(QUICK_METHODS)}, 3 seeds, 4 rounds (no Holm verdicts at 3 "
         "seeds worth reading)")
     add("--evaluate", choices=["test", "val"], default="test",
         help="the split every accuracy is measured on: test (reported runs) or val (the learning-rate sweep and "

@@ -158,7 +158,7 @@ QUICK_ROUNDS = 4
 
 
 def quick(cfg: RunConfig, rounds_given: bool = False) -> RunConfig:
-    """``--quick``: a look in about 3 minutes (``QUICK_ROUNDS`` rounds unless ``--rounds`` was given)."""
+    """``--quick``: a short look, about 145 CPU-seconds (``QUICK_ROUNDS`` rounds unless ``--rounds`` was given)."""
     if rounds_given:
         return cfg
     return replace(cfg, budget=replace(cfg.budget, rounds=min(cfg.budget.rounds, QUICK_ROUNDS)))
