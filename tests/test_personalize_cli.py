@@ -63,12 +63,46 @@ def test_alpha_without_dirichlet(capsys, tmp_path):
 
 
 def test_impossible_dirichlet_split(capsys, tmp_path):
-    # 1,258 client images over 300 clients: nobody can hold the required 20 samples
+    # 300 clients x 250 images from 5,000 digits: no draw fits
     _refused(["--split", "dirichlet", "--clients", "300"], capsys, tmp_path, r"could not draw a Dir\(0.1\) split")
 
 
 def test_too_many_domain_clients(capsys, tmp_path):
-    _refused(["--clients", "700"], capsys, tmp_path, r"gets \d+ training and 0 test images; use fewer --clients")
+    # 40 clients x 250 images of 5 classes: each class would need ~1,000 of its ~500 digits
+    _refused(["--clients", "40"], capsys, tmp_path, r"need \d+ MNIST images of class \d, there are \d+; use fewer")
+
+
+@pytest.mark.parametrize("argv, pattern", [
+    (["--split", "dirichlet", "--families", "3"], r"--families only applies to --split domain"),
+    (["--families", "7"], r"--families: expected 1 to 6"),
+    (["--quick", "--smoke"], r"--quick and --smoke"),
+    (["--split", "dirichlet", "--methods", "FedVPT,Clustered-FedVPT"], r"Clustered-FedVPT .* needs --split domain"),
+    (["--lr-new", "0"], r"--lr-new: expected a finite learning rate"),
+    (["--lr-backbone", "nan"], r"--lr-backbone: expected a finite learning rate"),
+    (["--evaluate", "train"], r"--evaluate: invalid choice"),
+])
+def test_bad_new_flags(capsys, tmp_path, argv, pattern):
+    _refused(argv, capsys, tmp_path, pattern)
+
+
+def test_missing_and_corrupt_mnist_file_is_one_line(capsys, tmp_path, monkeypatch):
+    """A missing or corrupt embedded data file: one argparse error naming the file, before any work."""
+    import _personalize.data as data
+
+    missing = tmp_path / "gone" / "mnist_5k.csv.gz"
+    monkeypatch.setattr(data, "mnist_path", lambda: missing)
+    _refused([], capsys, tmp_path, re.escape(str(missing)) + r" is not a file")
+    corrupt = tmp_path / "mnist_5k.csv.gz"
+    corrupt.write_bytes(b"this is not gzip")
+    monkeypatch.setattr(data, "mnist_path", lambda: corrupt)
+    _refused([], capsys, tmp_path, re.escape(str(corrupt)) + r" could not be read")
+    import gzip
+
+    with gzip.open(corrupt, "wt") as f:
+        f.write("1,2,3\n4,5,6\n")
+    data._mnist_raw.cache_clear()
+    _refused([], capsys, tmp_path, r"have shape \(2, 3\), expected \(5000, 785\)")
+    data._mnist_raw.cache_clear()
 
 
 def test_missing_checkpoint(capsys, tmp_path):
@@ -131,8 +165,16 @@ def test_default_out_is_a_new_folder_per_run(tmp_path, monkeypatch):
 
 def test_good_defaults():
     cfg = parse_args(["--out", "/nonexistent/fresh"])
-    assert cfg.seeds == (0, 1, 2) and cfg.threads == 1 and cfg.workers >= 1 and cfg.last_rounds == 5
+    assert cfg.seeds == (0, 1, 2, 3, 4) and cfg.threads == 1 and cfg.workers >= 1 and cfg.last_rounds == 3
+    assert cfg.methods == ("Local", "Local-FT", "SingleSet-VPT", "FedAvg", "FedVPT", "Clustered-FedVPT", "pFedPG",
+                           "FedPerfix", "VanillaAttention")
+    assert cfg.data.evaluate == "test"
     assert parse_args(["--smoke", "--out", "/nonexistent/fresh"]).seeds == (0, 1)
+    q = parse_args(["--quick", "--out", "/nonexistent/fresh"])
+    assert q.seeds == (0, 1, 2) and q.budget.rounds == 4 and "Local-FT" not in q.methods
+    assert len(parse_args(["--methods", "all", "--out", "/nonexistent/fresh"]).methods) == 13
+    # the oracle needs families: dropped from the default set under --split dirichlet
+    assert "Clustered-FedVPT" not in parse_args(["--split", "dirichlet", "--out", "/nonexistent/fresh"]).methods
 
 
 def test_help_is_clean():

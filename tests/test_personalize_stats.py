@@ -14,7 +14,17 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
-from _personalize.stats import comparisons, paired, t_interval, t_quantile
+from _personalize.stats import (
+    comparisons,
+    holm,
+    holm_claims,
+    mdd,
+    p_value,
+    paired,
+    primary,
+    t_interval,
+    t_quantile,
+)
 
 TABLE = {1: 12.7062, 2: 4.3027, 4: 2.7764}
 
@@ -63,6 +73,47 @@ def test_paired_verdicts():
 
 
 def test_comparisons_only_between_methods_that_ran():
-    pairs = {(a, b) for a, b, _ in comparisons(["FedAvg", "FedVPT", "pFedPG", "Local"])}
-    assert pairs == {("pFedPG", "FedVPT"), ("pFedPG", "FedAvg"), ("FedVPT", "FedAvg")}
-    assert comparisons(["Local"]) == []
+    methods = ["FedAvg", "FedVPT", "pFedPG", "Local"]
+    assert {(a, b) for a, b, _ in primary(methods)} == {("pFedPG", "FedVPT"), ("FedVPT", "Local"),
+                                                        ("pFedPG", "FedAvg")}
+    # exploratory: never a primary pair again
+    assert {(a, b) for a, b, _ in comparisons(methods)} == {("FedVPT", "FedAvg")}
+    assert comparisons(["Local"]) == [] and primary(["Local"]) == []
+
+
+def test_p_value_against_the_closed_form_for_two_degrees_of_freedom():
+    # d = 1, 2, 3: mean 2, sd 1, t = 2 / (1 / sqrt 3); with 2 df, P(|T| > t) = 1 - t / sqrt(t^2 + 2)
+    t = 2 * math.sqrt(3)
+    assert p_value([1.0, 2.0, 3.0]) == pytest.approx(1 - t / math.sqrt(t * t + 2), abs=1e-12)
+    assert p_value([-1.0, -2.0, -3.0]) == pytest.approx(p_value([1.0, 2.0, 3.0]))
+    assert p_value([0.0, 0.0, 0.0]) == 1.0 and p_value([0.5, 0.5, 0.5]) == 0.0  # no spread
+    assert math.isnan(p_value([0.3]))
+
+
+def test_holm_by_hand():
+    # sorted 0.01, 0.03, 0.04 -> 3 * 0.01 = 0.03, 2 * 0.03 = 0.06, max(0.06, 1 * 0.04) = 0.06
+    assert holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
+    assert holm([0.5, 0.9]) == pytest.approx([1.0, 1.0])  # capped at 1
+    adjusted = holm([0.02, float("nan")])
+    assert adjusted[0] == pytest.approx(0.04) and math.isnan(adjusted[1])  # a nan still counts in k
+
+
+def test_minimal_detectable_difference_by_hand():
+    # d = 1, 2, 3 (sd 1, n 3), k = 1: (t_{0.975,2} + t_{0.80,2}) / sqrt 3 = (4.3027 + 1.0607) / 1.7321
+    assert mdd([1.0, 2.0, 3.0], k=1) == pytest.approx((4.3027 + 1.0607) / math.sqrt(3), abs=1e-3)
+    # k = 2 uses alpha / 2: t_{0.9875, 2} = 6.2053
+    assert mdd([1.0, 2.0, 3.0], k=2) == pytest.approx((6.2053 + 1.0607) / math.sqrt(3), abs=1e-3)
+
+
+def test_holm_claims_decide_by_the_adjusted_p_value():
+    # pFedPG beats FedVPT by 1..5 points over 5 seeds (p ~ 0.0046) and SingleSet-VPT by a wobble; 2 claims
+    base = [0.5, 0.6, 0.7, 0.6, 0.5]
+    values = {"FedVPT": base, "SingleSet-VPT": [b + w for b, w in zip(base, (0.02, -0.03, 0.01, 0.0, -0.01))],
+              "pFedPG": [b + d for b, d in zip(base, (0.01, 0.02, 0.03, 0.04, 0.05))]}
+    claims = holm_claims(values, ["FedVPT", "SingleSet-VPT", "pFedPG"])
+    assert [(c.pair.a, c.pair.b) for c in claims] == [("pFedPG", "FedVPT"), ("pFedPG", "SingleSet-VPT")]
+    first, second = claims
+    # d = .01..05: mean .03, sd .0158, t = 4.2426, df 4 -> two-sided p = 0.01324 (scipy-independent table value)
+    assert first.p == pytest.approx(0.01324, abs=2e-4)
+    assert first.p_holm == pytest.approx(2 * first.p) and first.verdict == "holds"
+    assert second.p_holm == pytest.approx(max(first.p_holm, second.p)) and second.verdict == "not resolved at this budget"

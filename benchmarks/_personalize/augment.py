@@ -4,7 +4,8 @@ Two policies (``--pretrain``), both acting on a batch (B, 3, H, W) in [0, 1] wit
 
 ``clean``  (default) light random affine per image: rotation ±10°, scale 0.9–1.1, translation ±10 %. The backbone
            sees only clean grey digits, so the clients' shifts (inversion, rotation, noise, …) are new to it.
-``broad``  the papers' regime, where the frozen ViT has seen every kind of image: the ``clean`` affine, then each of
+``broad``  a backbone that has seen image-space changes of the clients' kinds (not the papers' regime: their ImageNet
+           ViT has seen neither these digits nor these shifts): the ``clean`` affine, then each of
            these independently with probability ``BROAD_P`` = 0.3 per image (about a sixth of the images stay clean):
 
            - inversion ``1 − x``;

@@ -17,16 +17,30 @@ from pathlib import Path
 from typing import Callable, List, Optional, Sequence, Tuple
 
 from .checks import check_data_folder, check_model, check_out, check_split
-from .config import ALL_METHODS, BROAD_PRETRAIN_EPOCHS, BackboneConfig, Budget, DataConfig, RunConfig, smoke
+from .config import (
+    ALL_METHODS,
+    BROAD_PRETRAIN_EPOCHS,
+    METHODS,
+    QUICK_METHODS,
+    BackboneConfig,
+    Budget,
+    DataConfig,
+    RunConfig,
+    quick,
+    smoke,
+)
 
 __all__ = ["main", "parse_args"]
 
 DEFAULT_CACHE = Path(__file__).resolve().parent.parent / ".cache"
-DEFAULT_SEEDS = (0, 1, 2)
+DEFAULT_SEEDS = (0, 1, 2, 3, 4)
 SMOKE_SEEDS = (0, 1)
+QUICK_SEEDS = (0, 1, 2)
 
 
 def _methods(text: str) -> List[str]:
+    if text.strip().lower() == "all":
+        return list(ALL_METHODS)
     names = [m.strip() for m in text.split(",") if m.strip()]
     lower = {m.lower(): m for m in ALL_METHODS}
     bad = [m for m in names if m.lower() not in lower]
@@ -68,6 +82,7 @@ def _number(cast: Callable[[str], float], ok: Callable[[float], bool], expected:
 _positive = _number(int, lambda v: v >= 1, "a positive integer")
 _alpha = _number(float, lambda v: v > 0 and math.isfinite(v), "a finite Dirichlet concentration > 0")
 _fraction = _number(float, lambda v: 0.0 < v <= 1.0, "a number in (0, 1]")
+_rate = _number(float, lambda v: v > 0 and math.isfinite(v), "a finite learning rate > 0")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -79,26 +94,47 @@ def build_parser() -> argparse.ArgumentParser:
         "verdicts. See docs/benchmark.md.",
     )
     add = p.add_argument
-    add("--methods", type=_methods, default=list(ALL_METHODS), metavar="A,B,...",
-        help=f"comma-separated subset of: {', '.join(ALL_METHODS)} (default: all)")
+    add("--methods", type=_methods, default=None, metavar="A,B,...|all",
+        help=f"comma-separated subset of: {', '.join(ALL_METHODS)}; 'all' for every one (default: "
+        f"{', '.join(METHODS)})")
     add("--seeds", type=_seeds, default=None, metavar="S,S,...",
-        help="seeds; each is a new split, backbone pre-training, heads and batch order (default: 0,1,2; --smoke: 0,1)")
+        help="seeds; each is a new client split, shift strengths, heads and batch order (default: 0,1,2,3,4; "
+        "--smoke: 0,1). The learning-rate sweep and the pilot used seeds 100,101 (validation splits), never report "
+        "those")
+    add("--quick", action="store_true",
+        help=f"a short look (about 145 CPU-seconds): {', '.join(QUICK_METHODS)}, 3 seeds, 4 rounds (no Holm verdicts at 3 "
+        "seeds worth reading)")
+    add("--evaluate", choices=["test", "val"], default="test",
+        help="the split every accuracy is measured on: test (reported runs) or val (the learning-rate sweep and "
+        "the pilot, on seeds never reported; default: test)")
+    add("--lr-prompt", type=_rate, default=b.lr_prompt, metavar="LR",
+        help=f"learning rate of prompt tokens (default: {b.lr_prompt:g}, chosen on validation, see "
+        "benchmarks/README.md)")
+    add("--lr-new", type=_rate, default=b.lr_new, metavar="LR",
+        help=f"learning rate of the other parameters that start from scratch: heads, adapters (default: "
+        f"{b.lr_new:g}, chosen on validation)")
+    add("--lr-backbone", type=_rate, default=b.lr_backbone, metavar="LR",
+        help=f"learning rate of pre-trained weights when a method trains them (default: {b.lr_backbone:g}, chosen "
+        "on validation)")
     add("--rounds", type=_positive, default=b.rounds, metavar="N", help=f"communication rounds (default: {b.rounds})")
     add("--local-epochs", type=_positive, default=b.local_epochs, metavar="N",
         help=f"local epochs per round (default: {b.local_epochs})")
     add("--fraction", type=_fraction, default=b.fraction, metavar="F",
         help="share of clients per round, in (0, 1]: a seeded sample, at least one client (default: 1)")
-    add("--last-rounds", type=_positive, default=5, metavar="N",
-        help="report each client's mean accuracy over the last N rounds (default: 5)")
+    add("--last-rounds", type=_positive, default=RunConfig.last_rounds, metavar="N",
+        help=f"report each client's mean accuracy over the last N rounds (default: {RunConfig.last_rounds})")
     add("--pfedpg-server", default=b.generator_optimizer, metavar="default|paper|OPT:LR",
         help="pFedPG's server: 'default' (the library's: Adam, 1e-2 on the descriptors and 1e-3 elsewhere, "
         "unit-logit generator init), 'paper' (Eq. 5 literally: SGD 0.001 on the VPT-like init of fedpeft 0.1), or "
         "SGD:LR / Adam:LR, one rate on the unit-logit init (default: default; see docs/protocols.md, pFedPG)")
     add("--split", choices=["domain", "dirichlet"], default=None,
-        help="how the embedded digits go to clients: a visual shift per client, or Dirichlet label skew "
-        "(default: domain)")
+        help="how the MNIST digits go to clients: shift families (each client its own strength and 5 of the 10 "
+        "classes), or clean images with Dirichlet label skew (default: domain)")
     add("--clients", type=_positive, default=None, metavar="N",
-        help="number of clients (default: 6 for domain, 10 for dirichlet)")
+        help="number of clients (default: 8 for domain, i.e. 2 per family, 10 for dirichlet)")
+    add("--families", type=_positive, default=None, metavar="F",
+        help="shift families of --split domain, 1 to 6 (rotated, inverted, coloured, noisy, blurred, sketch; "
+        "default: 4)")
     add("--alpha", type=_alpha, default=None, metavar="A",
         help="Dirichlet concentration, --split dirichlet only (default: 0.1)")
     add("--pretrain", choices=["clean", "broad"], default="clean",
@@ -147,13 +183,27 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> RunConfig:
     if a.model and not a.checkpoint:
         p.error("--model needs --checkpoint FILE (local weights; nothing is downloaded)")
     if a.data:
-        given = [f for f, v in (("--split", a.split), ("--clients", a.clients), ("--alpha", a.alpha)) if v is not None]
+        given = [f for f, v in (("--split", a.split), ("--clients", a.clients), ("--alpha", a.alpha),
+                                ("--families", a.families)) if v is not None]
+        if a.evaluate != "test":
+            given.append("--evaluate")
         if given:
             p.error(f"--data gives the clients (one per folder); {', '.join(given)} only apply to the embedded digits")
         if not a.checkpoint:
             p.error("--data needs a real backbone: --model NAME --checkpoint FILE")
     if a.alpha is not None and (a.split or "domain") != "dirichlet":
         p.error("--alpha only applies to --split dirichlet")
+    if a.families is not None and (a.split or "domain") != "domain":
+        p.error("--families only applies to --split domain")
+    if a.families is not None and a.families > 6:
+        p.error(f"--families: expected 1 to 6 (there are 6 shift families), got {a.families}")
+    if a.quick and a.smoke:
+        p.error("--quick and --smoke are two different short runs; choose one")
+    methods = a.methods or list(QUICK_METHODS if a.quick else METHODS)
+    if a.split == "dirichlet" or a.data:
+        if "Clustered-FedVPT" in methods and a.methods:
+            p.error("Clustered-FedVPT averages within shift families: it needs --split domain")
+        methods = [m for m in methods if m != "Clustered-FedVPT"]
     if a.checkpoint:
         if a.pretrain != "clean":
             p.error("--pretrain applies to the embedded backbone; a --checkpoint is used as is")
@@ -171,7 +221,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> RunConfig:
         backbone = replace(backbone, pretrain_epochs=BROAD_PRETRAIN_EPOCHS)
     if a.checkpoint:
         backbone = replace(backbone, model=a.model, checkpoint=a.checkpoint)
-    seeds = a.seeds or (SMOKE_SEEDS if a.smoke else DEFAULT_SEEDS)
+    seeds = a.seeds or (SMOKE_SEEDS if a.smoke else QUICK_SEEDS if a.quick else DEFAULT_SEEDS)
     split = a.split or d.split
     tag = "folders" if a.data else split
     if a.out is None:
@@ -184,7 +234,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> RunConfig:
         if problem:
             p.error(problem)
     cfg = RunConfig(
-        methods=tuple(a.methods),
+        methods=tuple(methods),
         seeds=tuple(seeds),
         threads=a.threads,
         workers=a.workers or 0,  # 0: decided once the number of jobs is known
@@ -193,12 +243,13 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> RunConfig:
         out=str(out),
         cache=a.cache,
         budget=replace(b, rounds=a.rounds, local_epochs=a.local_epochs, fraction=a.fraction,
-                       generator_optimizer=opt, generator_lr=server_lr),
+                       generator_optimizer=opt, generator_lr=server_lr, lr_new=a.lr_new, lr_prompt=a.lr_prompt,
+                       lr_backbone=a.lr_backbone),
         backbone=backbone,
         data=replace(d, split=split, clients=a.clients, alpha=a.alpha if a.alpha is not None else d.alpha,
-                     data=a.data),
+                     families=a.families or d.families, evaluate=a.evaluate, data=a.data),
     )
-    cfg = smoke(cfg) if a.smoke else cfg
+    cfg = smoke(cfg) if a.smoke else quick(cfg, rounds_given=a.rounds != b.rounds) if a.quick else cfg
     problem = _check_splits(cfg)
     if problem:
         p.error(problem)
@@ -221,12 +272,14 @@ def _check_splits(cfg: RunConfig) -> Optional[str]:
     """Draw every seed's split of the embedded digits (cheap, no model): impossible splits fail here, not later."""
     if cfg.data.data:
         return None
-    from .data import digits_federated
+    from .data import DataFileError, digits_federated
 
     sizes = []
     for seed in cfg.seeds:
         try:
             data = digits_federated(cfg.data, seed, 8)  # the split does not depend on the image size
+        except DataFileError as e:
+            return str(e)
         except ValueError as e:
             return f"seed {seed}: {e}"
         sizes += [(seed, c.name, c.info["train"], c.info["test"]) for c in data.clients]

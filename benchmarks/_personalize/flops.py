@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import time
 from contextlib import contextmanager
-from typing import Any, Callable, Dict, Iterator, List, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -71,22 +71,21 @@ def _only(model: nn.Module, keys: Sequence[str]) -> Iterator[None]:
 def training_flops(name: str, ctx: Any) -> Dict[str, float]:
     """FLOPs of a whole run of method ``name`` in ``ctx`` (see the module docstring), counted on a fresh model.
 
-    Each local-training phase of the protocol (one for most methods; FedRep's head phase, then its body phase) is
-    counted with only its keys trainable; FedAvg-FT's deployment adds a fine-tuning pass every round. Two
+    Each local-training phase of the protocol (one for most methods; FedRep's head phase, then its body phase) and
+    each deployment phase (``protocol.deploy_phases``: FedAvg-FT's fine-tuning before every evaluation) is counted
+    with only its keys trainable. Two
     evaluations per round: the deployed model and the model after local training.
     """
     from .methods import build_model, make_protocol
 
-    model, protocol = build_model(name, ctx), make_protocol(name, ctx.budget)
+    model, protocol = build_model(name, ctx), make_protocol(name, ctx)
     first = ctx.clients[0].train
     batch = min(ctx.budget.batch_size, len(first))
     xs, ys = zip(*(first[i] for i in range(batch)))
     x, y = ctx.backbone.preprocess(torch.stack(xs)), torch.stack([torch.as_tensor(v) for v in ys])
     b = ctx.budget
     epochs_flops, forward = 0.0, 0
-    phases = list(protocol.phases(model))
-    if name == "FedAvg-FT":
-        phases.append(("finetune", tuple(k for k, _ in _trainable(model)), None))
+    phases = list(protocol.phases(model)) + list(protocol.deploy_phases(model))  # FedAvg-FT: + its fine-tuning
     for _, keys, epochs in phases:
         if not keys:
             continue
@@ -101,10 +100,6 @@ def training_flops(name: str, ctx: Any) -> Dict[str, float]:
     total_eval = b.rounds * (n_test + n_test * b.fraction) * forward / batch
     return {"train": total_train, "eval": total_eval, "total": total_train + total_eval,
             "step_per_image": epochs_flops / batch, "forward_per_image": forward / batch}
-
-
-def _trainable(model: nn.Module) -> List[Tuple[str, nn.Parameter]]:
-    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
 
 
 def matmul_rate(size: int = 512, seconds: float = 0.5) -> float:

@@ -98,7 +98,7 @@ def run_methods_flower(names: Sequence[str], ctx: Context, rounds: int, progress
             client = ctx.clients[int(context.node_config["partition-id"])]
             return client.train, client.test
 
-        return ClientHandlers(make_protocol(name, ctx.budget), build, load, trainer=trainer, threads=1)
+        return ClientHandlers(make_protocol(name, ctx), build, load, trainer=trainer, threads=1)
 
     table: Dict[str, ClientHandlers] = {name: handlers(name) for name in names}
 
@@ -126,7 +126,7 @@ def run_methods_flower(names: Sequence[str], ctx: Context, rounds: int, progress
                 bar.set_description(f"{name:<16}")
                 t0, cpu0 = time.perf_counter(), _tree_cpu_s()
                 model = build_model(name, ctx)  # seeds torch: the server's initial state (pFedPG: the generator)
-                protocol = make_protocol(name, ctx.budget)
+                protocol = make_protocol(name, ctx)
 
                 def tick(record) -> None:
                     bar.set_postfix(acc=f"{record.mean:.3f}")

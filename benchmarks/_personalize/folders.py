@@ -23,6 +23,9 @@ from torch.utils.data import Subset
 from .config import DataConfig
 from .data import ClientData, FederatedData, per_class_split
 
+#: share of each class of each client folder held out as its test set
+FOLDER_TEST_FRACTION = 0.25
+
 __all__ = ["folder_federated"]
 
 
@@ -58,9 +61,9 @@ def folder_federated(cfg: DataConfig, seed: int, size: int) -> FederatedData:
     for d in dirs:
         ds = SharedClasses(str(d), transform=tf, allow_empty=True)
         targets = np.asarray(ds.targets, dtype=np.int64)
-        train_pos, test_pos = per_class_split(targets, cfg.test_fraction, rng)
-        train_pos = rng.permutation(train_pos)[: cfg.max_train_per_client]
-        test_pos = rng.permutation(test_pos)[: cfg.max_test_per_client]
+        train_pos, test_pos = per_class_split(targets, FOLDER_TEST_FRACTION, rng)
+        train_pos = rng.permutation(train_pos)
+        test_pos = rng.permutation(test_pos)
         if len(train_pos) == 0 or len(test_pos) == 0:
             raise ValueError(f"client folder {str(d)!r} has too few images for a train/test split ({len(ds)})")
         info = {

@@ -56,7 +56,10 @@ def prepare_seed(cfg: RunConfig, seed: int, progress: Optional[Callable] = None)
         backbone.num_classes = data.num_classes
     else:
         data = digits_federated(cfg.data, seed, cfg.backbone.img_size)
-        backbone = build_backbone(cfg.backbone, data.public, data.num_classes, cache, seed, progress)
+        # one public backbone for every run seed (pre-trained once, cached); the run seed draws the heads
+        backbone = build_backbone(cfg.backbone, data.public, data.num_classes, cache, cfg.backbone.pretrain_seed,
+                                  progress)
+        backbone.seed = seed
     _SEEDS[key] = (data, backbone)
     return data, backbone
 

@@ -3,8 +3,8 @@
 - ``workers`` processes (``spawn``: a fresh interpreter each, no forked torch state), each with ``threads`` torch
   threads. ``OMP_NUM_THREADS``/``MKL_NUM_THREADS`` are set in the environment the workers inherit, so their
   OpenMP pools are sized before torch starts, and ``configure_process`` sets torch's count again in each worker.
-- First each seed is prepared (data split, backbone pre-trained and cached) by one worker; as soon as a seed is
-  ready its method jobs are queued, the longest first (methods that train the whole backbone).
+- First the first seed is prepared (data split, backbone pre-trained and cached) by one worker, then the other
+  seeds (they load the cached backbone); as soon as a seed is ready its method jobs are queued, the longest first (methods that train the whole backbone).
 - Results are collected by job, not by completion order, so the output does not depend on scheduling: every job is
   a deterministic function of (configuration, seed, method) (see :mod:`.jobs`).
 - ``workers == 1`` runs everything in this process, through the same functions.
@@ -23,7 +23,7 @@ from .jobs import configure_process, prepare_info, run_job
 __all__ = ["default_workers", "run_all"]
 
 #: methods that train the whole backbone: several times the work of a prompt method, so they start first
-_HEAVY = ("FedAvg", "FedAvg-FT", "FedRep", "FedPerfix", "VanillaAttention")
+_HEAVY = ("FedAvg", "FedAvg-FT", "FedRep", "FedPerfix", "VanillaAttention", "Local-FT")
 
 _QUEUE: Any = None  # the worker's progress queue (set by _init)
 
@@ -88,14 +88,17 @@ def _run_pool(cfg: RunConfig, show: Callable) -> Tuple[Dict[int, Any], Dict[Tupl
     pending: Dict[Tuple, Any] = {}
     try:
         with ctx.Pool(cfg.workers, initializer=_init, initargs=(cfg.threads, progress)) as pool:
-            for s in cfg.seeds:
-                pending[("prepare", s)] = pool.apply_async(_prepare, (cfg, s))
+            # the first seed alone: it pre-trains and caches the backbone every seed shares
+            pending[("prepare", cfg.seeds[0])] = pool.apply_async(_prepare, (cfg, cfg.seeds[0]))
             while pending:
                 _drain(progress, show, timeout=0.2)
                 for key in [k for k, r in pending.items() if r.ready()]:
                     value = pending.pop(key).get()  # re-raises a worker's exception here
                     if key[0] == "prepare":
                         prepared[key[1]] = value
+                        if key[1] == cfg.seeds[0]:
+                            for s in cfg.seeds[1:]:
+                                pending[("prepare", s)] = pool.apply_async(_prepare, (cfg, s))
                         for m in _order(cfg.methods):
                             pending[("job", key[1], m)] = pool.apply_async(_job, (cfg, key[1], m))
                     else:

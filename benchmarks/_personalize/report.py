@@ -3,11 +3,12 @@
 Numbers, per method and evaluation protocol (``deployed``: the latest shared state with the client's own personal
 state, pFedPG's generated prompts; ``local``: the client's model right after its local training of that round):
 
-- a client's accuracy in one seed is the mean of its top-1 test accuracy over the **last ``L`` rounds** (``L`` = 5 by
-  default, fewer if the run is shorter): with ~50 test images per client, one round alone moves by 2–3 points;
+- a client's accuracy in one seed is the mean of its top-1 test accuracy over the **last ``L`` rounds** (``L`` = 3 by
+  default, fewer if the run is shorter), which smooths the round-to-round wobble of 100 test images per client;
 - a seed's value is the mean over clients of those; the table shows the mean over seeds ± the half-width of the 95 %
   t-interval over seeds (:mod:`.stats`), and each client's column the mean over seeds;
-- the paired verdicts compare two methods seed by seed (same split, backbone and batches).
+- the paired verdicts compare two methods seed by seed (same split, backbone and batches): the primary claims
+  Holm-corrected (:mod:`.stats`), the rest exploratory.
 
 Parameter counts are per client: trainable (what a client optimizes), communicated per round (what it uploads).
 Wall and CPU are the mean wall time and CPU seconds of one seed's run of the method; GFLOP its counted matmul work
@@ -24,7 +25,7 @@ import statistics
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from .stats import Interval, Paired, comparisons, paired, t_interval
+from .stats import ALPHA, Claim, Interval, Paired, comparisons, holm_claims, paired, t_interval
 
 __all__ = [
     "PROTOCOLS",
@@ -88,10 +89,25 @@ class Summary:
         self.interval: Dict[str, Dict[str, Interval]] = {
             p: {m: t_interval(self.per_seed[p][m]) for m in self.methods} for p in self.protocols
         }
+        # exploratory comparisons, per protocol, without those of identical runs (e.g. FedAvg-FT and FedAvg right
+        # after local training: the same training, so the same numbers)
         self.pairs: Dict[str, List[Paired]] = {
-            p: [paired(a, b, claim, self.per_seed[p]) for a, b, claim in comparisons(self.methods)]
+            p: [paired(a, b, claim, self.per_seed[p]) for a, b, claim in comparisons(self.methods)
+                if not self.identical(p, a, b)]
             for p in self.protocols
         }
+        self.identical_pairs: Dict[str, List[Tuple[str, str]]] = {
+            p: [(a, b) for a, b, _ in comparisons(self.methods) if self.identical(p, a, b)] for p in self.protocols
+        }
+        # the primary claims: deployed accuracy, Holm-corrected
+        self.claims: List[Claim] = holm_claims(self.per_seed["deployed"], self.methods)
+
+    def identical(self, protocol: str, a: str, b: str) -> bool:
+        """Whether ``a`` and ``b`` are the same runs under ``protocol``: the same per-client, per-round training losses
+        (the same training, to the last bit) and accuracies in every seed, e.g. FedAvg-FT and FedAvg right after
+        local training. Equal accuracies alone (coarse on small test sets) do not make runs identical."""
+        return all(self.records[(s, a)][protocol] == self.records[(s, b)][protocol]
+                   and self.records[(s, a)]["train_loss"] == self.records[(s, b)]["train_loss"] for s in self.seeds)
 
     def client_means(self, protocol: str, method: str) -> List[float]:
         per_seed = self.clients[protocol][method]
@@ -155,17 +171,37 @@ def format_table(s: Summary, clients: Sequence[str], backbone_params: int, matmu
 
 
 def format_verdicts(s: Summary) -> str:
-    """One line per paired comparison and protocol: difference (points) ± 95 % CI and the verdict."""
-    lines = ["paired comparisons over seeds (A − B, accuracy points, 95% t-interval):"]
-    width = max((len(f"{q.a} > {q.b}") for p in s.protocols for q in s.pairs[p]), default=0)
+    """The primary claims (Holm) with p-values and minimal detectable differences, the oracle's margin, then the
+    exploratory comparisons per protocol (uncorrected 95 % intervals)."""
+    n = len(s.seeds)
+    lines = [f"primary claims: deployed accuracy, A − B in points over {n} paired seeds (95% t-interval); two-sided "
+             f"paired t-test, Holm–Bonferroni over the {len(s.claims)} claims (family-wise α = {ALPHA}); MDD: the "
+             f"difference this run detects with 80% power at Holm's strictest step:"]
+    width = max([len(f"{c.pair.a} > {c.pair.b}") for c in s.claims]
+                + [len(f"{q.a} > {q.b}") for p in s.protocols for q in s.pairs[p]] + [10])
+    for c in s.claims:
+        lines.append(f"  {c.pair.a + ' > ' + c.pair.b:<{width}}  {_pct(c.pair.diff):>14}  p {c.p:<7.3g} "
+                     f"Holm p {c.p_holm:<7.3g} MDD {100 * c.mdd:4.1f}  {c.verdict:<28}  ({c.pair.claim})")
+    if not s.claims:
+        lines.append("  none (the compared methods were not all run)")
+    margin = oracle_margin(s)
+    if margin is not None:
+        lines.append(f"oracle margin: Clustered-FedVPT − FedVPT = {_pct(margin)} points (deployed, 95% t-interval)")
+    lines.append("exploratory comparisons (uncorrected 95% t-intervals: hints, not findings):")
     for p in s.protocols:
         lines.append(f"  {PROTOCOLS[p]}:")
         for q in s.pairs[p]:
-            diff = _pct(q.diff)
-            lines.append(f"    {q.a + ' > ' + q.b:<{width}}  {diff:>14}  {q.verdict:<28}  ({q.claim})")
-    if len(lines) == 1:
-        lines.append("  none (the compared methods were not all run)")
+            lines.append(f"    {q.a + ' > ' + q.b:<{width}}  {_pct(q.diff):>14}  {q.verdict:<28}  ({q.claim})")
+        for a, b in s.identical_pairs[p]:
+            lines.append(f"    {a + ' > ' + b:<{width}}  (not compared: identical runs under this protocol)")
     return "\n".join(lines)
+
+
+def oracle_margin(s: Summary) -> Optional[Interval]:
+    """Clustered-FedVPT − FedVPT, deployed, mean ± 95 % interval over seeds (``None`` unless both ran)."""
+    if "Clustered-FedVPT" not in s.methods or "FedVPT" not in s.methods:
+        return None
+    return paired("Clustered-FedVPT", "FedVPT", "", s.per_seed["deployed"]).diff
 
 
 def pfedpg_server(records: Records, seeds: Sequence[int]) -> Optional[Dict[str, Any]]:
@@ -246,7 +282,13 @@ def summary_json(s: Summary) -> Dict[str, Any]:
         methods.append(entry)
     verdicts = [{"protocol": p, "a": q.a, "b": q.b, "claim": q.claim, "diff": q.diff.mean, "ci95": q.diff.half,
                  "per_seed": list(q.per_seed), "verdict": q.verdict} for p in s.protocols for q in s.pairs[p]]
-    return {"last_rounds": s.last, "seeds": s.seeds, "methods": methods, "verdicts": verdicts}
+    claims = [{"a": c.pair.a, "b": c.pair.b, "claim": c.pair.claim, "diff": c.pair.diff.mean,
+               "ci95": c.pair.diff.half, "per_seed": list(c.pair.per_seed), "p": c.p, "p_holm": c.p_holm,
+               "mdd": c.mdd, "verdict": c.verdict} for c in s.claims]
+    margin = oracle_margin(s)
+    return {"last_rounds": s.last, "seeds": s.seeds, "methods": methods, "primary": claims,
+            "oracle_margin": None if margin is None else {"mean": margin.mean, "ci95": margin.half},
+            "verdicts": verdicts}
 
 
 def write_json(path: Path, payload: Dict[str, Any]) -> None:

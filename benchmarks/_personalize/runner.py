@@ -61,7 +61,7 @@ def run_method(name: str, ctx: Context, rounds: int, on_round: Callable[[float],
     """Build method ``name`` and run it for ``rounds`` rounds; ``on_round(mean deployed accuracy)`` after each."""
     t0 = time.perf_counter()
     model = build_model(name, ctx)
-    protocol = make_protocol(name, ctx.budget)
+    protocol = make_protocol(name, ctx)
     engine = Federation(
         protocol, model, [c.train for c in ctx.clients], test_data=[c.test for c in ctx.clients],
         trainer=make_trainer(ctx.budget, ctx.backbone.preprocess), seed=ctx.seed, fraction=ctx.budget.fraction,

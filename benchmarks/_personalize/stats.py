@@ -10,7 +10,14 @@ For values ``v_1 … v_n`` (one per seed)::
 and the interval is ``mean ± half`` (Student's t; ``half`` is ``nan`` for a single seed: no interval exists).
 
 A paired comparison "A beats B" uses the per-seed differences ``d_s = A_s − B_s`` (same seed: same split, same
-backbone, same batches), and reads its interval:
+backbone, same batches).
+
+**Primary claims** (:data:`PRIMARY`, a fixed list): a two-sided paired t-test per claim, p-values adjusted by
+Holm–Bonferroni over the claims whose methods ran (family-wise α = 0.05): ``holds`` / ``does not hold`` when the
+adjusted p-value is below α (by the sign of the mean difference), else ``not resolved at this budget``; with each,
+the minimal detectable difference (:func:`mdd`).
+
+**Exploratory comparisons** read their uncorrected 95 % interval:
 
 - ``holds``: the whole interval is above 0;
 - ``does not hold``: the whole interval is below 0 (B beats A);
@@ -25,7 +32,8 @@ import math
 from dataclasses import dataclass
 from typing import Dict, List, Sequence, Tuple
 
-__all__ = ["COMPARISONS", "Interval", "Paired", "paired", "t_interval", "t_quantile"]
+__all__ = ["ALPHA", "EXPLORATORY", "PRIMARY", "Claim", "Interval", "Paired", "comparisons", "holm", "holm_claims", "mdd",
+           "p_value", "paired", "primary", "t_interval", "t_quantile"]
 
 HOLDS, FAILS, UNRESOLVED = "holds", "does not hold", "not resolved at this budget"
 MIN_SEEDS = 3  # fewer seeds never decide a comparison
@@ -99,21 +107,117 @@ def paired(a: str, b: str, claim: str, values: Dict[str, Sequence[float]], level
     return Paired(a, b, claim, t_interval(d, level), d)
 
 
-#: (a, b, the paper's claim "a beats b"). "Personalized vs FedAvg" expands to every personalized method present.
-COMPARISONS: List[Tuple[str, str, str]] = [
+#: The fixed list of primary claims "a beats b" (deployed accuracy), Holm-corrected together. "Personalized beats
+#: FedAvg" is carried by pFedPG, the library's headline method (the other personalized methods vs FedAvg are
+#: exploratory).
+PRIMARY: List[Tuple[str, str, str]] = [
     ("pFedPG", "FedVPT", "pFedPG Tables 1-3: generated prompts beat averaged prompts"),
-    ("FedVPT", "SingleSet-VPT", "pFedPG Table 1: federated prompts beat each client's own prompts"),
-    ("FedPerfix", "VanillaAttention", "FedPerfix Table 2: prefix adapters beat personal attention layers"),
+    ("pFedPG", "SingleSet-VPT", "pFedPG Table 1: generated prompts beat each client's own prompts"),
+    ("FedVPT", "Local", "pFedPG Table 1: federated prompts beat a client's own linear probe"),
     ("FedPerfix", "FedAvg", "FedPerfix Table 2: partial personalization beats FedAvg"),
+    ("FedPerfix", "Local-FT", "FedPerfix Table 2: federated partial personalization beats training alone"),
+    ("FedPerfix", "VanillaAttention", "FedPerfix Table 2: prefix adapters beat personal attention layers"),
+    ("pFedPG", "FedAvg", "both papers: personalized beats FedAvg"),
 ]
-PERSONALIZED = ("pFedPG", "FedVPT", "FedVPT-deep", "FedPerfix", "FedPGP", "FedRep", "FedAvg-FT", "VanillaAttention")
+#: exploratory comparisons (uncorrected 95 % intervals), when both methods ran
+EXPLORATORY: List[Tuple[str, str, str]] = [
+    ("Clustered-FedVPT", "FedVPT", "the oracle's margin: structure a generator could exploit"),
+    ("Clustered-FedVPT", "pFedPG", "how far pFedPG is from the family oracle"),
+    ("FedVPT", "SingleSet-VPT", "pFedPG Table 1: federated prompts beat each client's own prompts"),
+    ("SingleSet-VPT", "Local", "prompts beat a linear probe (the pilot's go/no-go)"),
+    ("Local-FT", "Local", "fine-tuning the whole model beats a linear probe"),
+    ("FedPerfix", "Local", "FedPerfix Table 2: FedPerfix beats Local (linear probe)"),
+]
+PERSONALIZED = ("FedVPT", "FedVPT-deep", "Clustered-FedVPT", "FedPerfix", "FedPGP", "FedRep", "FedAvg-FT",
+                "VanillaAttention")
+ALPHA = 0.05  # family-wise error rate of the primary claims
+POWER = 0.80  # for the minimal detectable difference
+
+
+def primary(methods: Sequence[str]) -> List[Tuple[str, str, str]]:
+    """The primary claims whose two methods are both in ``methods`` (Holm runs over these)."""
+    return [c for c in PRIMARY if c[0] in methods and c[1] in methods]
 
 
 def comparisons(methods: Sequence[str]) -> List[Tuple[str, str, str]]:
-    """The comparisons whose two methods are both in ``methods``, then every personalized method vs FedAvg."""
-    out = [c for c in COMPARISONS if c[0] in methods and c[1] in methods]
+    """The exploratory comparisons whose two methods ran, then every other personalized method vs FedAvg."""
+    taken = {(a, b) for a, b, _ in primary(methods)}
+    out = [c for c in EXPLORATORY if c[0] in methods and c[1] in methods and (c[0], c[1]) not in taken]
     if "FedAvg" in methods:
-        seen = {(a, b) for a, b, _ in out}
+        seen = taken | {(a, b) for a, b, _ in out}
         out += [(m, "FedAvg", "personalized beats FedAvg (both papers)") for m in PERSONALIZED
                 if m in methods and (m, "FedAvg") not in seen]
     return out
+
+
+def p_value(d: Sequence[float]) -> float:
+    """Two-sided paired t-test p-value of the differences ``d`` (H0: mean 0), ``t = mean / (s / √n)``, df = n − 1.
+
+    Zero spread: ``p = 1`` if every difference is 0, else ``p = 0``; fewer than 2 values: ``nan``.
+    """
+    n = len(d)
+    if n < 2:
+        return float("nan")
+    mean = math.fsum(d) / n
+    sd = math.sqrt(math.fsum((v - mean) ** 2 for v in d) / (n - 1))
+    if sd == 0.0:
+        return 1.0 if mean == 0.0 else 0.0
+    from scipy.stats import t
+
+    return float(2.0 * t.sf(abs(mean) / (sd / math.sqrt(n)), n - 1))
+
+
+def holm(p: Sequence[float]) -> List[float]:
+    """Holm–Bonferroni adjusted p-values: with ``p`` sorted ascending as ``p_(1) ≤ … ≤ p_(k)``,
+    ``p̃_(i) = max_{j ≤ i} min(1, (k − j + 1) · p_(j))``; claim i is decided at family-wise level α iff ``p̃_i < α``.
+    A ``nan`` p-value stays ``nan`` and counts in k."""
+    k = len(p)
+    order = sorted(range(k), key=lambda i: (math.isnan(p[i]), p[i]))
+    out = [float("nan")] * k
+    running = 0.0
+    for rank, i in enumerate(order):
+        if math.isnan(p[i]):
+            continue
+        running = max(running, min(1.0, (k - rank) * p[i]))
+        out[i] = running
+    return out
+
+
+def mdd(d: Sequence[float], k: int, alpha: float = ALPHA, power: float = POWER) -> float:
+    """Minimal detectable difference of a paired t-test on ``d``: ``(t_{1−α/(2k), n−1} + t_{power, n−1}) · s / √n``.
+
+    The smallest true mean difference this many seeds, with this spread of differences, detect with probability
+    ``power`` at Holm's strictest step (α / k, two-sided). ``nan`` with fewer than 2 values."""
+    n = len(d)
+    if n < 2:
+        return float("nan")
+    mean = math.fsum(d) / n
+    sd = math.sqrt(math.fsum((v - mean) ** 2 for v in d) / (n - 1))
+    from scipy.stats import t
+
+    return float((t.ppf(1.0 - alpha / (2 * k), n - 1) + t.ppf(power, n - 1)) * sd / math.sqrt(n))
+
+
+@dataclass(frozen=True)
+class Claim:
+    """A primary claim after Holm: the paired comparison, its p-value, Holm-adjusted p-value and MDD."""
+
+    pair: Paired
+    p: float
+    p_holm: float
+    mdd: float
+
+    @property
+    def verdict(self) -> str:
+        if self.pair.diff.n < MIN_SEEDS or math.isnan(self.p_holm) or self.p_holm >= ALPHA:
+            return UNRESOLVED
+        return HOLDS if self.pair.diff.mean > 0 else FAILS
+
+
+def holm_claims(values: Dict[str, Sequence[float]], methods: Sequence[str]) -> List[Claim]:
+    """The primary claims among ``methods``, paired on ``values[name]`` (one value per seed), Holm-corrected."""
+    pairs = [paired(a, b, claim, values) for a, b, claim in primary(methods)]
+    ps = [p_value(q.per_seed) for q in pairs]
+    adjusted = holm(ps)
+    k = len(pairs)
+    return [Claim(q, p, ph, mdd(q.per_seed, k)) for q, p, ph in zip(pairs, ps, adjusted)]
