@@ -38,6 +38,7 @@ from .. import fed
 from ..protocols import Protocol
 from ..protocols import get as get_protocol
 from ..protocols.training import evaluate as plain_evaluate
+from .cache import NodeCache
 from .node import check_fresh, load_personal, partition, save_personal
 from .records import from_record, payload_bytes, to_record
 
@@ -83,6 +84,8 @@ class ClientHandlers:
         threads: ``torch.set_num_threads`` for each call (``None``: leave torch's setting).
         after_local_eval: also measure the accuracy right after local training on the test data (the reply's
             ``accuracy`` metric), as the in-process engine does.
+        cache: reuse the node's data and frozen-state hash from ``<state-dir>/cache`` when the SuperNode's
+            ``node_config`` names a ``state-dir`` (:mod:`fedpeft.flower.cache`); no effect without one.
     """
 
     def __init__(
@@ -95,6 +98,7 @@ class ClientHandlers:
         evaluate: Optional[Callable[[nn.Module, Any], float]] = None,
         threads: Optional[int] = 1,
         after_local_eval: bool = True,
+        cache: bool = True,
     ) -> None:
         if not isinstance(method, (str, Protocol)):
             raise TypeError(f"method must be a fedpeft.protocols.Protocol or a method name, got {type(method).__name__}")
@@ -110,6 +114,7 @@ class ClientHandlers:
         self.evaluate_fn = evaluate or (own if callable(own) else plain_evaluate)
         self.threads = threads
         self.after_local_eval = bool(after_local_eval)
+        self.cache = bool(cache)
 
     # ---- helpers --------------------------------------------------------------------------------------------------
     def _setup(self, msg: Message, context: Context) -> Tuple[nn.Module, int, int, int]:
@@ -129,6 +134,11 @@ class ClientHandlers:
         record = msg.content.array_records.get(ARRAYS, ArrayRecord())
         return from_record(record, like=like)
 
+    def _data(self, context: Context) -> Tuple[Any, Any]:
+        """``load_data(context)``, reused from ``<state-dir>/cache`` when the node has one (:mod:`.cache`)."""
+        cache = NodeCache.of(context) if self.cache else None
+        return self.load_data(context) if cache is None else cache.data(context, self.load_data)
+
     def _personal(self, context: Context, model: nn.Module) -> Tuple[Optional[dict], Optional[int]]:
         return load_personal(context, self.method.name, like=self.method.initial_personal(model))
 
@@ -137,10 +147,13 @@ class ClientHandlers:
         """Registration: partition id, number of partitions, training examples, frozen-state fingerprint."""
         pid, num = partition(context)
         model = self.build_model(context)
-        train, _ = self.load_data(context)
+        train, _ = self._data(context)
+        cache = NodeCache.of(context) if self.cache else None
+        sha = frozen_fingerprint(model) if cache is None else \
+            cache.frozen_hash(context, self.build_model, model, frozen_fingerprint)
         metrics = MetricRecord({"partition-id": pid, "num-partitions": -1 if num is None else num,
                                 "num-examples": len(train)})
-        info = ConfigRecord({"method": self.method.name, "frozen-sha256": frozen_fingerprint(model)})
+        info = ConfigRecord({"method": self.method.name, "frozen-sha256": sha})
         return Message(RecordDict({METRICS: metrics, INFO: info}), reply_to=msg)
 
     def train(self, msg: Message, context: Context) -> Message:
@@ -149,7 +162,7 @@ class ClientHandlers:
         check_fresh(context, self.method.name, round_)
         shared = self._shared(msg, model)
         personal, _ = self._personal(context, model)
-        train, test = self.load_data(context)
+        train, test = self._data(context)
         result = self.method.client_update(model, shared=shared, personal=personal, data=train, round=round_,
                                            client_id=pid, seed=seed, trainer=self.trainer,
                                            eval_data=test if self.after_local_eval else None)
@@ -165,7 +178,7 @@ class ClientHandlers:
         model, pid, round_, seed = self._setup(msg, context)
         shared = self._shared(msg, model)
         personal, written = self._personal(context, model)
-        train, test = self.load_data(context)
+        train, test = self._data(context)
         if test is None:
             raise ValueError(f"load_data() returned no test data for partition {pid}: nothing to evaluate")
         self.method.deploy(model, shared=shared, personal=personal, data=train, round=round_, client_id=pid,
@@ -186,10 +199,11 @@ def client_app(
     evaluate: Optional[Callable[[nn.Module, Any], float]] = None,
     threads: Optional[int] = 1,
     after_local_eval: bool = True,
+    cache: bool = True,
 ) -> ClientApp:
     """A Flower ``ClientApp`` running ``method`` on every node (arguments: :class:`ClientHandlers`)."""
     handlers = ClientHandlers(method, build_model, load_data, trainer=trainer, evaluate=evaluate, threads=threads,
-                              after_local_eval=after_local_eval)
+                              after_local_eval=after_local_eval, cache=cache)
     app = ClientApp()
     app.query()(handlers.query)
     app.train()(handlers.train)

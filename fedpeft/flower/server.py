@@ -31,6 +31,7 @@ from torch import nn
 from .. import fed
 from ..protocols import PFedPG, Protocol
 from ..protocols import get as get_protocol
+from .deployment import FastGrid, failure_report, report_path
 from .registry import discover_partitions
 from .strategy import PersonalizedFedAvg, PFedPGStrategy, ProtocolStrategy
 
@@ -109,7 +110,10 @@ def server_app(
         method: a protocol or a method name (``fedpeft.protocols.METHODS``).
         build_model: ``build_model(context) -> model``, the same builder as the clients'.
         num_partitions: C (or ``num-partitions`` in the run config; neither: as the nodes' ``node_config`` says).
-        report: path of the JSON report (or ``report-path`` in the run config); ``None`` writes none.
+        report: path of the JSON report (or ``report-path`` in the run config; ``{run_id}`` is replaced by the run's
+            id; relative paths are taken from the ServerApp's working folder and printed absolute at the end);
+            ``None`` or ``""`` writes none. The report has ``"status": "completed"``, or ``"failed"`` with the
+            ``error`` when the run raised (then it is written and the error re-raised: ``flwr ls`` shows it too).
         on_report: called with the report dict when the run ends (e.g. to collect it in-process).
         strategy_options: passed to the strategy (e.g. ``min_nodes``, ``check_frozen``, ``generator_seed``).
     """
@@ -118,28 +122,40 @@ def server_app(
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
+        grid = FastGrid(grid)  # replies pulled every 0.2 s, not Flower's 3 s
         cfg = context.run_config
-        parts = int(cfg.get("num-partitions", num_partitions or 0))
-        reg_timeout = float(cfg.get("registration-timeout", registration_timeout))
-        if parts < 1:  # not given: as the nodes' node_config says (the simulation sets it)
-            parts = discover_partitions(grid, timeout=reg_timeout)
-        run_seed = int(cfg.get("seed", seed))
-        t0 = time.perf_counter()
-        torch.manual_seed(run_seed)
-        model = build_model(context)
-        cls = PFedPGStrategy if isinstance(protocol, PFedPG) else PersonalizedFedAvg
-        strategy = cls(protocol, model, num_partitions=parts, seed=run_seed,
-                       fraction_train=float(cfg.get("fraction-train", fraction_train)),
-                       fraction_evaluate=float(cfg.get("fraction-evaluate", fraction_evaluate)),
-                       registration_timeout=reg_timeout,
-                       **strategy_options)
-        strategy.start(grid, num_rounds=int(cfg.get("num-server-rounds", num_rounds)),
-                       timeout=float(cfg.get("round-timeout", round_timeout)))
-        result = method_report(strategy, model, time.perf_counter() - t0)
-        path = cfg.get("report-path", None if report is None else str(report))
-        if path:
+        configured = cfg.get("report-path", None if report is None else str(report))
+        path = report_path(str(configured).format(run_id=context.run_id), context.run_id) if configured else None
+        strategy, model, t0 = None, None, time.perf_counter()
+        try:
+            parts = int(cfg.get("num-partitions", num_partitions or 0))
+            reg_timeout = float(cfg.get("registration-timeout", registration_timeout))
+            if parts < 1:  # not given: as the nodes' node_config says (the simulation sets it)
+                parts = discover_partitions(grid, timeout=reg_timeout)
+            run_seed = int(cfg.get("seed", seed))
+            t0 = time.perf_counter()
+            torch.manual_seed(run_seed)
+            model = build_model(context)
+            cls = PFedPGStrategy if isinstance(protocol, PFedPG) else PersonalizedFedAvg
+            strategy = cls(protocol, model, num_partitions=parts, seed=run_seed,
+                           fraction_train=float(cfg.get("fraction-train", fraction_train)),
+                           fraction_evaluate=float(cfg.get("fraction-evaluate", fraction_evaluate)),
+                           registration_timeout=reg_timeout,
+                           **strategy_options)
+            strategy.start(grid, num_rounds=int(cfg.get("num-server-rounds", num_rounds)),
+                           timeout=float(cfg.get("round-timeout", round_timeout)))
+            result = {**method_report(strategy, model, time.perf_counter() - t0), "status": "completed"}
+        except Exception as e:
+            partial = method_report(strategy, model, time.perf_counter() - t0) if strategy is not None else None
+            result = failure_report(protocol.name, e, partial)
+            if path is not None:
+                write_report(path, result)
+                print(f"fedpeft: the run FAILED ({result['error']}); report: {path}", flush=True)
+            raise
+        if path is not None:
             write_report(path, result)
             log.info("wrote %s", path)
+            print(f"fedpeft: report written to {path}", flush=True)
         if on_report is not None:
             on_report(result)
 
