@@ -14,10 +14,10 @@ import torch
 from flower_harness import LocalGrid, node_context
 from torch.utils.data import TensorDataset
 
-from fedpeft import VPT, LowRankPrompt, ParallelPrefix
-from fedpeft.flower import PersonalizedFedAvg, PFedPGStrategy, client_app
-from fedpeft.protocols import Federation, LocalTrainer, PFedPG
+from fedpeft.flower import ProtocolStrategy, client_app
+from fedpeft.protocols import Federation, LocalTrainer
 from fedpeft.protocols import get as get_protocol
+from fedpeft.protocols import method as method_entry
 
 SEED = 0
 CLASSES = 3
@@ -34,18 +34,7 @@ def build(method: str, backbone_seed: int = SEED, dtype: torch.dtype = torch.flo
     """The client model of ``method``, built under ``torch.manual_seed(SEED)`` (the same on every call)."""
     v = vit(backbone_seed)
     torch.manual_seed(SEED)
-    if method in ("FedVPT", "pFedPG"):
-        m = VPT(v, num_prompts=2)
-    elif method == "FedPGP":
-        m = VPT(v, num_prompts=2, prompts=LowRankPrompt(num_prompts=2, embed_dim=32, rank=2))
-    elif method == "FedPerfix":
-        m = ParallelPrefix(v, bottleneck=8, train_backbone=True)
-    elif method in ("FedAvg", "VanillaAttention"):
-        m = v
-    elif method == "Local":
-        m = VPT(v, num_prompts=0)
-    else:
-        raise ValueError(method)
+    m = method_entry(method).build(v, num_prompts=2, bottleneck=8, rank=2)
     return m.to(dtype)
 
 
@@ -70,7 +59,7 @@ def trainer() -> LocalTrainer:
 @dataclass
 class World:
     grid: LocalGrid
-    strategy: PersonalizedFedAvg
+    strategy: ProtocolStrategy
     data: list
     method: str
 
@@ -103,8 +92,7 @@ def world(method: str, num_clients: int = 3, *, fraction: float = 1.0, nan_clien
     grid = LocalGrid(app, contexts)
     torch.manual_seed(SEED)
     model = build(method, SEED, dtype)
-    cls = PFedPGStrategy if isinstance(protocol, PFedPG) else PersonalizedFedAvg
-    strategy = cls(protocol, model, num_partitions=num_clients, seed=SEED, fraction_train=fraction,
+    strategy = ProtocolStrategy(protocol, model, num_partitions=num_clients, seed=SEED, fraction_train=fraction,
                    registration_timeout=1.0, check_frozen=check_frozen,
                    min_nodes=min(num_clients, len(configs)))
     return World(grid, strategy, data, method)

@@ -6,7 +6,7 @@ import timm
 import torch
 from torch.utils.data import TensorDataset
 
-from fedpeft import VPT, LowRankPrompt, ParallelPrefix
+from fedpeft import protocols
 
 NUM_CLASSES = 3
 K = 2  # prompt tokens
@@ -20,21 +20,8 @@ def vit(seed: int = 0):
 
 
 def model_for(method: str, seed: int = 0):
-    """Each method's client model, as docs/protocols.md lists them."""
-    builders = {
-        "Local": lambda: VPT(vit(seed), num_prompts=0),
-        "SingleSet-VPT": lambda: VPT(vit(seed), num_prompts=K),
-        "FedAvg": lambda: vit(seed),
-        "FedAvg-FT": lambda: vit(seed),
-        "FedRep": lambda: vit(seed),
-        "FedVPT": lambda: VPT(vit(seed), num_prompts=K),
-        "FedVPT-deep": lambda: VPT(vit(seed), num_prompts=K, deep=True),
-        "pFedPG": lambda: VPT(vit(seed), num_prompts=K),
-        "FedPerfix": lambda: ParallelPrefix(vit(seed), bottleneck=8, train_backbone=True),
-        "FedPGP": lambda: VPT(vit(seed), num_prompts=K, prompts=LowRankPrompt(num_prompts=K, embed_dim=64, rank=2)),
-        "VanillaAttention": lambda: vit(seed),
-    }
-    return builders[method]()
+    """Each method's client model, built by its registry entry (``protocols.method(name).build``)."""
+    return protocols.method(method).build(vit(seed), num_prompts=K, bottleneck=8, rank=2)
 
 
 def client_data(num_clients: int = 3, n: int = 12, seed: int = 0):

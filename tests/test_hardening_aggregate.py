@@ -285,9 +285,9 @@ def test_split_with_a_non_str_key_names_it(test_vit):
         fed.split(state, None)
 
 
-def test_pfedpg_preset_on_a_model_without_prompts_warns(test_vit):
-    with pytest.warns(UserWarning, match=r"preset 'pfedpg'.*\['prompts'\] match no key"):
-        assert fed.personal_keys(test_vit, "pfedpg") == ["head.bias", "head.weight"]
+def test_fedpgp_preset_on_a_model_without_lowrank_prompts_warns(test_vit):
+    with pytest.warns(UserWarning, match=r"preset 'fedpgp'.*\['lowrank'\] match no key"):
+        assert fed.personal_keys(test_vit, "fedpgp") == ["head.bias", "head.weight"]
     import copy
     import warnings
 
@@ -296,7 +296,7 @@ def test_pfedpg_preset_on_a_model_without_prompts_warns(test_vit):
     vpt = VPT(copy.deepcopy(test_vit), num_prompts=2)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert fed.personal_keys(vpt, "pfedpg") == ["model.head.bias", "model.head.weight", "prompts"]
+        assert fed.personal_keys(vpt, "pfedpg") == ["model.head.bias", "model.head.weight"]
 
 
 def test_to_ndarrays_refuses_sparse_and_meta():

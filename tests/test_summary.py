@@ -125,9 +125,9 @@ def test_composition_with_lowrank_prompt_fedpgp_split():
 
 
 def test_pfedpg_split_counts_what_is_averaged():
-    # the pfedpg preset keeps prompts and head out of averaging: nothing is averaged (the prompts still travel as ΔP)
+    # the pfedpg preset is pFedPG's split: the head stays, the prompts are uploaded (as P̃ for the generator)
     s = VPT(make_vit(), num_prompts=4).summary("pfedpg")
-    assert (s.shared_params, s.personal_params) == (0, 4 * D + HAND["head"])
+    assert (s.shared_params, s.personal_params) == (4 * D, HAND["head"])
 
 
 def test_bytes_follow_the_parameter_dtype():

@@ -50,27 +50,24 @@ def _tree_cpu_s() -> float:
 
 
 def _result(name: str, strategy, model, n: int, wall_s: float) -> MethodResult:
+    """The in-process engine's ``MethodResult`` from the strategy's round records (the same ``RoundRecord``)."""
     costs = method_costs(strategy.method, model, strategy.server)
     hist = strategy.history
-    curve_clients = [[h["evaluation"]["accuracy"].get(c) for c in range(n)] for h in hist]
     last_after: List[Optional[float]] = [None] * n
     for h in hist:
-        for c, a in h.get("after_local", {}).items():
+        for c, a in h.after_local.items():
             last_after[c] = a
     return MethodResult(
         name=name,
-        accuracy=curve_clients[-1],
-        curve=[h["evaluation"]["mean"] for h in hist],
-        curve_clients=curve_clients,
+        accuracy=list(hist[-1].deployed),
+        curve=[h.mean for h in hist],
+        curve_clients=[list(h.deployed) for h in hist],
         wall_s=wall_s,
-        curve_after_local=[[h.get("after_local", {}).get(c) for c in range(n)] for h in hist],
+        curve_after_local=[[h.after_local.get(c) for c in range(n)] for h in hist],
         accuracy_after_local=last_after,
-        participants=[list(h["sampled"]) for h in hist],
-        train_loss=[[h.get("train_loss", {}).get(c) for c in range(n)] for h in hist],
-        server_log=[{"accepted": h["accepted"], "rejected": [{"client_id": c, "reason": r}
-                                                              for c, r in sorted(h["rejected"].items())],
-                     "diagnostics": h.get("diagnostics", {}), "updated": h.get("updated", False),
-                     "upload_bytes": h.get("upload_bytes", {}), "wall_s": h.get("wall_s")} for h in hist],
+        participants=[list(h.participants) for h in hist],
+        train_loss=[[h.train_loss.get(c) for c in range(n)] for h in hist],
+        server_log=[{**h.server.as_dict(), "upload_bytes": dict(h.upload_bytes), "wall_s": h.wall_s} for h in hist],
         **costs,
     )
 
@@ -84,9 +81,8 @@ def run_methods_flower(names: Sequence[str], ctx: Context, rounds: int, progress
     from flwr.serverapp import ServerApp
     from flwr.simulation import run_simulation
 
-    from fedpeft.flower import ClientHandlers, PersonalizedFedAvg, PFedPGStrategy
-    from fedpeft.flower.client import CONFIG, METHOD
-    from fedpeft.protocols import PFedPG
+    from fedpeft.flower import ClientHandlers, ProtocolStrategy
+    from fedpeft.flower.records import CONFIG, METHOD
 
     unknown = [n for n in names if n not in ALL_METHODS]
     if unknown:
@@ -132,13 +128,12 @@ def run_methods_flower(names: Sequence[str], ctx: Context, rounds: int, progress
                 model = build_model(name, ctx)  # seeds torch: the server's initial state (pFedPG: the generator)
                 protocol = make_protocol(name, ctx.budget)
 
-                def tick(report) -> None:
-                    bar.set_postfix(acc=f"{report['evaluation']['mean']:.3f}")
+                def tick(record) -> None:
+                    bar.set_postfix(acc=f"{record.mean:.3f}")
                     bar.update(1)
 
-                cls = PFedPGStrategy if isinstance(protocol, PFedPG) else PersonalizedFedAvg
-                strategy = cls(protocol, model, num_partitions=n, seed=ctx.seed, fraction_train=ctx.budget.fraction,
-                               on_round=tick)
+                strategy = ProtocolStrategy(protocol, model, num_partitions=n, seed=ctx.seed,
+                                            fraction_train=ctx.budget.fraction, on_round=tick)
                 strategy.start(grid, num_rounds=rounds, timeout=round_timeout)
                 results.append(_result(name, strategy, model, n, time.perf_counter() - t0))
                 cpu_s[name] = _tree_cpu_s() - cpu0

@@ -64,7 +64,7 @@ PRESETS: Mapping[str, Tuple[str, ...]] = MappingProxyType({
     "fedpgp": ("lowrank", "head"),  # U, V and head personal, global_prompt shared (Cui et al., ICML 2024)
     "fedrep": ("head",),  # head personal, representation shared (Collins et al., 2021)
     "fedvpt": ("head",),  # prompts shared and averaged, head personal
-    "pfedpg": ("prompts", "head"),  # prompts and head stay on the client; the server sees only ΔP (Yang et al., 2023)
+    "pfedpg": ("head",),  # head personal; the prompts go up every round as P̃ for the generator (Yang et al., 2023)
     "vanilla_attention": ("attn", "head"),  # FedPerfix's "Vanilla Attention" baseline
 })
 
@@ -106,7 +106,7 @@ def personal_keys(
     Returns:
         Sorted key names. A pattern that selects nothing triggers a ``UserWarning`` (a typo must not silently send a
         personal layer to the server); an empty preset (``"fedavg"``) does not. So does a preset one of whose words
-        matches nothing (``"pfedpg"`` on a model without prompts).
+        matches nothing (``"fedpgp"`` on a model without a ``LowRankPrompt``).
 
     Raises:
         ValueError: a bare word that is neither in :data:`WORDS` nor in :data:`PRESETS`.
@@ -123,7 +123,7 @@ def personal_keys(
             warnings.warn(f"personal_keys: pattern {pattern!r} matches no key", UserWarning, stacklevel=2)
         elif pattern in PRESETS and not _GLOB_CHARS.intersection(pattern):
             unmatched = [word for word in PRESETS[pattern] if not _match(keys, word)]
-            if unmatched:  # e.g. "pfedpg" on a model without prompts: only the head would be kept
+            if unmatched:  # e.g. "fedpgp" on a model without U and V: only the head would be kept
                 warnings.warn(
                     f"personal_keys: preset {pattern!r} keeps {list(PRESETS[pattern])} personal, but "
                     f"{unmatched} match no key of this model (is it the model the preset is for?)",

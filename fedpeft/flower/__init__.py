@@ -4,11 +4,13 @@ Optional extra: ``pip install "fedpeft[flower]"`` (``flwr[simulation]>=1.42,<2``
 
 - :func:`client_app` (``ClientHandlers``): the ``ClientApp`` of one method: model built per message, shared state from
   the message, personal state in ``context.state`` stamped with its round, replies with exactly the upload keys.
-- :class:`PersonalizedFedAvg` / :class:`PFedPGStrategy` (``ProtocolStrategy``): ``flwr.serverapp.strategy.Strategy``
-  subclasses around a protocol's server: registration by partition id, seeded sampling, screened replies in
-  partition-id order, per-client metrics.
-- :func:`server_app`: the ``ServerApp`` that picks the strategy and writes the per-client report.
-- :mod:`.records` / :mod:`.node`: state dicts on the wire (``ArrayRecord`` by key, float32) and in ``context.state``.
+- :class:`ProtocolStrategy`: the one ``flwr.serverapp.strategy.Strategy``, around any protocol's server: registration
+  by partition id, seeded sampling, replies read once (:func:`parse_reply`) and screened by the server in partition-id
+  order, one :class:`~fedpeft.protocols.RoundRecord` per round (``history``, the round log). ``PersonalizedFedAvg`` and
+  ``PFedPGStrategy`` are its 0.1 names, kept as thin aliases.
+- :func:`server_app`: the ``ServerApp`` that runs the strategy and rewrites the per-client report every round.
+- :mod:`.records` / :mod:`.node`: record keys, state dicts on the wire (``ArrayRecord`` by key, float32), reading a
+  reply; personal state in ``context.state``.
 
 See docs/flower.md.
 """
@@ -20,7 +22,7 @@ except ImportError as e:  # pragma: no cover - depends on the environment
 
 from .client import ClientHandlers, client_app, frozen_fingerprint
 from .node import StaleMessage, partition
-from .records import from_record, payload_bytes, to_record
+from .records import from_record, parse_evaluation, parse_reply, payload_bytes, to_record
 from .server import server_app, write_report
 from .strategy import PersonalizedFedAvg, PFedPGStrategy, ProtocolStrategy
 
@@ -33,6 +35,8 @@ __all__ = [
     "client_app",
     "from_record",
     "frozen_fingerprint",
+    "parse_evaluation",
+    "parse_reply",
     "partition",
     "payload_bytes",
     "server_app",

@@ -26,7 +26,6 @@ untouched): a late or repeated message never rolls newer personal state back. Se
 from __future__ import annotations
 
 import hashlib
-import logging
 from typing import Any, Callable, Optional, Tuple, Union
 
 import torch
@@ -40,20 +39,14 @@ from ..protocols import get as get_protocol
 from ..protocols.training import evaluate as plain_evaluate
 from .cache import NodeCache
 from .node import check_fresh, load_personal, partition, save_personal
-from .records import from_record, payload_bytes, to_record
+from .records import ARRAYS, CONFIG, INFO, METHOD, METRICS, ROUND, SEED, from_record, payload_bytes, to_record
 
 __all__ = ["ClientHandlers", "client_app", "frozen_fingerprint"]
-
-log = logging.getLogger(__name__)
 
 #: ``build_model(context) -> nn.Module``: the client's wrapped model, built the same way on every node
 BuildModel = Callable[[Context], nn.Module]
 #: ``load_data(context) -> (train_data, test_data)``; ``test_data`` may be ``None`` (no evaluation)
 LoadData = Callable[[Context], Tuple[Any, Any]]
-
-# keys of the message records, shared with the strategies
-ARRAYS, CONFIG, METRICS, INFO = "arrays", "config", "metrics", "info"
-ROUND, SEED, METHOD = "fedpeft.round", "fedpeft.seed", "fedpeft.method"
 
 
 def frozen_fingerprint(model: nn.Module) -> str:

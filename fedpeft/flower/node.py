@@ -13,7 +13,6 @@ raising ClientApp).
 
 from __future__ import annotations
 
-import logging
 from typing import Dict, Mapping, Optional, Tuple
 
 from flwr.app import ConfigRecord, Context
@@ -22,8 +21,6 @@ from torch import Tensor
 from .records import from_record, to_record
 
 __all__ = ["StaleMessage", "load_personal", "partition", "save_personal"]
-
-log = logging.getLogger(__name__)
 
 PARTITION_ID = "partition-id"
 NUM_PARTITIONS = "num-partitions"

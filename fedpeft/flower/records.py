@@ -1,4 +1,17 @@
-"""State dicts on Flower's wire: ``ArrayRecord`` by key, half precision sent as float32 and cast back on arrival.
+"""What crosses Flower's wire: the record keys, state dicts as ``ArrayRecord`` by key, and the reading of a reply.
+
+Record keys (one home; the ClientApp, the strategy and the registry import them from here): ``ARRAYS`` (the state
+dict), ``CONFIG`` (server → node: ``ROUND``, ``SEED``, ``METHOD``), ``METRICS`` (node → server: ``partition-id``,
+``num-examples``, ``loss``, ``accuracy``, ...), ``INFO`` (registration: method, frozen-state fingerprint).
+
+:func:`parse_reply` reads one train reply into a protocol :class:`~fedpeft.protocols.Reply` or a
+:class:`~fedpeft.protocols.Rejection` with its reason: which partition it answers (by ``reply_to_message_id``, the id
+of the message the server sent, never by the sender's node id: Flower's own "node unavailable" errors come from the
+SuperLink), whether the client failed, and its arrays by key. The upload's keys, shapes, dtypes, finite values and
+weight are screened once, by the protocol's server (``server.update``). :func:`parse_evaluation` does the same for an
+evaluate reply.
+
+State dicts on the wire: ``ArrayRecord`` by key, half precision sent as float32 and cast back on arrival.
 
     record = to_record(state)                          # sorted keys; bf16/fp16 cast up to float32 (exact)
     state = from_record(record, like=reference)        # by key; reference's dtypes and devices (bf16 comes back)
@@ -14,15 +27,23 @@ with ``fed.num_bytes`` of the same state; ``record.count_bytes()`` adds Flower's
 
 from __future__ import annotations
 
-from typing import Dict, Mapping, Optional
+from typing import Dict, Mapping, Optional, Tuple, Union
 
 import numpy as np
-from flwr.app import Array, ArrayRecord
+from flwr.app import Array, ArrayRecord, Message, MetricRecord
 from torch import Tensor
 
 from .. import fed
+from ..protocols import Rejection, Reply
 
-__all__ = ["from_record", "payload_bytes", "to_record"]
+__all__ = ["ARRAYS", "CONFIG", "INFO", "METHOD", "METRICS", "ROUND", "SEED", "from_record", "parse_evaluation",
+           "parse_reply", "payload_bytes", "to_record"]
+
+ARRAYS, CONFIG, METRICS, INFO = "arrays", "config", "metrics", "info"
+ROUND, SEED, METHOD = "fedpeft.round", "fedpeft.seed", "fedpeft.method"
+
+#: message id of each message sent this round → the partition it went to
+Sent = Mapping[str, int]
 
 
 def to_record(state: Mapping[str, Tensor]) -> ArrayRecord:
@@ -36,7 +57,7 @@ def to_record(state: Mapping[str, Tensor]) -> ArrayRecord:
     for k, a in zip(keys, arrays):
         if np.issubdtype(a.dtype, np.floating) and a.dtype.itemsize < 4:  # float16 (bf16 came as float32)
             a = a.astype(np.float32)
-        record[k] = Array(np.ascontiguousarray(a))
+        record[k] = Array(np.asarray(a, order="C"))  # (np.ascontiguousarray makes a 0-d array 1-d)
     return record
 
 
@@ -72,3 +93,50 @@ def payload_bytes(record: ArrayRecord) -> int:
     for arr in record.values():
         total += int(np.prod(arr.shape, dtype=np.int64)) * np.dtype(arr.dtype).itemsize
     return total
+
+
+def _answering(msg: Message, sent: Sent) -> Union[Tuple[int, MetricRecord], Rejection]:
+    """``(partition id, metrics)`` of a reply to one of the ``sent`` messages, or why it cannot be used."""
+    pid = sent.get(msg.metadata.reply_to_message_id)
+    if pid is None:
+        return Rejection(f"node {msg.metadata.src_node_id}", "a reply to no message sent this round")
+    if msg.has_error():
+        return Rejection(pid, f"the client failed: {msg.error.reason}")
+    metrics = msg.content.metric_records.get(METRICS)
+    if metrics is None:
+        return Rejection(pid, f"reply without a MetricRecord {METRICS!r}")
+    if metrics.get("partition-id") != pid:
+        return Rejection(pid, f"reply claims partition-id {metrics.get('partition-id')!r}, but the message went to "
+                              f"partition {pid}")
+    return pid, metrics
+
+
+def parse_reply(msg: Message, sent: Sent, like: Mapping[str, Tensor]) -> Union[Reply, Rejection]:
+    """A train reply as ``Reply(partition id, upload cast like like, num-examples)``, or a ``Rejection``.
+
+    Args:
+        msg: the reply.
+        sent: message id → partition id of this round's train messages.
+        like: the server's ``expected_upload`` (dtypes and devices to cast to; keys and shapes are screened later).
+    """
+    got = _answering(msg, sent)
+    if isinstance(got, Rejection):
+        return got
+    pid, metrics = got
+    try:
+        upload = from_record(msg.content.array_records.get(ARRAYS, ArrayRecord()), like=like)
+    except (TypeError, ValueError) as e:
+        return Rejection(pid, f"unreadable reply: {e}")
+    return Reply(pid, upload, metrics.get("num-examples"))
+
+
+def parse_evaluation(msg: Message, sent: Sent) -> Union[Tuple[int, float, MetricRecord], Rejection]:
+    """An evaluate reply as ``(partition id, accuracy in [0, 1], metrics)``, or a ``Rejection``."""
+    got = _answering(msg, sent)
+    if isinstance(got, Rejection):
+        return got
+    pid, metrics = got
+    acc = metrics.get("accuracy")
+    if isinstance(acc, bool) or not isinstance(acc, (int, float)) or not 0.0 <= float(acc) <= 1.0:
+        return Rejection(pid, f"accuracy {acc!r} is not a number in [0, 1]")
+    return pid, float(acc), metrics

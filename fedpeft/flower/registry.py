@@ -25,7 +25,7 @@ from typing import Dict, List, Optional, Tuple
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
-from .client import INFO, METRICS
+from .records import INFO, METRICS
 
 __all__ = ["Registry", "discover_partitions"]
 

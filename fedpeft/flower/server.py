@@ -3,22 +3,21 @@
     app = server_app("FedVPT", build_model, num_partitions=3, num_rounds=5, report="results/flower.json")
 
 ``main(grid, context)`` builds the model with ``build_model(context)`` under ``torch.manual_seed(seed)`` (so the
-server's initial shared state, and pFedPG's generator, are what the in-process engine starts from), picks
-:class:`~fedpeft.flower.PFedPGStrategy` for pFedPG and :class:`~fedpeft.flower.PersonalizedFedAvg` otherwise, runs it,
-and writes the report (:func:`method_report`): per-client accuracies after the last round, the per-round mean and
-per-client curves, parameter counts, and every round's accepted/rejected clients with reasons.
+server's initial shared state, and pFedPG's generator, are what the in-process engine starts from), runs a
+:class:`~fedpeft.flower.ProtocolStrategy`, and after every round rewrites the report (:func:`method_report`, written
+atomically with fsync): per-client accuracies after the latest round, the per-round mean and per-client curves,
+parameter counts, and every round's record (accepted, rejected with reasons, ...). ``round_log`` appends each round's
+record as one JSON line (:class:`~fedpeft.protocols.RoundLog`).
 
 ``run_config`` (``[tool.flwr.app.config]`` of the app, or ``flwr run --run-config``) overrides the arguments:
 ``num-server-rounds``, ``num-partitions``, ``fraction-train``, ``fraction-evaluate``, ``seed``, ``round-timeout``,
-``registration-timeout``, ``report-path``.
+``registration-timeout``, ``report-path``, ``round-log-path``.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable, Dict, Optional, Union
@@ -28,12 +27,12 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 from torch import nn
 
-from .. import fed
-from ..protocols import PFedPG, Protocol
+from .. import _atomic, fed
+from ..protocols import PFedPGServer, Protocol
 from ..protocols import get as get_protocol
 from .deployment import FastGrid, failure_report, report_path
 from .registry import discover_partitions
-from .strategy import PersonalizedFedAvg, PFedPGStrategy, ProtocolStrategy
+from .strategy import ProtocolStrategy
 
 __all__ = ["method_report", "server_app", "write_report"]
 
@@ -43,20 +42,16 @@ log = logging.getLogger("fedpeft.flower")
 def method_report(strategy: ProtocolStrategy, model: nn.Module, wall_s: float) -> Dict[str, Any]:
     """The benchmark's per-method record (``name``, ``accuracy`` per client after the last round, ``curve``,
     ``curve_clients``, ``trainable``, ``communicated``, ``server``, ``wall_s``, ``personal_keys``) plus ``rounds``
-    (:meth:`ProtocolStrategy.round_report` of every round) and ``engine``. A client missing from an evaluation is
-    ``null`` in it."""
+    (``RoundRecord.as_dict()`` of every round) and ``engine``. A client missing from an evaluation is ``null``."""
     import flwr
 
     method: Protocol = strategy.method
-    curve_clients = []
-    for r in strategy.history:
-        acc = r.get("evaluation", {}).get("accuracy", {})
-        curve_clients.append([acc.get(p) for p in range(strategy.num_partitions)])
-    curve = [r.get("evaluation", {}).get("mean", float("nan")) for r in strategy.history]
+    curve_clients = [list(r.deployed or []) for r in strategy.history]
+    curve = [r.mean for r in strategy.history]
     trainable = fed.num_params(fed.trainable_state(model))
     upload = {k: v for k, v in fed.trainable_state(model).items() if k in set(method.upload_keys(model))}
-    server_params = sum(p.numel() for p in strategy.generator.parameters()) if isinstance(strategy, PFedPGStrategy) \
-        else 0
+    server_params = sum(p.numel() for p in strategy.server.generator.parameters()) \
+        if isinstance(strategy.server, PFedPGServer) else 0
     return {
         "name": method.name,
         "accuracy": curve_clients[-1] if curve_clients else [],
@@ -68,24 +63,23 @@ def method_report(strategy: ProtocolStrategy, model: nn.Module, wall_s: float) -
         "server": server_params,
         "wall_s": wall_s,
         "personal_keys": list(method.personal_keys(model)),
-        "rounds": strategy.history,
+        "rounds": [r.as_dict() for r in strategy.history],
         "engine": {"name": "flower", "flwr": flwr.__version__},
     }
 
 
 def write_report(path: Union[str, Path], report: Dict[str, Any]) -> Path:
-    """Write ``report`` as JSON to ``path`` atomically (a temporary file in the same folder, then a rename)."""
+    """Write ``report`` as JSON to ``path`` atomically and durably (:mod:`fedpeft._atomic`: a temporary file beside
+    it, fsync'ed, renamed over it, the folder fsync'ed): a reader or a crash sees the old report or the new one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
+
+    def fill(tmp: str) -> None:
+        with open(tmp, "w") as f:
             json.dump(report, f, indent=2, default=str)
             f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+
+    _atomic.replace(_atomic.write_temp(path, fill), path)
     return path
 
 
@@ -101,6 +95,7 @@ def server_app(
     round_timeout: float = 3600.0,
     registration_timeout: float = 600.0,
     report: Optional[Union[str, Path]] = None,
+    round_log: Optional[Union[str, Path]] = None,
     on_report: Optional[Callable[[Dict[str, Any]], None]] = None,
     **strategy_options: Any,
 ) -> ServerApp:
@@ -110,14 +105,19 @@ def server_app(
         method: a protocol or a method name (``fedpeft.protocols.METHODS``).
         build_model: ``build_model(context) -> model``, the same builder as the clients'.
         num_partitions: C (or ``num-partitions`` in the run config; neither: as the nodes' ``node_config`` says).
-        report: path of the JSON report (or ``report-path`` in the run config; ``{run_id}`` is replaced by the run's
-            id; relative paths are taken from the ServerApp's working folder and printed absolute at the end);
-            ``None`` or ``""`` writes none. The report has ``"status": "completed"``, or ``"failed"`` with the
-            ``error`` when the run raised (then it is written and the error re-raised: ``flwr ls`` shows it too).
+        report: path of the JSON report (or ``report-path`` in the run config), rewritten after every round
+            (``"status": "running"``) and at the end: ``"completed"``, or ``"failed"`` with the ``error`` when the
+            run raised (the report is written, then the error re-raised: ``flwr ls`` shows it too). ``{run_id}`` is
+            replaced by the run's id; a relative path is taken from the ServerApp's working folder, and the absolute
+            path is printed at the end. ``None`` or ``""`` writes none.
+        round_log: path of the JSON-lines round log (or ``round-log-path``); ``None`` writes none.
         on_report: called with the report dict when the run ends (e.g. to collect it in-process).
-        strategy_options: passed to the strategy (e.g. ``min_nodes``, ``check_frozen``, ``generator_seed``).
+        strategy_options: passed to :class:`ProtocolStrategy` (e.g. ``min_nodes``, ``check_frozen``,
+            ``server_seed``).
     """
     protocol = get_protocol(method)
+    if "generator_seed" in strategy_options:  # the 0.1 name (PFedPGStrategy's)
+        strategy_options["server_seed"] = strategy_options.pop("generator_seed")
     app = ServerApp()
 
     @app.main()
@@ -136,12 +136,18 @@ def server_app(
             t0 = time.perf_counter()
             torch.manual_seed(run_seed)
             model = build_model(context)
-            cls = PFedPGStrategy if isinstance(protocol, PFedPG) else PersonalizedFedAvg
-            strategy = cls(protocol, model, num_partitions=parts, seed=run_seed,
-                           fraction_train=float(cfg.get("fraction-train", fraction_train)),
-                           fraction_evaluate=float(cfg.get("fraction-evaluate", fraction_evaluate)),
-                           registration_timeout=reg_timeout,
-                           **strategy_options)
+            log_path = cfg.get("round-log-path", None if round_log is None else str(round_log))
+
+            def each_round(record: Any) -> None:
+                if path:
+                    write_report(path, {**method_report(strategy, model, time.perf_counter() - t0),
+                                        "status": "running"})
+
+            strategy = ProtocolStrategy(protocol, model, num_partitions=parts, seed=run_seed,
+                                        fraction_train=float(cfg.get("fraction-train", fraction_train)),
+                                        fraction_evaluate=float(cfg.get("fraction-evaluate", fraction_evaluate)),
+                                        registration_timeout=reg_timeout, on_round=each_round,
+                                        round_log=log_path or None, **strategy_options)
             strategy.start(grid, num_rounds=int(cfg.get("num-server-rounds", num_rounds)),
                            timeout=float(cfg.get("round-timeout", round_timeout)))
             result = {**method_report(strategy, model, time.perf_counter() - t0), "status": "completed"}

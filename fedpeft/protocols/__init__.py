@@ -14,7 +14,7 @@ so they cannot drift apart. Design:
 - Key sets: ``personal_keys(model)`` (never sent), ``upload_keys(model)`` (sent every round; pFedPG: the trained
   prompts P̃), ``download_keys(model)``; personal ∪ upload = the trainable keys. The one call for "what does a client
   of method X send": :func:`upload_keys` / :func:`upload_state`.
-- Server side: ``server = protocol.make_server(model, num_clients=C)`` with ``server.payloads(ids) -> {id: state}``
+- Server side: ``server = protocol.make_server(model, num_clients=C, seed=s)``, a :class:`Server`, with ``server.payloads(ids) -> {id: state}``
   (FedAvg-like: the same shared state; pFedPG: each client's own ``gen(n)`` from one batched call),
   ``server.deployment(ids)`` and ``server.update(replies) -> ServerReport``; replies are ``(client_id, upload,
   weight)``, screened (keys, shapes, dtypes, finite values, weight, known and unique ids; a bad one is dropped with a
@@ -27,27 +27,41 @@ so they cannot drift apart. Design:
 
 Public names::
 
-    METHODS, get(method, **options), upload_keys(model, method), upload_state(model, method)
+    METHODS, REGISTRY, Method, method(name), get(method, **options), method_costs(protocol, model, server),
+    upload_keys(model, method), upload_state(model, method)
     Protocol, SharedPersonal(patterns, ...), FedAvgFT, PFedPG, AveragingServer, PFedPGServer
     ClientResult, Reply, Rejection, ServerReport, screen_replies
     LocalTask, LocalTrainer, Trainer, LossFn, batch_seed, cross_entropy_loss, evaluate, fedpgp_loss
-    sample_clients, Federation, RoundRecord
+    sample_clients, Federation, RoundRecord, RoundLog, Server
 
 See docs/protocols.md.
 """
 
-from .inprocess import Federation, RoundRecord
-from .methods import METHODS, fedpgp_loss, get, upload_keys, upload_state
+from .inprocess import Federation
+from .methods import (
+    METHODS,
+    REGISTRY,
+    Method,
+    fedpgp_loss,
+    get,
+    method,
+    method_costs,
+    upload_keys,
+    upload_state,
+)
 from .pfedpg import PFedPG, PFedPGServer
 from .protocol import Phase, Protocol
-from .records import ClientResult, Rejection, Reply, ServerReport
+from .records import ClientResult, Rejection, Reply, RoundRecord, ServerReport
+from .roundlog import RoundLog
 from .sampling import sample_clients
 from .screening import screen_replies
+from .server import Server
 from .shared_personal import AveragingServer, FedAvgFT, SharedPersonal
 from .training import LocalTask, LocalTrainer, LossFn, Trainer, batch_seed, cross_entropy_loss, evaluate
 
 __all__ = [
     "METHODS",
+    "REGISTRY",
     "AveragingServer",
     "ClientResult",
     "FedAvgFT",
@@ -55,13 +69,16 @@ __all__ = [
     "LocalTask",
     "LocalTrainer",
     "LossFn",
+    "Method",
     "PFedPG",
     "PFedPGServer",
     "Phase",
     "Protocol",
     "Rejection",
     "Reply",
+    "RoundLog",
     "RoundRecord",
+    "Server",
     "ServerReport",
     "SharedPersonal",
     "Trainer",
@@ -70,6 +87,8 @@ __all__ = [
     "evaluate",
     "fedpgp_loss",
     "get",
+    "method",
+    "method_costs",
     "sample_clients",
     "screen_replies",
     "upload_keys",

@@ -17,43 +17,22 @@ holds. Nothing random happens outside the seeded batch orders (see :func:`~fedpe
 
 from __future__ import annotations
 
-import logging
-from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence
+import time
+from pathlib import Path
+from typing import Any, List, Optional, Sequence, Union
 
 from torch import nn
 
 from .._checks import check_positive_int
 from .methods import get
 from .protocol import Protocol, _evaluator
-from .records import ServerReport
+from .records import RoundRecord
+from .roundlog import RoundLog
 from .sampling import sample_clients
+from .server import Server
 from .training import LocalTrainer, Trainer
 
 __all__ = ["Federation", "RoundRecord"]
-
-log = logging.getLogger("fedpeft.protocols")
-
-
-@dataclass
-class RoundRecord:
-    """One round of a :class:`Federation`.
-
-    Attributes:
-        round: the round index (0-based).
-        participants: the sampled client ids, sorted.
-        train_loss: ``{client: mean training loss}`` of the participants.
-        after_local: ``{client: accuracy right after its local training}`` (participants; needs test data).
-        deployed: every client's deployed-model accuracy after the server step (needs test data), by client id.
-        server: the server's report (accepted, rejected with reasons, diagnostics such as pFedPG's distances).
-    """
-
-    round: int
-    participants: List[int]
-    train_loss: Dict[int, float] = field(default_factory=dict)
-    after_local: Dict[int, float] = field(default_factory=dict)
-    deployed: Optional[List[float]] = None
-    server: ServerReport = field(default_factory=ServerReport)
 
 
 class Federation:
@@ -68,6 +47,8 @@ class Federation:
         seed: the run's seed (batch orders, client sampling).
         fraction: the share of clients per round, in (0, 1] (:func:`~fedpeft.protocols.sample_clients`).
         server: a server to use instead of ``protocol.make_server(model, num_clients=len(train_data))``.
+        round_log: a :class:`~fedpeft.protocols.RoundLog` or the path of a new one: every finished round is appended
+            to it (one JSON line, written atomically with fsync; TensorBoard too when installed).
     """
 
     def __init__(
@@ -80,7 +61,8 @@ class Federation:
         trainer: Optional[Trainer] = None,
         seed: int = 0,
         fraction: float = 1.0,
-        server: Any = None,
+        server: Optional[Server] = None,
+        round_log: Union[str, Path, RoundLog, None] = None,
     ) -> None:
         self.protocol: Protocol = get(protocol)
         self.model = model
@@ -94,12 +76,13 @@ class Federation:
         sample_clients(self.num_clients, fraction, seed=self.seed, round=0)  # validates fraction now
         initial = self.protocol.initial_personal(model)
         self.personal = [{k: v.clone() for k, v in initial.items()} for _ in range(self.num_clients)]
-        self.trained = [False] * self.num_clients  # whether a client has personal state of its own yet
         self.server = server if server is not None else self.protocol.make_server(model, num_clients=self.num_clients)
+        self.round_log = round_log if isinstance(round_log, RoundLog) or round_log is None else RoundLog(round_log)
         self.history: List[RoundRecord] = []
 
     def run_round(self, round: int) -> RoundRecord:
         """Sample, train the participants, update the server, evaluate every client's deployed model."""
+        started = time.perf_counter()
         ids = sample_clients(self.num_clients, self.fraction, seed=self.seed, round=round)
         record = RoundRecord(round=round, participants=ids)
         payloads = self.server.payloads(ids)
@@ -110,7 +93,7 @@ class Federation:
                 client_id=n, seed=self.seed, trainer=self.trainer,
                 eval_data=None if self.test_data is None else self.test_data[n],
             )
-            self.personal[n], self.trained[n] = result.personal, True
+            self.personal[n] = result.personal
             record.train_loss[n] = result.metrics["loss"]
             if "accuracy" in result.metrics:
                 record.after_local[n] = result.metrics["accuracy"]
@@ -118,9 +101,11 @@ class Federation:
         record.server = self.server.update(replies)
         if self.test_data is not None:
             record.deployed = self.evaluate(round)
+        record.wall_s = time.perf_counter() - started
         self.history.append(record)
+        if self.round_log is not None:
+            self.round_log.append(record)
         return record
-
     def evaluate(self, round: int = 0) -> List[float]:
         """Every client's deployed-model accuracy on its test set (FedAvg-FT fine-tunes here, seeded by ``round``)."""
         if self.test_data is None:

@@ -23,7 +23,8 @@ Adam keeps moving rows from stale moments. The step returns diagnostics per roun
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable, Dict, Iterable, List, Optional, Union
+import copy
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -31,11 +32,13 @@ from torch import Tensor, nn
 from .. import _timm, fed
 from .._checks import check_positive_int
 from .._wrapping import innermost, wrapper_chain
+from ..fed._validate import check_state
 from ..generator import PromptGenerator
 from ..vpt import VPT
 from .protocol import Protocol
 from .records import ServerReport
 from .screening import screen_replies
+from .server import flatten_optimizer, unflatten_optimizer
 from .shared_personal import _check_ids
 from .training import LossFn
 
@@ -93,7 +96,12 @@ class PFedPGServer:
         self.num_clients = generator.num_clients
         self.expected_upload = {self.key: torch.empty(shape, dtype=ref.dtype)}
         self._pending: Optional[tuple] = None  # (ids, P with graph) of the round in flight
-        self.rounds = 0
+        self.round = 0  # update() calls so far
+
+    @property
+    def own_params(self) -> int:
+        """The generator's parameter count (trained on the server only)."""
+        return sum(p.numel() for p in self.generator.parameters())
 
     def _ids_tensor(self, ids: List[int]) -> Tensor:
         return torch.tensor(ids, dtype=torch.long, device=self.generator.descriptors.device)
@@ -124,12 +132,11 @@ class PFedPGServer:
     def update(self, replies: Iterable[Any]) -> ServerReport:
         """Screen the replies, then one generator step on the accepted ones (nothing moves if none is accepted)."""
         if self._pending is None:
-            replies = list(replies)
-            accepted, rejected = screen_replies(replies, self.expected_upload, num_clients=self.num_clients,
-                                                allowed=())
+            _, rejected = screen_replies(replies, self.expected_upload, num_clients=self.num_clients, allowed=())
             return ServerReport(rejected=rejected)
         ids, generated = self._pending
         self._pending = None
+        self.round += 1
         accepted, rejected = screen_replies(replies, self.expected_upload, num_clients=self.num_clients,
                                             allowed=set(ids))
         report = ServerReport(accepted=[r.client_id for r in accepted], rejected=rejected)
@@ -142,7 +149,6 @@ class PFedPGServer:
         self.optimizer.zero_grad(set_to_none=True)
         fed.delta_backward(selected, trained)
         self.optimizer.step()
-        self.rounds += 1
         report.updated = True
         with torch.no_grad():
             everyone = self.generator(torch.arange(self.num_clients, device=self.generator.descriptors.device))
@@ -158,6 +164,43 @@ class PFedPGServer:
                 "spread": float(spread),
             }
         return report
+
+    def state_dict(self) -> Tuple[Dict[str, Tensor], Dict[str, Any]]:
+        """The generator (``"generator.<key>"``) and its optimizer's state (``"optimizer.<i>.<name>"``) as tensors;
+        the round, the prompt key and the optimizer's class and hyper-parameters in ``meta`` (see :mod:`.server`)."""
+        tensors = {f"generator.{k}": v.detach().to("cpu").clone().contiguous()
+                   for k, v in self.generator.state_dict().items()}
+        opt_tensors, opt_meta = flatten_optimizer(self.optimizer)
+        tensors.update(opt_tensors)
+        return tensors, {"kind": "pfedpg", "round": self.round, "key": self.key,
+                         "optimizer": {"class": type(self.optimizer).__name__, **opt_meta}}
+
+    def load_state_dict(self, tensors: Mapping[str, Tensor], meta: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict`'s output; ``ValueError`` (server untouched) on another kind, prompt key,
+        optimizer class, generator keys or shapes."""
+        if not isinstance(meta, Mapping) or meta.get("kind") != "pfedpg":
+            raise ValueError("meta: expected a pFedPG server's checkpoint, got kind "
+                             f"{meta.get('kind') if isinstance(meta, Mapping) else type(meta).__name__!r}")
+        round_, key, opt = meta.get("round"), meta.get("key"), meta.get("optimizer")
+        if isinstance(round_, bool) or not isinstance(round_, int) or round_ < 0:
+            raise ValueError(f"meta['round'] must be an int >= 0, got {round_!r}")
+        if key != self.key:
+            raise ValueError(f"meta['key']: this server's clients send {self.key!r}, the checkpoint's {key!r}")
+        if not isinstance(opt, Mapping) or opt.get("class") != type(self.optimizer).__name__:
+            raise ValueError(f"meta['optimizer']: this server steps with {type(self.optimizer).__name__}, the "
+                             f"checkpoint's {opt.get('class') if isinstance(opt, Mapping) else opt!r}")
+        gen = {k[len("generator."):]: v for k, v in tensors.items() if k.startswith("generator.")}
+        check_state(gen, like=self.generator.state_dict(), finite=True, name="tensors (generator)")
+        opt_state = unflatten_optimizer(tensors, opt)
+        backup = copy.deepcopy(self.optimizer.state_dict())
+        try:
+            self.optimizer.load_state_dict(opt_state)
+        except (KeyError, TypeError, ValueError) as e:
+            self.optimizer.load_state_dict(backup)
+            raise ValueError(f"tensors/meta: the optimizer state does not fit this server's optimizer ({e})") from None
+        self.generator.load_state_dict(gen)
+        self._pending = None
+        self.round = round_
 
 
 class PFedPG(Protocol):
@@ -194,8 +237,8 @@ class PFedPG(Protocol):
     def upload_keys(self, model: nn.Module) -> List[str]:
         return [_prompt_key(model)]
 
-    def make_server(self, model: nn.Module, *, num_clients: Optional[int] = None, seed: Optional[int] = None,
-                    **options: Any) -> PFedPGServer:
+    def make_server(self, model: nn.Module, *, num_clients: Optional[int] = None,
+                    seed: Optional[int] = None) -> PFedPGServer:
         """A generator shaped like ``model``'s prompts for ``num_clients`` clients, and its optimizer.
 
         Args:
@@ -205,8 +248,6 @@ class PFedPG(Protocol):
                 global RNG (so a server in another process builds the same generator); ``None`` draws from the
                 global RNG.
         """
-        if options:
-            raise TypeError(f"PFedPG.make_server() got unexpected options {sorted(options)}")
         if num_clients is None:
             raise ValueError("pFedPG's server needs num_clients (one descriptor row per client)")
         vpt = _find_vpt(model)

@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from .. import fed
 from ..fed._validate import check_state, format_keys
 from .records import ClientResult
+from .server import Server
 from .training import LocalTask, LocalTrainer, LossFn, Trainer, batch_seed, cross_entropy_loss, evaluate
 
 __all__ = ["Phase", "Protocol"]
@@ -37,9 +38,8 @@ __all__ = ["Phase", "Protocol"]
 Phase = Tuple[str, Tuple[str, ...], Optional[int]]
 
 
-def _copies(model: nn.Module, keys: Sequence[str]) -> Dict[str, Tensor]:
-    params = dict(model.named_parameters(remove_duplicate=False))
-    return {k: params[k].detach().clone() for k in keys}
+def _subset(state: Mapping[str, Tensor], keys: Sequence[str]) -> Dict[str, Tensor]:
+    return {k: state[k] for k in keys}
 
 
 @contextmanager
@@ -100,11 +100,11 @@ class Protocol:
 
     def initial_personal(self, model: nn.Module) -> Dict[str, Tensor]:
         """Detached copies of ``model``'s current personal values (a freshly built model: the initial ones)."""
-        return _copies(model, self.personal_keys(model))
+        return _subset(fed.trainable_state(model), self.personal_keys(model))
 
     def initial_shared(self, model: nn.Module) -> Dict[str, Tensor]:
         """Detached copies of ``model``'s current values of the download keys (the server's starting point)."""
-        return _copies(model, self.download_keys(model))
+        return _subset(fed.trainable_state(model), self.download_keys(model))
 
     def phases(self, model: nn.Module) -> List[Phase]:
         """The local training phases: by default one ``"local"`` phase over every trainable key."""
@@ -184,8 +184,8 @@ class Protocol:
                 raise TypeError(f"data has no len(); pass num_examples= ({e})") from None
         self.load(model, shared, personal)
         metrics = self.train(model, data, round=round, client_id=client_id, seed=seed, trainer=trainer)
-        upload = _copies(model, self.upload_keys(model))
-        new_personal = _copies(model, self.personal_keys(model))
+        state = fed.trainable_state(model)  # detached copies
+        upload, new_personal = _subset(state, self.upload_keys(model)), _subset(state, self.personal_keys(model))
         metrics["num_examples"] = float(num_examples)
         if eval_data is not None:
             metrics["accuracy"] = _evaluator(trainer)(model, eval_data)
@@ -204,13 +204,28 @@ class Protocol:
         trainer: Optional[Trainer] = None,
     ) -> None:
         """Put the client's *deployed* model into ``model``: the latest shared state (:meth:`Server.deployment`)
-        merged with its personal state. Protocols whose deployed model needs local work (FedAvg-FT) override this."""
+        merged with its personal state, then the :meth:`deploy_phases` of local training, if any (FedAvg-FT's
+        fine-tuning: ``data`` is required then)."""
         self.load(model, shared, personal)
+        phases = self.deploy_phases(model)
+        if phases:
+            if data is None:
+                raise ValueError(f"{self.name}'s deployed model is trained locally ({[p[0] for p in phases]}): "
+                                 "deploy() needs the client's data=")
+            self.train(model, data, round=round, client_id=client_id, seed=seed, trainer=trainer, phases=phases)
+
+    def deploy_phases(self, model: nn.Module) -> List[Phase]:
+        """Local training that makes the deployed model from the loaded one (default none; FedAvg-FT fine-tunes).
+        Engines and cost models read it: every evaluation of a deployed model runs these phases first."""
+        return []
 
     # ---- server ------------------------------------------------------------------------------------------------
 
-    def make_server(self, model: nn.Module, *, num_clients: Optional[int] = None, **options: Any):
-        """The server for this protocol, initialised from ``model`` (a model built like the clients')."""
+    def make_server(self, model: nn.Module, *, num_clients: Optional[int] = None, seed: Optional[int] = None) -> Server:
+        """The server for this protocol, initialised from ``model`` (a model built like the clients').
+
+        One signature for every protocol: ``num_clients`` C (client ids lie in ``[0, C)``; required by pFedPG),
+        ``seed`` for a server that draws random values (pFedPG's generator; ``None``: the global RNG)."""
         raise NotImplementedError
 
 

@@ -15,7 +15,7 @@ part first, then the shared part (FedRep, Collins et al., 2021: head epochs, the
 
 from __future__ import annotations
 
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Union
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 from torch import Tensor, nn
 
@@ -25,7 +25,7 @@ from ..fed._validate import check_state
 from .protocol import Phase, Protocol
 from .records import ServerReport
 from .screening import screen_replies
-from .training import LossFn, Trainer
+from .training import LossFn
 
 __all__ = ["AveragingServer", "FedAvgFT", "SharedPersonal"]
 
@@ -58,7 +58,7 @@ class AveragingServer:
         check_state(initial, name="initial")
         self.num_clients = None if num_clients is None else check_positive_int("num_clients", num_clients)
         self._shared: Dict[str, Tensor] = {k: v.detach().clone() for k, v in initial.items()}
-        self.rounds = 0  # updates that changed the state
+        self.round = 0  # update() calls so far
 
     @property
     def shared(self) -> Dict[str, Tensor]:
@@ -69,6 +69,11 @@ class AveragingServer:
     def expected_upload(self) -> Dict[str, Tensor]:
         """Keys, shapes and dtypes every upload must have (the current shared state)."""
         return self._shared
+
+    @property
+    def own_params(self) -> int:
+        """0: an averaging server trains no parameters of its own."""
+        return 0
 
     def payloads(self, client_ids: Iterable[int]) -> Dict[int, Dict[str, Tensor]]:
         """``{client_id: shared state}`` for this round's clients (one dict, the same for all of them)."""
@@ -81,6 +86,7 @@ class AveragingServer:
     def update(self, replies: Iterable[Any]) -> ServerReport:
         """Screen ``replies`` (``(client_id, upload, weight)``) and average the accepted ones into the shared state."""
         accepted, rejected = screen_replies(replies, self._shared, num_clients=self.num_clients)
+        self.round += 1
         report = ServerReport(accepted=[r.client_id for r in accepted], rejected=rejected)
         report.diagnostics["total_weight"] = float(sum(r.weight for r in accepted))
         if accepted and self._shared:
@@ -88,9 +94,29 @@ class AveragingServer:
             for r in accepted:
                 acc.add(r.upload, weight=r.weight)
             self._shared = acc.result()
-            self.rounds += 1
             report.updated = True
         return report
+
+    def state_dict(self) -> Tuple[Dict[str, Tensor], Dict[str, Any]]:
+        """``({"shared.<key>": tensor}, {"kind": "averaging", "round": r})`` (see :mod:`.server`)."""
+        tensors = {f"shared.{k}": v.detach().to("cpu").clone().contiguous() for k, v in self._shared.items()}
+        return tensors, {"kind": "averaging", "round": self.round}
+
+    def load_state_dict(self, tensors: Mapping[str, Tensor], meta: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict`'s output; ``ValueError`` (server untouched) on another kind, keys or shapes."""
+        if not isinstance(meta, Mapping) or meta.get("kind") != "averaging":
+            raise ValueError(f"meta: expected an averaging server's checkpoint, got kind "
+                             f"{meta.get('kind') if isinstance(meta, Mapping) else type(meta).__name__!r}")
+        round_ = meta.get("round")
+        if isinstance(round_, bool) or not isinstance(round_, int) or round_ < 0:
+            raise ValueError(f"meta['round'] must be an int >= 0, got {round_!r}")
+        state = {k[len("shared."):] if k.startswith("shared.") else k: v for k, v in tensors.items()}
+        check_state(state, like=self._shared, finite=True, name="tensors")
+        for k, v in state.items():
+            if v.dtype != self._shared[k].dtype:
+                raise ValueError(f"tensors['shared.{k}']: expected dtype {self._shared[k].dtype}, got {v.dtype}")
+        self._shared = {k: v.detach().to(self._shared[k].device).clone() for k, v in state.items()}
+        self.round = round_
 
 
 class SharedPersonal(Protocol):
@@ -140,10 +166,10 @@ class SharedPersonal(Protocol):
         return [("personal", tuple(self.personal_keys(model)), self.personal_epochs),
                 ("shared", tuple(self.upload_keys(model)), self.shared_epochs)]
 
-    def make_server(self, model: nn.Module, *, num_clients: Optional[int] = None, **options: Any) -> AveragingServer:
-        """An :class:`AveragingServer` starting from ``model``'s current shared values."""
-        if options:
-            raise TypeError(f"{type(self).__name__}.make_server() got unexpected options {sorted(options)}")
+    def make_server(self, model: nn.Module, *, num_clients: Optional[int] = None,
+                    seed: Optional[int] = None) -> AveragingServer:
+        """An :class:`AveragingServer` starting from ``model``'s current shared values (``seed`` is accepted for the
+        common signature; averaging draws nothing at random)."""
         return AveragingServer(self.initial_shared(model), num_clients=num_clients)
 
 
@@ -161,13 +187,6 @@ class FedAvgFT(SharedPersonal):
         self.finetune_epochs = None if finetune_epochs is None else check_positive_int("finetune_epochs",
                                                                                        finetune_epochs)
 
-    def deploy(self, model: nn.Module, *, shared: Mapping[str, Tensor], personal: Optional[Mapping[str, Tensor]],
-               data: Any = None, round: int = 0, client_id: int = 0, seed: int = 0,
-               trainer: Optional[Trainer] = None) -> None:
-        """Load the global model, then fine-tune it on ``data`` (required)."""
-        if data is None:
-            raise ValueError("FedAvg-FT's deployed model is fine-tuned locally: deploy() needs the client's data=")
-        self.load(model, shared, personal)
-        keys = tuple(fed.trainable_keys(model))
-        self.train(model, data, round=round, client_id=client_id, seed=seed, trainer=trainer,
-                   phases=[("finetune", keys, self.finetune_epochs)])
+    def deploy_phases(self, model: nn.Module) -> List[Phase]:
+        """One ``"finetune"`` phase over every trainable key, ``finetune_epochs`` epochs."""
+        return [("finetune", tuple(fed.trainable_keys(model)), self.finetune_epochs)]

@@ -116,7 +116,7 @@ def test_words_ignore_the_nesting_prefix():
 @pytest.mark.parametrize(
     "preset, words",
     [("fedavg", []), ("fedbn", ["norm"]), ("fedrep", ["head"]), ("fedvpt", ["head"]),
-     ("pfedpg", ["prompts", "head"]), ("fedperfix", ["prefix", "head"]), ("fedpgp", ["lowrank", "head"]),
+     ("pfedpg", ["head"]), ("fedperfix", ["prefix", "head"]), ("fedpgp", ["lowrank", "head"]),
      ("vanilla_attention", ["attn", "head"])],
 )
 def test_presets(preset, words):
@@ -203,7 +203,7 @@ def test_presets_on_the_fedpeft_wrappers():
 
     lowrank = VPT(vit(), num_prompts=2, prompts=LowRankPrompt(num_prompts=2, embed_dim=64, rank=2))
     assert fed.personal_keys(lowrank, "fedpgp") == [*head, "prompts.u", "prompts.v"]
-    assert fed.personal_keys(lowrank, "pfedpg") == [*head, "prompts.global_prompt", "prompts.u", "prompts.v"]
+    assert fed.personal_keys(lowrank, "pfedpg") == head  # pFedPG's split: the head; the prompts are uploaded
     assert fed.trainable_keys(lowrank) == [*head, "prompts.global_prompt", "prompts.u", "prompts.v"]
 
     gen = PromptGenerator(num_clients=3, num_prompts=2, embed_dim=64)

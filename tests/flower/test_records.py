@@ -27,6 +27,16 @@ def test_bf16_and_fp16_travel_as_float32_and_come_back_bit_exact():
     np.testing.assert_array_equal(record["z.bf16"].numpy(), state["z.bf16"].float().numpy())
 
 
+def test_a_server_checkpoint_keeps_its_zero_dim_tensors_on_the_wire():
+    """Adam's ``step`` is a 0-d tensor; ``server_arrays()`` must not turn it into shape (1,) (numpy's
+    ``ascontiguousarray`` does)."""
+    state = {"optimizer.0.step": torch.tensor(3.0), "generator.w": torch.ones(2, 2)}
+    record = to_record(state)
+    assert record["optimizer.0.step"].shape == [] or tuple(record["optimizer.0.step"].shape) == ()
+    back = from_record(record, like=state)
+    assert back["optimizer.0.step"].shape == () and back["optimizer.0.step"].item() == 3.0
+
+
 def test_conversion_is_by_key_not_by_position():
     state = {"b": torch.ones(2), "a": torch.zeros(3)}
     shuffled = ArrayRecord()

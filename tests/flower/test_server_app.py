@@ -14,21 +14,29 @@ from flower_worlds import NODE_IDS, SEED, build, client_data, oracle, trainer
 from flwr.app import Context, RecordDict
 
 from fedpeft.flower import client_app, server_app
+from fedpeft.flower import server as server_module
+from fedpeft.protocols import RoundLog
 
 
 @pytest.mark.parametrize("method", ["FedVPT", "pFedPG"])
-def test_server_app_runs_the_method_and_writes_the_benchmarks_report(method, tmp_path):
+def test_server_app_runs_the_method_and_writes_the_benchmarks_report(method, tmp_path, monkeypatch):
     data = client_data(3)
     app = client_app(method, lambda c: build(method), lambda c: data[int(c.node_config["partition-id"])],
                      trainer=trainer())
     grid = LocalGrid(app, {n: node_context(n, p, 3) for p, n in enumerate(NODE_IDS[:3])})
     got = []
-    path = tmp_path / "report.json"
+    path, log = tmp_path / "report.json", tmp_path / "rounds.jsonl"
+    written = []  # the report on disk after each write: rewritten after every round, before the run ends
+    real_write = server_module.write_report
+    monkeypatch.setattr(server_module, "write_report",
+                        lambda p, r: (real_write(p, r), written.append(json.loads(path.read_text())["curve"]))[0])
     server = server_app(method, lambda c: build(method), num_rounds=2, seed=SEED, report=path,
-                        on_report=got.append, registration_timeout=2.0)
+                        round_log=log, on_report=got.append, registration_timeout=2.0)
     server(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={}))
     report = json.loads(path.read_text())
     assert report == json.loads(json.dumps(got[0], default=str))
+    assert RoundLog.read(log) == report["rounds"]  # one line per round, the same records
+    assert [len(c) for c in written] == [1, 2, 2]  # after round 1, after round 2, at the end
     ref = oracle(method)
     ref.run(2)
     assert report["accuracy"] == ref.history[-1].deployed
@@ -53,4 +61,5 @@ def test_run_config_overrides_the_arguments():
     server(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(),
                          run_config={"num-server-rounds": 1, "fraction-train": 0.5, "num-partitions": 2}))
     (only,) = got[0]["rounds"]
-    assert len(only["sampled"]) == 1 and only["evaluation"]["without-personal"] == sorted({0, 1} - set(only["sampled"]))
+    assert len(only["participants"]) == 1
+    assert only["without_personal"] == sorted({0, 1} - set(only["participants"]))

@@ -1,4 +1,4 @@
-"""PersonalizedFedAvg and PFedPGStrategy on a one-thread Flower runtime (``LocalGrid``): no Ray.
+"""ProtocolStrategy (and its 0.1 aliases PersonalizedFedAvg, PFedPGStrategy) on a one-thread Flower runtime (``LocalGrid``): no Ray.
 
 Oracles: the in-process engine (``fedpeft.protocols.Federation``, one model reused in a plain loop), weighted averages
 written out by hand from the replies on the wire, and the generator's own forward pass for pFedPG's per-node prompts.
@@ -13,7 +13,7 @@ import pytest
 import torch
 from flower_harness import flower_task  # noqa: F401  (autouse fixture)
 from flower_worlds import NODE_IDS, SEED, build, client_data, oracle, world
-from flwr.app import Array
+from flwr.app import Array, RecordDict
 
 from fedpeft import fed
 from fedpeft.flower import PersonalizedFedAvg, PFedPGStrategy
@@ -32,6 +32,12 @@ def _recorder(w):
     return seen
 
 
+def _rejected(record):
+    """``{client: reason}`` of a round record's rejections (each client at most once in these tests)."""
+    assert len({r.client_id for r in record.server.rejected}) == len(record.server.rejected)
+    return {r.client_id: r.reason for r in record.server.rejected}
+
+
 def _hand_average(replies):
     """Σ n_k·u_k / Σ n_k in float64 from (partition, reply) pairs: FedAvg written out."""
     total = sum(r.content[METRICS]["num-examples"] for _, r in replies)
@@ -47,8 +53,9 @@ def test_flower_equals_the_in_process_engine_bit_for_bit(method):
     ref = oracle(method)
     ref.run(2)
     for got, want in zip(w.strategy.history, ref.history):
-        assert [got["evaluation"]["accuracy"][p] for p in range(3)] == want.deployed
-        assert got["accepted"] == want.server.accepted == [0, 1, 2]
+        assert got.deployed == want.deployed and got.participants == want.participants
+        assert got.server.accepted == want.server.accepted == [0, 1, 2]
+        assert got.server.diagnostics == want.server.diagnostics and got.train_loss == want.train_loss
     if method == "pFedPG":
         mine, theirs = w.strategy.generator.state_dict(), ref.server.generator.state_dict()
     else:
@@ -70,7 +77,7 @@ def test_shared_state_is_the_weighted_average_of_the_replies_and_personal_keys_n
     np.testing.assert_allclose(w.strategy.shared["prompts"].numpy(), avg["prompts"], rtol=1e-6, atol=1e-7)
     # upload bytes per client: exactly fed.num_bytes of the shared part
     shared_bytes = fed.num_bytes(w.strategy.shared)
-    assert w.strategy.history[0]["upload_bytes"] == {0: shared_bytes, 1: shared_bytes, 2: shared_bytes}
+    assert w.strategy.history[0].upload_bytes == {0: shared_bytes, 1: shared_bytes, 2: shared_bytes}
 
 
 def _corrupt(w, partition, fn):
@@ -111,8 +118,8 @@ def test_a_bad_reply_is_dropped_with_its_reason_and_the_rest_is_averaged(bad, re
     seen = _corrupt(w, 1, corrupt)
     w.strategy.start(w.grid, num_rounds=1, timeout=10)
     report = w.strategy.history[0]
-    assert report["accepted"] == [0, 2]
-    assert reason in report["rejected"][1]
+    assert report.server.accepted == [0, 2]
+    assert reason in _rejected(report)[1]
     good = [(p, r) for p, r in seen if p != 1 and ARRAYS in r.content.array_records]
     np.testing.assert_allclose(w.strategy.shared["prompts"].numpy(), _hand_average(good)["prompts"], rtol=1e-6,
                                atol=1e-7)
@@ -124,8 +131,8 @@ def test_a_nan_training_client_is_dropped():
     w = world("FedVPT", nan_client=2)
     seen = _recorder(w)
     w.strategy.start(w.grid, num_rounds=1, timeout=10)
-    assert w.strategy.history[0]["accepted"] == [0, 1]
-    assert "non-finite" in w.strategy.history[0]["rejected"][2]
+    assert w.strategy.history[0].server.accepted == [0, 1]
+    assert "non-finite" in _rejected(w.strategy.history[0])[2]
     good = [(p, r) for p, r in seen if p in (0, 1) and ARRAYS in r.content.array_records]
     np.testing.assert_allclose(w.strategy.shared["prompts"].numpy(), _hand_average(good)["prompts"], rtol=1e-6,
                                atol=1e-7)
@@ -142,8 +149,9 @@ def test_a_raising_client_is_dropped_and_when_every_reply_is_bad_the_state_is_un
     before = {k: v.clone() for k, v in w.strategy.shared.items()}
     w.strategy.start(w.grid, num_rounds=1, timeout=10)
     report = w.strategy.history[0]
-    assert report["accepted"] == [] and set(report["rejected"]) == {0, 1, 2}
-    assert all("no data on partition" in why for why in report["rejected"].values())
+    assert report.server.accepted == [] and set(_rejected(report)) == {0, 1, 2}
+    assert all("no data on partition" in why for why in _rejected(report).values())
+    assert {r.client_id for r in report.eval_dropped} == {0, 1, 2} and report.deployed == [None, None, None]
     for k in before:
         assert torch.equal(w.strategy.shared[k], before[k])
     assert data  # the data exist; only loading fails
@@ -165,19 +173,16 @@ def test_partial_participation_is_seeded_and_reports_clients_without_personal_st
     trained_so_far = set()
     for r, report in enumerate(w.strategy.history):
         sent = [m for m in w.grid.log if m.metadata.message_type == "train" and m.metadata.group_id == str(r + 1)]
-        assert len(sent) == 1 == len(report["sampled"])
-        trained_so_far |= set(report["sampled"])
-        assert report["evaluation"]["without-personal"] == sorted({0, 1, 2} - trained_so_far)
-        ev = report["evaluation"]
-        assert sorted(ev["accuracy"]) == [0, 1, 2]  # everyone is evaluated
-        accs = [ev["accuracy"][p] for p in range(3)]
-        assert ev["mean"] == pytest.approx(sum(accs) / 3) and ev["worst"] == min(accs)
-        assert ev["worst-partition"] == accs.index(min(accs))
+        assert len(sent) == 1 == len(report.participants)
+        trained_so_far |= set(report.participants)
+        assert report.without_personal == sorted({0, 1, 2} - trained_so_far)
+        accs = report.deployed
+        assert None not in accs  # everyone is evaluated
+        assert report.mean == pytest.approx(sum(accs) / 3)
     ref = oracle("FedVPT", fraction=0.34)
     ref.run(3)
-    assert [h["sampled"] for h in w.strategy.history] == [rec.participants for rec in ref.history]
-    assert [[h["evaluation"]["accuracy"][p] for p in range(3)] for h in w.strategy.history] == \
-        [rec.deployed for rec in ref.history]
+    assert [h.participants for h in w.strategy.history] == [rec.participants for rec in ref.history]
+    assert [h.deployed for h in w.strategy.history] == [rec.deployed for rec in ref.history]
 
 
 def test_a_late_reply_is_dropped_and_the_node_keeps_its_newest_state():
@@ -187,8 +192,8 @@ def test_a_late_reply_is_dropped_and_the_node_keeps_its_newest_state():
     w.grid.late = {late_node}  # from now on its replies arrive after the round's timeout
     w.strategy.start(w.grid, num_rounds=2, timeout=10)
     for report in w.strategy.history:
-        assert report["accepted"] == [0, 2]
-        assert "no reply" in report["rejected"][1]
+        assert report.server.accepted == [0, 2]
+        assert "no reply" in _rejected(report)[1]
     # the node did train both rounds and kept the newest personal state
     assert w.grid.contexts[late_node].state["fedpeft.FedVPT.meta"]["round"] == 1
 
@@ -214,7 +219,7 @@ def test_registration_keeps_the_good_nodes():
     w.strategy.registry.register(w.grid, min_nodes=3, timeout=0.5, poll=0.05)
     assert w.strategy.registry.node_of == {0: NODE_IDS[0], 2: NODE_IDS[2]}
     w.strategy.start(w.grid, num_rounds=1, timeout=10)
-    assert w.strategy.history[0]["accepted"] == [0, 2]
+    assert w.strategy.history[0].server.accepted == [0, 2]
 
 
 def test_a_late_node_cannot_take_a_registered_partition():
@@ -253,7 +258,7 @@ def test_pfedpg_drops_a_nan_client_and_steps_on_the_others_only():
     lr = w.strategy.server.optimizer.param_groups[0]["lr"]
     w.strategy.start(w.grid, num_rounds=1, timeout=10)
     report = w.strategy.history[0]
-    assert report["accepted"] == [0, 2] and "non-finite" in report["rejected"][1]
+    assert report.server.accepted == [0, 2] and "non-finite" in _rejected(report)[1]
     trained = {p: torch.from_numpy(r.content[ARRAYS]["prompts"].numpy()) for p, r in seen
                if ARRAYS in r.content.array_records and p in (0, 2)}
     ids = torch.tensor([0, 1, 2])
@@ -276,7 +281,7 @@ def test_pfedpg_partial_participation_leaves_absent_descriptors_in_place():
     w = world("pFedPG", fraction=0.34)
     before = w.strategy.generator.descriptors.detach().clone()
     w.strategy.start(w.grid, num_rounds=1, timeout=10)
-    (trained,) = w.strategy.history[0]["sampled"]
+    (trained,) = w.strategy.history[0].participants
     after = w.strategy.generator.descriptors.detach()
     for n in range(3):
         assert torch.equal(after[n], before[n]) == (n != trained)
@@ -307,6 +312,35 @@ def test_a_bf16_federation_equals_the_in_process_engine():
     ref.run(2)
     assert w.strategy.shared["prompts"].dtype == torch.bfloat16
     assert torch.equal(w.strategy.shared["prompts"], ref.server.shared["prompts"])
-    assert [[h["evaluation"]["accuracy"][p] for p in range(3)] for h in w.strategy.history] == \
-        [r.deployed for r in ref.history]
-    assert w.strategy.history[0]["upload_bytes"][0] == 2 * fed.num_bytes(ref.server.shared)  # float32 on the wire
+    assert [h.deployed for h in w.strategy.history] == [r.deployed for r in ref.history]
+    assert w.strategy.history[0].upload_bytes[0] == 2 * fed.num_bytes(ref.server.shared)  # float32 on the wire
+
+
+def test_replies_are_matched_to_the_messages_sent_not_to_the_sender_node():
+    """Flower's own error replies (e.g. "node unavailable") come from the SuperLink's node id: the reply is still
+    attributed to the partition its message went to (by reply_to_message_id), and a reply to no message this round
+    is a rejection of its own, not an overwrite of another's."""
+    from flwr.app import Error, Message
+
+    w = world("FedVPT")
+
+    def tamper(node, reply):
+        if w.partition_of(node) == 1 and ARRAYS in reply.content.array_records:  # partition 1's train reply
+            failed = Message(Error(code=1, reason="node unavailable"), reply_to=reply)
+            failed.metadata.__dict__["_reply_to_message_id"] = reply.metadata.reply_to_message_id
+            failed.metadata.__dict__["_src_node_id"] = 1  # the SuperLink, not the node
+            return failed
+        return reply
+
+    w.grid.tamper = tamper
+    w.strategy.start(w.grid, num_rounds=1, timeout=10)
+    rec = w.strategy.history[0]
+    assert rec.server.accepted == [0, 2]
+    assert [(r.client_id, r.reason) for r in rec.server.rejected] == [(1, "the client failed: node unavailable")]
+
+    # a reply that answers no message of this round: rejected under the sender's node id, the others untouched
+    from fedpeft.flower import parse_reply
+
+    stray = w.grid.log[-1]  # any message object: its id was not sent in this (new) round map
+    got = parse_reply(Message(RecordDict(), reply_to=stray), {}, like={})
+    assert got.client_id.startswith("node ") and "no message sent this round" in got.reason

@@ -69,11 +69,11 @@ def test_upload_counts_match_hand_counts():
     assert counts["VanillaAttention"] == total - head - DEPTH * attn_per_block
 
 
-def test_pfedpg_uploads_its_prompts_unlike_the_personal_keys_preset():
-    """Issue 14 item 4: the preset "pfedpg" lists prompts as not averaged; the upload still holds them."""
+def test_pfedpg_uploads_its_prompts_as_the_preset_says():
+    """The preset "pfedpg" is pFedPG's key split: the head is personal, the prompts are uploaded."""
     model = model_for("pFedPG")
-    shared, _ = fed.split(fed.trainable_state(model), fed.personal_keys(model, "pfedpg"))
-    assert shared == {}  # the trap
+    shared, personal = fed.split(fed.trainable_state(model), fed.personal_keys(model, "pfedpg"))
+    assert list(shared) == ["prompts"] and list(personal) == ["model.head.bias", "model.head.weight"]
     up = protocols.upload_state(model, "pFedPG")
     assert list(up) == ["prompts"] and torch.equal(up["prompts"], model.prompts.detach())
     assert up["prompts"].data_ptr() != model.prompts.data_ptr()  # a copy

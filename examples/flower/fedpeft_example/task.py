@@ -2,10 +2,11 @@
 
 - ``METHOD``: any name of ``fedpeft.protocols.METHODS`` ("pFedPG", "FedVPT", "FedPerfix", "FedPGP", ...).
 - ``build_model(context)``: a small timm ViT (random weights here: offline, no download; use your pre-trained one with
-  ``timm.create_model(..., pretrained=True)`` or a checkpoint) wrapped for the method, built under a fixed seed so
-  every node and the server hold the same frozen backbone and the same initial prompts and heads. Its one patch is
-  the whole 16×16 image: with random frozen weights, averaging many small patches would wash out the digit's shape
-  (per-client accuracy about chance), while one patch keeps it (about 0.9 after the default 3 rounds).
+  ``timm.create_model(..., pretrained=True)`` or a checkpoint) wrapped for the method by its registry entry
+  (``fedpeft.protocols.method(METHOD).build``), built under a fixed seed so every node and the server hold the same
+  frozen backbone and the same initial prompts and heads. Its one patch is the whole 16×16 image: with random frozen
+  weights, averaging many small patches would wash out the digit's shape (per-client accuracy about chance), while
+  one patch keeps it (about 0.9 after the default 3 rounds).
 - ``load_data(context)``: this node's part of scikit-learn's bundled digits (1,797 real 8×8 images, offline), chosen
   by ``node_config["partition-id"]`` out of ``num-partitions``, 25 % held out for testing.
 """
@@ -18,8 +19,7 @@ import torch.nn.functional as F
 from flwr.app import Context
 from torch.utils.data import TensorDataset
 
-from fedpeft import VPT, LowRankPrompt, ParallelPrefix
-from fedpeft.protocols import LocalTrainer
+from fedpeft.protocols import LocalTrainer, method
 
 METHOD = "pFedPG"
 SEED = 0
@@ -30,13 +30,7 @@ def build_model(context: Context) -> torch.nn.Module:
     torch.manual_seed(SEED)
     vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=10, img_size=16, patch_size=16,
                             embed_dim=48, depth=2, num_heads=3, global_pool="avg", class_token=False)
-    if METHOD == "FedPerfix":
-        return ParallelPrefix(vit, bottleneck=32, train_backbone=True)
-    if METHOD == "FedPGP":
-        return VPT(vit, num_prompts=PROMPTS, prompts=LowRankPrompt(num_prompts=PROMPTS, embed_dim=48, rank=2))
-    if METHOD in ("FedAvg", "FedAvg-FT", "FedRep", "VanillaAttention"):
-        return vit
-    return VPT(vit, num_prompts=0 if METHOD == "Local" else PROMPTS)
+    return method(METHOD).build(vit, num_prompts=PROMPTS, bottleneck=32, rank=2)
 
 
 def load_data(context: Context):
