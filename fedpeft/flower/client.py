@@ -14,7 +14,11 @@ Handlers (the message types fedpeft's strategies send):
               fingerprint of its frozen parameters (so a server can refuse a node whose frozen backbone differs).
 ``train``     ``method.client_update``; replies with exactly ``method.upload_keys(model)`` (the shared trainable part,
               pFedPG's trained prompts P̃) under ``"arrays"`` and ``num-examples``/``partition-id``/``loss`` (and
-              ``accuracy`` right after local training) under ``"metrics"``; the personal part goes to ``context.state`` stamped with the round, never into the reply.
+              ``accuracy`` right after local training) under ``"metrics"``; the personal part goes to ``context.state``
+              stamped with the round, never into the reply. One message per round: when the message also carries
+              ``"fedpeft.deploy"`` (the previous round's deployment), the node first evaluates that deployment exactly
+              as ``evaluate`` would (model state, requires_grad flags and torch's RNG restored afterwards, so training
+              is unchanged) and adds the result to the reply under ``"evaluation"``.
 ``evaluate``  ``method.deploy`` (the shared state the server sends + the personal state), then the accuracy on the
               node's test data: ``accuracy``, ``num-examples``, ``partition-id``, ``has-personal`` (0 before the node
               has trained once), ``personal-round``.
@@ -39,7 +43,21 @@ from ..protocols import get as get_protocol
 from ..protocols.training import evaluate as plain_evaluate
 from .cache import NodeCache
 from .node import check_fresh, load_personal, partition, save_personal
-from .records import ARRAYS, CONFIG, INFO, METHOD, METRICS, ROUND, SEED, from_record, payload_bytes, to_record
+from .records import (
+    ARRAYS,
+    CONFIG,
+    DEPLOY,
+    EVAL_ROUND,
+    EVALUATION,
+    INFO,
+    METHOD,
+    METRICS,
+    ROUND,
+    SEED,
+    from_record,
+    payload_bytes,
+    to_record,
+)
 
 __all__ = ["ClientHandlers", "client_app", "frozen_fingerprint"]
 
@@ -121,11 +139,45 @@ class ClientHandlers:
         model = self.build_model(context)
         return model, pid, int(cfg.get(ROUND, 0)), int(cfg.get(SEED, 0))
 
-    def _shared(self, msg: Message, model: nn.Module) -> dict:
+    def _shared(self, msg: Message, model: nn.Module, key: str = ARRAYS) -> dict:
         params = dict(model.named_parameters(remove_duplicate=False))
         like = {k: params[k] for k in self.method.download_keys(model)}
-        record = msg.content.array_records.get(ARRAYS, ArrayRecord())
+        record = msg.content.array_records.get(key, ArrayRecord())
         return from_record(record, like=like)
+
+    def _deployed(self, msg: Message, context: Context, model: nn.Module, pid: int, round_: int, seed: int,
+                  key: str = ARRAYS, data: Optional[Tuple[Any, Any]] = None) -> MetricRecord:
+        """Deploy the state under ``key`` with the node's personal state and measure it on the test data."""
+        shared = self._shared(msg, model, key)
+        personal, written = self._personal(context, model)
+        train, test = self._data(context) if data is None else data
+        if test is None:
+            raise ValueError(f"load_data() returned no test data for partition {pid}: nothing to evaluate")
+        self.method.deploy(model, shared=shared, personal=personal, data=train, round=round_, client_id=pid,
+                           seed=seed, trainer=self.trainer)
+        acc = float(self.evaluate_fn(model, test))
+        return MetricRecord({"accuracy": acc, "num-examples": len(test), "partition-id": pid,
+                             "has-personal": int(personal is not None),
+                             "personal-round": -1 if written is None else int(written)})
+
+    def _evaluate_first(self, msg: Message, context: Context, model: nn.Module, pid: int, seed: int,
+                        data: Tuple[Any, Any]) -> Optional[MetricRecord]:
+        """One message per round: the previous round's deployment, evaluated before training when the message
+        carries one; ``model``, its requires_grad flags and torch's RNG are left as they were."""
+        if DEPLOY not in msg.content.array_records:
+            return None
+        cfg = msg.content.config_records.get(CONFIG, ConfigRecord())
+        state = {k: v.detach().clone() for k, v in model.state_dict(keep_vars=True).items()}
+        flags = {k: p.requires_grad for k, p in model.named_parameters()}
+        rng = torch.random.get_rng_state()
+        try:
+            return self._deployed(msg, context, model, pid, int(cfg.get(EVAL_ROUND, 0)), seed, key=DEPLOY,
+                                  data=data)
+        finally:
+            model.load_state_dict(state)
+            for k, p in model.named_parameters():
+                p.requires_grad_(flags[k])
+            torch.random.set_rng_state(rng)
 
     def _data(self, context: Context) -> Tuple[Any, Any]:
         """``load_data(context)``, reused from ``<state-dir>/cache`` when the node has one (:mod:`.cache`)."""
@@ -153,9 +205,10 @@ class ClientHandlers:
         """One round of local training (see the module docstring)."""
         model, pid, round_, seed = self._setup(msg, context)
         check_fresh(context, self.method.name, round_)
+        train, test = self._data(context)
+        evaluation = self._evaluate_first(msg, context, model, pid, seed, (train, test))
         shared = self._shared(msg, model)
         personal, _ = self._personal(context, model)
-        train, test = self._data(context)
         result = self.method.client_update(model, shared=shared, personal=personal, data=train, round=round_,
                                            client_id=pid, seed=seed, trainer=self.trainer,
                                            eval_data=test if self.after_local_eval else None)
@@ -164,23 +217,15 @@ class ClientHandlers:
         metrics = {k: float(v) for k, v in result.metrics.items() if k != "num_examples"}
         metrics.update({"num-examples": int(result.num_examples), "partition-id": pid,
                         "upload-bytes": payload_bytes(arrays)})
-        return Message(RecordDict({ARRAYS: arrays, METRICS: MetricRecord(metrics)}), reply_to=msg)
+        content = {ARRAYS: arrays, METRICS: MetricRecord(metrics)}
+        if evaluation is not None:
+            content[EVALUATION] = evaluation
+        return Message(RecordDict(content), reply_to=msg)
 
     def evaluate(self, msg: Message, context: Context) -> Message:
         """The deployed model's accuracy on the node's test data (nothing is written to ``context.state``)."""
         model, pid, round_, seed = self._setup(msg, context)
-        shared = self._shared(msg, model)
-        personal, written = self._personal(context, model)
-        train, test = self._data(context)
-        if test is None:
-            raise ValueError(f"load_data() returned no test data for partition {pid}: nothing to evaluate")
-        self.method.deploy(model, shared=shared, personal=personal, data=train, round=round_, client_id=pid,
-                           seed=seed, trainer=self.trainer)
-        acc = float(self.evaluate_fn(model, test))
-        metrics = MetricRecord({"accuracy": acc, "num-examples": len(test), "partition-id": pid,
-                                "has-personal": int(personal is not None),
-                                "personal-round": -1 if written is None else int(written)})
-        return Message(RecordDict({METRICS: metrics}), reply_to=msg)
+        return Message(RecordDict({METRICS: self._deployed(msg, context, model, pid, round_, seed)}), reply_to=msg)
 
 
 def client_app(
