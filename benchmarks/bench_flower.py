@@ -197,8 +197,11 @@ def _importtime_split(env: dict, module: str) -> dict:
             for g in sorted(set(out["all"]) | set(out["base"]))}
 
 
-def deployed(clients: int, rounds: int, json_path) -> int:
-    """``--deployed``: a SuperLink and ``clients`` SuperNodes on 127.0.0.1 (see the module docstring)."""
+def deployed(clients: int, rounds: int, json_path, code: Path = ROOT, state_dir: bool = True) -> int:
+    """``--deployed``: a SuperLink and ``clients`` SuperNodes on 127.0.0.1 (see the module docstring).
+
+    ``code``: the checkout whose ``fedpeft`` and ``examples/flower`` run (another commit, to compare); the timing
+    wrappers are this checkout's. ``state_dir``: give each SuperNode a ``state-dir`` (the node cache's home)."""
     import signal
     import socket
     import tempfile
@@ -213,7 +216,7 @@ def deployed(clients: int, rounds: int, json_path) -> int:
     timings, report = tmp / "timings.jsonl", tmp / "report.json"
     app = tmp / "app"
     app.mkdir()
-    example = (ROOT / "examples" / "flower" / "pyproject.toml").read_text()
+    example = (code / "examples" / "flower" / "pyproject.toml").read_text()
     example = example.replace('"fedpeft_example.server_app:app"', '"_flower_timed.timed_server:app"')
     example = example.replace('"fedpeft_example.client_app:app"', '"_flower_timed.timed_client:app"')
     (app / "pyproject.toml").write_text(example.replace('packages = ["."]', 'packages = ["app"]'))
@@ -224,7 +227,7 @@ def deployed(clients: int, rounds: int, json_path) -> int:
                                       f'address = "127.0.0.1:{link}"\ninsecure = true\n')
     env = {**os.environ, "FLWR_HOME": str(home), "FEDPEFT_BENCH_TIMINGS": str(timings),
            "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "examples" / "flower"), str(ROOT / "benchmarks"),
+           "PYTHONPATH": os.pathsep.join([str(code), str(code / "examples" / "flower"), str(ROOT / "benchmarks"),
                                           os.environ.get("PYTHONPATH", "")])}
     procs = []
 
@@ -241,7 +244,8 @@ def deployed(clients: int, rounds: int, json_path) -> int:
         for i in range(clients):
             start(f"supernode{i}", "flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{link}",
                   "--host", "127.0.0.1", "--port", str(free_port()),
-                  "--node-config", f"partition-id={i} num-partitions={clients}")
+                  "--node-config", f"partition-id={i} num-partitions={clients}"
+                  + (f" state-dir='{tmp / f'node{i}'}'" if state_dir else ""))
         time.sleep(3)
         run = subprocess.run([str(bindir / "flwr"), "run", str(app), "bench", "--run-config",
                               f'report-path="{report}" num-server-rounds={rounds} num-partitions={clients}'],
@@ -283,7 +287,8 @@ def deployed(clients: int, rounds: int, json_path) -> int:
            "round_s": round_s, "messages": msgs, "server": server, "import_split": split,
            "accuracy": result["accuracy"], "messages_per_round": {}}
     print(f"bench_flower --deployed: SuperLink + {clients} SuperNodes on 127.0.0.1, {rounds} rounds of "
-          f"examples/flower, {os.cpu_count()} CPUs; load average {load0[0]:.2f} before, {load1[0]:.2f} after")
+          f"examples/flower from {code}, {os.cpu_count()} CPUs; load average {load0[0]:.2f} before, "
+          f"{load1[0]:.2f} after; total {total:.1f} s")
     print("round wall time (s): " + ", ".join(f"r{r} {s:.1f}" for r, s in round_s.items()))
     later = [x for x in msgs if isinstance(x.get("round"), (int, float)) and x["round"] >= 2]
     phases = ["poll", "runtime", "imports", "build", "data", "train", "eval", "fedpeft", "reply", "total"]
@@ -325,9 +330,11 @@ def main() -> int:
     p.add_argument("--json", default=None, help="also write the results here")
     p.add_argument("--deployed", action="store_true",
                    help="the Deployment Engine on 127.0.0.1 instead: per-message cost breakdown and round time")
+    p.add_argument("--code", default=str(ROOT), help="--deployed: the checkout to run (default: this one)")
+    p.add_argument("--no-state-dir", action="store_true", help="--deployed: SuperNodes without a state-dir")
     a = p.parse_args()
     if a.deployed:
-        return deployed(a.clients, a.rounds, a.json)
+        return deployed(a.clients, a.rounds, a.json, Path(a.code).resolve(), not a.no_state_dir)
     if a.child:
         print(json.dumps(child(a.child, a.clients, a.rounds, a.seed)))
         return 0
