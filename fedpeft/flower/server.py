@@ -130,8 +130,9 @@ def server_app(
         try:
             parts = int(cfg.get("num-partitions", num_partitions or 0))
             reg_timeout = float(cfg.get("registration-timeout", registration_timeout))
+            answered: list = []  # the discovery's replies register those nodes (no second query)
             if parts < 1:  # not given: as the nodes' node_config says (the simulation sets it)
-                parts = discover_partitions(grid, timeout=reg_timeout)
+                parts = discover_partitions(grid, timeout=reg_timeout, replies=answered)
             run_seed = int(cfg.get("seed", seed))
             t0 = time.perf_counter()
             torch.manual_seed(run_seed)
@@ -148,6 +149,8 @@ def server_app(
                                         fraction_evaluate=float(cfg.get("fraction-evaluate", fraction_evaluate)),
                                         registration_timeout=reg_timeout, on_round=each_round,
                                         round_log=log_path or None, **strategy_options)
+            if answered:
+                strategy.registry.add(answered)
             strategy.start(grid, num_rounds=int(cfg.get("num-server-rounds", num_rounds)),
                            timeout=float(cfg.get("round-timeout", round_timeout)))
             result = {**method_report(strategy, model, time.perf_counter() - t0), "status": "completed"}

@@ -118,3 +118,16 @@ def test_the_train_reply_carries_the_evaluation_of_the_previous_round():
     assert len(carrying) == 3
     accs = {int(r.content[EVALUATION]["partition-id"]): r.content[EVALUATION]["accuracy"] for r in carrying}
     assert [accs[p] for p in range(3)] == w.strategy.history[0].deployed
+
+
+def test_discovery_replies_register_the_nodes_without_a_second_query():
+    from fedpeft.flower.registry import discover_partitions
+
+    w = world("FedVPT")
+    answered = []
+    assert discover_partitions(w.grid, timeout=5, replies=answered) == 3
+    w.strategy.registry.add(answered)
+    w.strategy.start(w.grid, num_rounds=1, timeout=10)
+    queries = [m for m in w.grid.log if m.metadata.message_type == "query"]
+    assert len(queries) == 3 and {m.metadata.group_id for m in queries} == {"discover"}
+    assert sorted(w.strategy.registry.node_of) == [0, 1, 2] and w.strategy.history[0].server.accepted == [0, 1, 2]
