@@ -254,9 +254,16 @@ def deployed(clients: int, rounds: int, json_path, code: Path = ROOT, state_dir:
             sys.stderr.write(run.stdout[-3000:] + run.stderr[-3000:])
             return 1
         deadline = time.monotonic() + 60 * rounds + 300
-        while not report.exists() and time.monotonic() < deadline:
+
+        def finished() -> bool:  # the report is rewritten every round ("status": "running") since 0.2
+            try:
+                return json.loads(report.read_text()).get("status", "completed") != "running"
+            except (OSError, ValueError):
+                return False
+
+        while not finished() and time.monotonic() < deadline:
             time.sleep(1)
-        if not report.exists():
+        if not finished():
             sys.stderr.write(f"no report after the run; logs in {tmp}\n")
             return 1
     finally:
