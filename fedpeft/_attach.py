@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from . import _freeze, _ownership, _timm
 from ._checks import check_flag
-from ._wrapping import innermost
+from ._wrapping import innermost, is_wrapper
 
 __all__ = [
     "AttentionWrapper",
@@ -145,11 +145,8 @@ def _resolve_target(vit_or_wrapper: nn.Module) -> Tuple[nn.Module, nn.Module, bo
         raise TypeError(
             f"expected a timm VisionTransformer or a fedpeft wrapper (e.g. VPT), got {type(vit_or_wrapper).__name__}"
         )
-    is_wrapper = hasattr(vit_or_wrapper, "adapter_config") and isinstance(
-        getattr(vit_or_wrapper, "model", None), nn.Module
-    )
-    vit = innermost(vit_or_wrapper) if is_wrapper else vit_or_wrapper
-    return vit_or_wrapper, _timm.as_vision_transformer(vit), is_wrapper
+    wraps = is_wrapper(vit_or_wrapper)
+    return vit_or_wrapper, _timm.as_vision_transformer(innermost(vit_or_wrapper)), wraps
 
 
 class AttentionWrapper(nn.Module):

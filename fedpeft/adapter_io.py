@@ -18,11 +18,13 @@ into that directory. Concurrent saves into one directory are not supported.
 
 Loading refuses, with a ``ValueError`` naming the file (and the key, where there is one), before anything is copied:
 an unreadable or corrupt file (truncated, empty, absurd header length, garbage header, not a safetensors file), a
-config that is not a JSON object or has an unknown ``format`` version, another method chain, any recorded
-hyper-parameter that differs from the model's (all listed, e.g. ``scale: file 3.0, model 1.5``), a JSON copy that
-disagrees with the header, missing or unexpected keys, other shapes, a dtype that cannot be the parameter's (bool,
-integer or complex into a floating parameter), NaN/Inf, and values that overflow the parameter's dtype (float64
-``1e300`` into float32). After a refused load the model is bit-for-bit unchanged.
+config that is not a JSON object, has no ``fedpeft_version`` string or an unknown ``format`` version (a file of a
+newer fedpeft loads if its format is known; otherwise the message names the writer), another method chain, any
+recorded hyper-parameter that differs from the model's (all listed, e.g. ``scale: file 3.0, model 1.5``), recorded
+parameter shapes other than the model's, a JSON copy that disagrees with the header, missing or unexpected keys,
+other shapes, a dtype that cannot be the parameter's (bool, integer or complex into a floating parameter), NaN/Inf,
+and values that overflow the parameter's dtype (float64 ``1e300`` into float32). After a refused load the model is
+bit-for-bit unchanged.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Dict, Tuple, Union
+from typing import Any, Dict, List, Tuple, Union
 
 import torch
 from safetensors import safe_open
@@ -198,12 +200,15 @@ def _flatten(config: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
 
 
 def _check_config(file: Path, config: Dict[str, Any], model: nn.Module, target: Dict[str, Tensor]) -> None:
-    """Format version, method chain and every recorded hyper-parameter against the model's; all mismatches listed."""
-    version = config.get("format")
-    if isinstance(version, bool) or version != _FORMAT_VERSION:
+    """Format version (a file of a newer fedpeft loads if its format is this one), method chain, every recorded
+    hyper-parameter (all mismatches listed) and the recorded parameter shapes, against the model's."""
+    version, writer = config.get("format"), config.get("fedpeft_version")
+    if not isinstance(writer, str):
+        raise ValueError(f"{file}: 'fedpeft_version' must be a version string, got {writer!r}")
+    if isinstance(version, bool) or version != _FORMAT_VERSION:  # a newer fedpeft's file loads if its format is known
         raise ValueError(
-            f"{file}: unknown adapter format version {version!r}; this fedpeft ({__version__}) reads format "
-            f"{_FORMAT_VERSION}"
+            f"{file}: unknown adapter format version {version!r} (written by fedpeft {writer}); this fedpeft "
+            f"({__version__}) reads format {_FORMAT_VERSION}: upgrade fedpeft to load this file"
         )
     expected = json.loads(json.dumps(_config(model, target)))  # JSON round trip: tuples → lists, like the file
     if config.get("method") != expected["method"]:
@@ -231,6 +236,23 @@ def _check_config(file: Path, config: Dict[str, Any], model: nn.Module, target: 
         raise ValueError(
             f"{file}: the adapter was saved with other hyper-parameters than the model has: " + "; ".join(mismatches)
         )
+    if config.get("parameters") != expected["parameters"]:  # the header's shapes, not only the tensors'
+        raise ValueError(
+            f"{file}: the parameter shapes in the header do not match the model's: "
+            + _shape_mismatches(config.get("parameters"), expected["parameters"])
+        )
+
+
+def _shape_mismatches(recorded: Any, expected: Dict[str, List[int]]) -> str:
+    """The header's ``parameters`` entry against the model's ``{key: shape}``, as a readable list of differences."""
+    if not isinstance(recorded, dict):
+        return f"'parameters' must be a JSON object {{key: shape}}, got {type(recorded).__name__}"
+    diffs = [
+        f"{k!r}: file {recorded.get(k, 'missing')}, model {expected.get(k, 'no such parameter')}"
+        for k in sorted(recorded.keys() | expected.keys())
+        if recorded.get(k) != expected.get(k)
+    ]
+    return "; ".join(diffs[:5]) + (f" (+{len(diffs) - 5} more)" if len(diffs) > 5 else "")
 
 
 def _check_json_copy(json_file: Path, config: Dict[str, Any]) -> None:

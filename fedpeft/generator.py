@@ -22,13 +22,13 @@ from __future__ import annotations
 
 import math
 import operator
-from typing import Optional, Sequence, Tuple, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._checks import check_float_dtype, check_positive_int
+from ._checks import check_data, check_float_dtype, check_positive_int
 from .init import vpt_uniform_
 
 __all__ = ["PromptGenerator"]
@@ -161,9 +161,13 @@ class PromptGenerator(nn.Module):
                     f"client_id must be an int or a 0-d integer tensor, got a tensor of shape "
                     f"{tuple(client_id.shape)} and dtype {client_id.dtype}"
                 )
+            check_data("client_id", client_id)
         elif isinstance(client_id, bool) or not hasattr(client_id, "__index__"):
             raise TypeError(f"client_id must be an int or a 0-d integer tensor, got {type(client_id).__name__}")
-        ids = torch.tensor([operator.index(client_id)], device=self.descriptors.device)
+        index = operator.index(client_id)
+        if not 0 <= index < self.num_clients:  # checked here: beyond int64 no tensor could even hold it
+            raise ValueError(f"client_id must lie in [0, num_clients) = [0, {self.num_clients}), got {index}")
+        ids = torch.tensor([index], device=self.descriptors.device)
         return self(ids)[0]
 
     def _generate(self, ids: Tensor, *, fold: bool) -> Tensor:
@@ -208,22 +212,44 @@ class PromptGenerator(nn.Module):
             try:
                 client_ids = torch.as_tensor(client_ids)
             except (TypeError, ValueError, RuntimeError):
+                huge = _beyond_int64(client_ids)
+                if huge:
+                    raise ValueError(self._range_message(huge)) from None
                 raise TypeError(f"client_ids must be a sequence of ints (e.g. [0, 3]), got {client_ids!r}") from None
         dt = client_ids.dtype
         if dt.is_floating_point or dt.is_complex or dt == torch.bool:
             raise TypeError(f"client_ids must have an integer dtype (e.g. torch.long), got {dt}")
+        check_data("client_ids", client_ids)
+        if dt == torch.uint64:  # values >= 2**63 would wrap to negative ids in int64: show them as they are
+            wrapped = client_ids.view(torch.int64)
+            if bool((wrapped < 0).any()):
+                raise ValueError(self._range_message(sorted({v + 2**64 for v in wrapped[wrapped < 0].tolist()})[:8]))
         if client_ids.dim() != 1:
             raise ValueError(f"client_ids must be 1-D, shape (n,), got shape {tuple(client_ids.shape)}")
         if client_ids.numel() == 0:
             raise ValueError("client_ids is empty; pass at least one client id")
         ids = client_ids.to(device=self.descriptors.device, dtype=torch.long)
         if int(ids.min()) < 0 or int(ids.max()) >= self.num_clients:
-            bad = ids[(ids < 0) | (ids >= self.num_clients)].unique()[:8].tolist()
-            raise ValueError(f"client ids must lie in [0, num_clients) = [0, {self.num_clients}), got {bad}")
+            raise ValueError(self._range_message(ids[(ids < 0) | (ids >= self.num_clients)].unique()[:8].tolist()))
         return ids
+
+    def _range_message(self, bad: Sequence[int]) -> str:
+        return f"client ids must lie in [0, num_clients) = [0, {self.num_clients}), got {list(bad)}"
 
     def extra_repr(self) -> str:
         return (
             f"num_clients={self.num_clients}, num_prompts={self.num_prompts}, embed_dim={self.embed_dim}, "
             f"depth={self.depth}, heads={self.heads}, descriptor_tokens={self.descriptor_tokens}"
         )
+
+
+def _beyond_int64(values: object) -> List[int]:
+    """The Python ints of ``values`` (a flat sequence) that no int64 tensor can hold (at most 8), else ``[]``."""
+    if not isinstance(values, Sequence):
+        return []
+    huge = [
+        operator.index(v)
+        for v in values
+        if hasattr(v, "__index__") and not isinstance(v, bool) and not -(2**63) <= operator.index(v) < 2**63
+    ]
+    return sorted(set(huge))[:8]

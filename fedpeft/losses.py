@@ -43,6 +43,27 @@ def _check_features(**features: Tensor) -> None:
             )
 
 
+MIN_TEMPERATURE = 1e-4
+"""The smallest τ :func:`knowledge_guided_loss` accepts. With cosines in [−1, 1] the loss is at most
+softplus(2/τ) < 2/τ + log 2 and its gradient with respect to each cosine at most 1/τ, so τ ≥ 1e-4 keeps both below
+2·10⁴, finite even in float16 (max 65504); below it they grow as 1/τ (τ = 1e-300 was NaN or Inf in float32).
+Contrastive temperatures in use are ≥ 0.01 (CLIP clamps its learned one there; FedPGP uses 0.5)."""
+
+
+def _check_temperature(temperature: object) -> float:
+    tau = float("nan")
+    if not isinstance(temperature, bool) and isinstance(temperature, numbers.Real):
+        try:
+            tau = float(temperature)
+        except OverflowError:  # a Python int beyond float64
+            tau = float("inf")
+    if not MIN_TEMPERATURE <= tau < float("inf"):
+        raise ValueError(
+            f"temperature must be a finite number >= {MIN_TEMPERATURE:g} (MIN_TEMPERATURE), got {temperature!r}"
+        )
+    return tau
+
+
 def knowledge_guided_loss(
     f_anchor: Tensor, f_global: Tensor, f_personal: Tensor, *, temperature: float = 0.5
 ) -> Tensor:
@@ -53,23 +74,18 @@ def knowledge_guided_loss(
             Treated as a constant: it is detached here, so it never receives gradient.
         f_global: (B, F) features with the global prompt σ only.
         f_personal: (B, F) features with the personal prompt σ + U V.
-        temperature: τ > 0 (FedPGP: 0.5).
+        temperature: τ, finite and ≥ ``MIN_TEMPERATURE`` = 1e-4 (FedPGP: 0.5); see ``MIN_TEMPERATURE`` for why.
 
     Returns:
         ``mean_b softplus((cos(f_global, f_personal) − cos(f_anchor, f_global)) / τ)``, which equals
         ``mean_b −log(e^{pos/τ} / (e^{pos/τ} + e^{neg/τ}))`` and FedPGP's ``cross_entropy([pos, neg] / τ, 0)``,
-        computed without forming the exponentials (stable for any τ). Half-precision inputs are computed in float32
-        (the result is float32); float64 stays float64.
+        computed without forming the exponentials (finite for every accepted τ). Half-precision inputs are computed
+        in float32 (the result is float32); float64 stays float64.
 
     See ``fedpeft.fedpgp.fedpgp_forward`` for computing the three feature sets from one ``VPT``.
     """
     _check_features(f_anchor=f_anchor, f_global=f_global, f_personal=f_personal)
-    if (
-        isinstance(temperature, bool)
-        or not isinstance(temperature, numbers.Real)
-        or not 0.0 < float(temperature) < float("inf")
-    ):
-        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+    tau = _check_temperature(temperature)
     dtype = torch.promote_types(torch.promote_types(f_anchor.dtype, f_global.dtype), f_personal.dtype)
     dtype = torch.promote_types(dtype, torch.float32)
     anchor = f_anchor.detach().to(dtype)
@@ -77,4 +93,4 @@ def knowledge_guided_loss(
     pos = F.cosine_similarity(anchor, f_global, dim=-1)  # (B,)
     neg = F.cosine_similarity(f_global, f_personal, dim=-1)  # (B,)
     # −log(e^{pos/τ} / (e^{pos/τ} + e^{neg/τ})) = log(1 + e^{(neg − pos)/τ})
-    return F.softplus((neg - pos) / float(temperature)).mean()
+    return F.softplus((neg - pos) / tau).mean()

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from . import _freeze, _ownership, _timm
-from ._checks import check_fits, check_flag
+from ._checks import check_data, check_fits, check_flag
 from .init import vpt_uniform_
 from .summary import SummaryMixin
 
@@ -29,6 +29,16 @@ def _drop_slots(x: Tensor, n_p: int, k: int) -> Tensor:
     if not k:
         return x
     return torch.cat([x[:, :n_p], x[:, n_p + k :]], dim=1) if n_p else x[:, k:]
+
+
+def _check_images(x: object) -> None:
+    """``x`` must be a batch of images (B, C, H, W): one image (C, H, W) would run through timm's patch embedding
+    unbatched and fail far from here."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"x must be a Tensor of images (B, C, H, W), got {type(x).__name__}")
+    if x.dim() != 4:
+        hint = " (one image? use x.unsqueeze(0))" if x.dim() == 3 else ""
+        raise ValueError(f"x must be a batch of images (B, C, H, W), got shape {tuple(x.shape)}{hint}")
 
 
 class VPT(SummaryMixin, nn.Module):
@@ -132,9 +142,9 @@ class VPT(SummaryMixin, nn.Module):
         """Copy ``prompts`` (L, K, D) into the own prompt parameter (detached), e.g. a generator's ``P_n``.
 
         pFedPG's client step: ``vpt.set_prompts(gen(ids)[i])``, train, send back ``vpt.get_prompts()``.
-        Raises ``TypeError`` if the prompts come from a module or are not floating-point, ``ValueError`` on a shape
-        mismatch or on values that are not finite once stored in the prompts' dtype (NaN, Inf, float64 ``1e300`` into
-        float32); the prompts are unchanged then.
+        Raises ``TypeError`` if the prompts come from a module, are not floating-point or are a meta tensor,
+        ``ValueError`` on a shape mismatch or on values that are not finite once stored in the prompts' dtype (NaN,
+        Inf, float64 ``1e300`` into float32); the prompts are unchanged then.
         """
         if not isinstance(self.prompts, nn.Parameter):
             raise TypeError(
@@ -149,17 +159,22 @@ class VPT(SummaryMixin, nn.Module):
             )
         if not prompts.is_floating_point():
             raise TypeError(f"prompts must be a floating-point tensor, got dtype {prompts.dtype}")
+        check_data("prompts", prompts, beside=self.prompts)
         try:  # finite in the dtype they are stored in: float64 1e300 would become inf in float32 prompts
             check_fits("prompts", prompts, self.prompts.dtype)
         except ValueError as e:
             raise ValueError(f"{e}; the VPT prompts were left unchanged") from None
         self.prompts.copy_(prompts.detach())
 
-    def _prompts_for_batch(self, prompts: Optional[Tensor], batch: int) -> Tensor:
+    def _prompts_for_batch(self, prompts: Optional[Tensor], x: Tensor) -> Tensor:
         """Resolve and check the prompts of one forward call → (B, L, K, D) (a broadcast view when shared)."""
         p = self.prompt_tensor() if prompts is None else prompts
         if not isinstance(p, Tensor):
             raise TypeError(f"prompts must be a Tensor of shape (L, K, D) or (B, L, K, D), got {type(p).__name__}")
+        if not p.is_floating_point():  # a complex tensor would lose its imaginary part in the cast below
+            raise TypeError(f"prompts must be a floating-point tensor, got dtype {p.dtype}")
+        check_data("prompts", p, beside=x)
+        batch = x.shape[0]
         L, D = self.prompt_depth, self.embed_dim
         if p.dim() == 3 and p.shape[0] == L and p.shape[2] == D:
             p = p.unsqueeze(0).expand(batch, -1, -1, -1)
@@ -175,7 +190,9 @@ class VPT(SummaryMixin, nn.Module):
     def forward_features(self, x: Tensor, prompts: Optional[Tensor] = None) -> Tensor:
         """Images (B, C, H, W) → normed tokens (B, n_p + N, D), prompt tokens already removed.
 
-        ``prompts`` overrides the module's own prompts for this call: (L, K, D) shared, or (B, L, K, D) per sample.
+        ``prompts`` overrides the module's own prompts for this call: (L, K, D) shared, or (B, L, K, D) per sample,
+        floating-point (complex, integer and meta tensors raise ``TypeError``). ``x`` other than 4-D raises
+        ``ValueError``.
         """
         return _timm.final_norm(self.model, self._forward_tokens(x, prompts)[0])
 
@@ -185,8 +202,9 @@ class VPT(SummaryMixin, nn.Module):
         """Run the prompted blocks ``0..last`` (all if ``None``) → ``(tokens after the last one, [tokens after each
         block in take])``, every tensor (B, n_p + N, D) with the prompt slots removed and not normed."""
         vit = self.model
+        _check_images(x)
         x, pos = _timm.embed_positions(vit, x)  # (B, n_p + N, D); pos: an Eva's RoPE (None for a ViT)
-        p = self._prompts_for_batch(prompts, x.shape[0]).to(x.dtype)  # (B, L, K, D)
+        p = self._prompts_for_batch(prompts, x).to(x.dtype)  # (B, L, K, D)
         n_p, K = _timm.num_prefix_tokens(vit), p.shape[2]
         if K:
             x = torch.cat([x[:, :n_p], p[:, 0], x[:, n_p:]], dim=1)  # [prefix | P_0 | patches]
@@ -230,6 +248,7 @@ class VPT(SummaryMixin, nn.Module):
             raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
         vit = self.model
         take, max_index = _timm.feature_take_indices(_timm.depth(vit), indices)
+        _check_images(x)
         B, _, height, width = x.shape
         final, inter = self._forward_tokens(x, prompts, take=take, last=max_index if stop_early else None)
         if norm:

@@ -348,3 +348,66 @@ def test_leftovers_of_a_killed_save_are_removed_by_the_next_one(tmp_path):
     save_adapter(VPT(_vit(), num_prompts=2), tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([ADAPTER_WEIGHTS_NAME, ADAPTER_CONFIG_NAME,
                                                                   "notes.txt"])
+
+
+# ---- issue 19.6: the header's parameter shapes, files of a newer fedpeft -------------------------------------------
+
+
+def _set(key, value):
+    """A config tamperer: ``config[key] = value`` (``...`` deletes the key; a dotted key reaches into a sub-dict)."""
+
+    def tamper(config):
+        *path, last = key.split(".")
+        for part in path:
+            config = config[part]
+        if value is ...:
+            del config[last]
+        else:
+            config[last] = value
+
+    return tamper
+
+
+def _both(*tamperers):
+    return lambda config: [t(config) for t in tamperers]
+
+
+HEADER_CASES = {  # tampered header config → what the refusal must say
+    # the header said [999, 999] for the prompts and the file still loaded
+    "shape": (_set("parameters.prompts", [999, 999]),
+              r"shapes in the header .*'prompts': file \[999, 999\], model \[1, 2, 64\]"),
+    "no parameters": (_set("parameters", ...), "shapes in the header"),
+    "parameters a list": (_set("parameters", [1, 2, 64]), r"'parameters' must be a JSON object"),
+    "a key missing": (_set("parameters", {"prompts": [1, 2, 64]}), r"'model.head.bias': file missing, model \[3\]"),
+    "newer, format 2": (_both(_set("fedpeft_version", "99.0.0"), _set("format", 2)),
+                        r"format version 2 \(written by fedpeft 99.0.0\).*reads format 1"),
+    "format 3": (_both(_set("fedpeft_version", "0.2.0"), _set("format", 3)),
+                 r"format version 3 \(written by fedpeft 0.2.0\).*reads format 1"),
+    "no version": (_set("fedpeft_version", ...), "'fedpeft_version' must be a version string, got None"),
+    "int version": (_set("fedpeft_version", 2), "'fedpeft_version' must be a version string, got 2"),
+    "list version": (_set("fedpeft_version", ["0.2.0"]), "'fedpeft_version' must be a version string"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(HEADER_CASES))
+def test_header_shapes_and_versions_are_checked(saved, case):
+    folder, model = saved
+    tamper, match = HEADER_CASES[case]
+    config, _ = _read(folder)
+    tamper(config)
+    _rewrite(folder, config=config)
+    snap = _snapshot(model)
+    with pytest.raises(ValueError, match=match):
+        load_adapter(model, folder)
+    _assert_unchanged(model, snap)
+
+
+def test_a_newer_fedpeft_s_file_loads_when_its_format_is_known(saved):
+    folder, model = saved
+    config, tensors = _read(folder)
+    config["fedpeft_version"] = "99.0.0"
+    _rewrite(folder, config=config)
+    load_adapter(model, folder)
+    state = dict(model.named_parameters())
+    for key, value in tensors.items():  # oracle: the tensors as written in the file
+        assert torch.equal(state[key].detach(), value), key

@@ -304,3 +304,71 @@ def test_to_ndarrays_refuses_sparse_and_meta():
         fed.to_ndarrays({"x": torch.eye(2).to_sparse()})
     with pytest.raises(TypeError, match="meta"):
         fed.to_ndarrays({"x": torch.empty(2, device="meta")})
+
+
+# ---- issue 19.6: average(None), delta_backward twice, from_ndarrays by key and its dtypes= ---------------------------
+
+
+@pytest.mark.parametrize("states", [None, 3, 1.5])
+def test_average_of_something_not_iterable_names_states(states):
+    with pytest.raises(TypeError, match=rf"states must be an iterable of state dicts \(e.g. a list\), got "
+                                        rf"{type(states).__name__}"):
+        fed.average(states)
+
+
+def test_delta_backward_twice_on_one_output_is_refused_and_writes_nothing():
+    from fedpeft import PromptGenerator
+
+    torch.manual_seed(0)
+    gen = PromptGenerator(num_clients=3, num_prompts=2, embed_dim=8)
+    ids = torch.tensor([0, 2])
+    P = gen(ids)
+    target = torch.randn(P.shape)
+    fed.delta_backward(P, target)
+    first = {n: p.grad.clone() for n, p in gen.named_parameters()}
+    with pytest.raises(ValueError, match=r"already passed to fed\.delta_backward.*generate the prompts again"):
+        fed.delta_backward(P, target)
+    assert all(torch.equal(p.grad, first[n]) for n, p in gen.named_parameters())
+    fed.delta_backward(gen(ids), target)  # a fresh output: the same gradient once more (oracle: g + g = 2g exactly)
+    assert all(torch.equal(p.grad, 2 * first[n]) for n, p in gen.named_parameters())
+
+
+def test_delta_backward_on_a_leaf_may_accumulate_again():
+    P = torch.zeros(2, 3, requires_grad=True)
+    target = torch.ones(2, 3)
+    fed.delta_backward(P, target)
+    fed.delta_backward(P, target)
+    assert torch.equal(P.grad, torch.full((2, 3), -2.0))  # 2 × (P − P̃)
+
+
+@pytest.mark.parametrize("use_like", [True, False])
+def test_from_ndarrays_maps_unsorted_keys_of_equal_shape_by_key(use_like):
+    a, b = np.full((2, 3), 1.0, np.float32), np.full((2, 3), 2.0, np.float32)
+    like = {"a": torch.zeros(2, 3), "b": torch.zeros(2, 3)}
+    out = fed.from_ndarrays(["b", "a"], [b, a], like=like if use_like else None)
+    assert torch.equal(out["a"], torch.ones(2, 3)) and torch.equal(out["b"], torch.full((2, 3), 2.0))
+    assert list(out) == (["a", "b"] if use_like else ["b", "a"])  # like's key order, else the keys as given
+
+
+@pytest.mark.parametrize(
+    "dtypes, error, match",
+    [
+        ({"a": "float32"}, TypeError, r"dtypes\['a'\] must be a torch.dtype .*got str 'float32'"),
+        ({"a": np.float32}, TypeError, r"dtypes\['a'\] must be a torch.dtype"),
+        (torch.float32, TypeError, r"dtypes must be a mapping \{key: torch.dtype\}.*got dtype"),
+        (["a"], TypeError, r"dtypes must be a mapping .*got list"),
+        ({"a": torch.int64}, ValueError, r"dtypes\['a'\] = torch.int64 cannot hold the torch.float64 array"),
+        ({"a": torch.bool}, ValueError, r"dtypes\['a'\] = torch.bool cannot hold"),
+        ({"nope": torch.float32}, ValueError, r"dtypes names keys that are not in keys: \['nope'\]"),
+    ],
+)
+def test_from_ndarrays_wrong_dtypes_are_named(dtypes, error, match):
+    with pytest.raises(error, match=match):
+        fed.from_ndarrays(["a"], [np.array([0.5, 1.5])], dtypes=dtypes)
+
+
+def test_from_ndarrays_dtypes_casts_what_it_may():
+    out = fed.from_ndarrays(["a", "n"], [np.array([0.5, 1.5]), np.array([3, 4])],
+                            dtypes={"a": torch.bfloat16, "n": torch.float32})
+    assert out["a"].dtype == torch.bfloat16 and out["a"].tolist() == [0.5, 1.5]  # exact in bfloat16
+    assert out["n"].dtype == torch.float32 and out["n"].tolist() == [3.0, 4.0]

@@ -53,3 +53,42 @@ def test_lowrank_dtype():
     with pytest.raises(TypeError, match=r"dtype must be None or a floating-point torch.dtype.*torch.int32"):
         LowRankPrompt(num_prompts=2, embed_dim=8, rank=1, dtype=torch.int32)
     assert LowRankPrompt(num_prompts=2, embed_dim=8, rank=1, dtype=torch.float64)().dtype == torch.float64
+
+
+# ---- issue 19.6: ids beyond int64, meta ids --------------------------------------------------------------------------
+
+BEYOND = 2**63  # the smallest id no int64 holds; it used to show up as the wrapped -9223372036854775808
+
+
+@pytest.mark.parametrize(
+    "ids, shown",
+    [
+        (np.array([1, BEYOND], dtype=np.uint64), "9223372036854775808"),
+        (torch.tensor([1, BEYOND], dtype=torch.uint64), "9223372036854775808"),
+        ([1, BEYOND], "9223372036854775808"),
+        ([2**64 + 1], "18446744073709551617"),
+    ],
+)
+def test_ids_beyond_int64_are_named_as_given(ids, shown):
+    gen = _gen()
+    with pytest.raises(ValueError, match=rf"client ids must lie in \[0, num_clients\) = \[0, 5\), got \[{shown}\]"):
+        gen(ids)
+
+
+@pytest.mark.parametrize("cid", [BEYOND, np.uint64(BEYOND), 2**70, -1])
+def test_prompts_for_an_id_beyond_int64_is_a_range_error(cid):
+    with pytest.raises(ValueError, match=rf"client_id must lie in \[0, num_clients\) = \[0, 5\), got {int(cid)}$"):
+        _gen().prompts_for(cid)
+
+
+def test_meta_ids_are_refused():
+    gen = _gen()
+    with pytest.raises(TypeError, match="client_ids is a meta tensor"):
+        gen(torch.tensor([0, 1], device="meta"))
+    with pytest.raises(TypeError, match="client_id is a meta tensor"):
+        gen.prompts_for(torch.tensor(1, device="meta"))
+
+
+def test_unsigned_ids_within_int64_still_work():
+    gen = _gen()
+    assert torch.equal(gen(np.array([4, 0], dtype=np.uint64)), gen(torch.tensor([4, 0])))

@@ -145,3 +145,43 @@ def test_every_public_flag_uses_the_bool_checker():
     tokens = model.forward_features(torch.randn(1, 3, 160, 160))
     with pytest.raises(TypeError, match="pre_logits must be a bool"):
         model.forward_head(tokens, pre_logits="no")
+
+
+# ---- issue 19.6: complex, integer and meta prompts; one image instead of a batch ------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.complex64, torch.int64, torch.bool])
+def test_forward_refuses_prompts_that_are_not_floating(dtype):
+    vpt = VPT(_vit(), num_prompts=2)
+    prompts = torch.ones(1, 2, 64, dtype=dtype)  # complex64 used to run with its imaginary part dropped
+    with pytest.raises(TypeError, match=rf"prompts must be a floating-point tensor, got dtype {dtype}"):
+        vpt(torch.randn(1, 3, 160, 160), prompts=prompts)
+
+
+def test_meta_prompts_are_refused_beside_real_images_and_parameters():
+    vpt = VPT(_vit(), num_prompts=2)
+    before = vpt.prompts.detach().clone()
+    meta = torch.empty(1, 2, 64, device="meta")
+    with pytest.raises(TypeError, match="prompts is a meta tensor"):
+        vpt(torch.randn(1, 3, 160, 160), prompts=meta)
+    with pytest.raises(TypeError, match="prompts is a meta tensor"):
+        vpt.set_prompts(meta)
+    assert torch.equal(vpt.prompts.detach(), before)
+
+
+def test_a_meta_model_still_runs_shape_only():
+    """benchmarks/coverage.py builds models on the meta device: a meta forward must keep working."""
+    vit = timm.create_model("test_vit", pretrained=False, num_classes=3, device="meta")
+    want = vit(torch.empty(2, 3, 160, 160, device="meta")).shape  # oracle: the plain timm model
+    vpt = VPT(vit, num_prompts=2, deep=True)
+    assert vpt(torch.empty(2, 3, 160, 160, device="meta")).shape == want == (2, 3)
+
+
+@pytest.mark.parametrize("call", ["forward", "forward_features", "forward_intermediates"])
+def test_one_image_instead_of_a_batch_is_refused(call):
+    vpt = VPT(_vit(), num_prompts=2)
+    with pytest.raises(ValueError, match=r"x must be a batch of images \(B, C, H, W\), got shape \(3, 160, 160\) "
+                                         r"\(one image\? use x.unsqueeze\(0\)\)"):
+        getattr(vpt, call)(torch.randn(3, 160, 160))
+    with pytest.raises(TypeError, match="x must be a Tensor of images"):
+        vpt([[0.0]])

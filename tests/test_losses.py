@@ -237,3 +237,29 @@ def test_non_float_or_non_tensor_raise_type_error():
         knowledge_guided_loss(torch.ones(2, 3, dtype=torch.long), f, f)
     with pytest.raises(TypeError):
         knowledge_guided_loss(f.tolist(), f, f)
+
+
+# ---- issue 19.6: the smallest temperature --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("tau", [1e-300, 5e-5, pytest.param(10**400, id="10**400")])
+def test_temperature_outside_the_stated_bound_is_refused(tau):
+    f0, fg, fp = _features()
+    with pytest.raises(ValueError, match=r"temperature must be a finite number >= 0.0001 \(MIN_TEMPERATURE\)"):
+        knowledge_guided_loss(f0, fg, fp, temperature=tau)
+
+
+def test_loss_and_gradient_finite_at_the_bound_in_float32():
+    from fedpeft.losses import MIN_TEMPERATURE
+
+    assert MIN_TEMPERATURE == 1e-4
+    f0, fg, fp = _features(B=8, seed=7, dtype=torch.float32)
+    fg, fp = fg.clone().requires_grad_(True), fp.clone().requires_grad_(True)
+    got = knowledge_guided_loss(f0, fg, fp, temperature=MIN_TEMPERATURE)
+    got.backward()
+    pos = _np_cos(f0.double().numpy(), fg.detach().double().numpy())
+    neg = _np_cos(fg.detach().double().numpy(), fp.detach().double().numpy())
+    want = float(np.mean(np.logaddexp(0.0, (neg - pos) / MIN_TEMPERATURE)))
+    assert math.isclose(float(got.detach()), want, rel_tol=1e-3, abs_tol=1e-2)
+    assert want < 2 / MIN_TEMPERATURE + math.log(2)  # the documented bound
+    assert torch.isfinite(fg.grad).all() and torch.isfinite(fp.grad).all()

@@ -16,7 +16,7 @@ from typing import Mapping
 
 from torch import Tensor
 
-from ._validate import check_state
+from .._checks import check_state
 
 __all__ = ["num_bytes", "num_params"]
 

@@ -32,7 +32,7 @@ from typing import Dict, Iterable, Mapping, Optional, Tuple
 import torch
 from torch import Tensor
 
-from ._validate import check_dense, check_state, check_weight, check_weights, first_nonfinite, value_ranges
+from .._checks import check_dense, check_state, check_weight, check_weights, first_nonfinite, value_ranges
 
 __all__ = ["Averager", "average"]
 
@@ -213,6 +213,7 @@ def average(
         accumulation precision and the rule for integer/bool tensors (they must be equal in every state).
 
     Raises:
+        TypeError: ``states`` is not an iterable of state dicts (``None``, a single ``Mapping``).
         ValueError: no states, a weights/states length mismatch, a bad or all-zero weight vector, or any input
             :meth:`Averager.add` refuses (the message names the state's index and the key).
 
@@ -221,6 +222,8 @@ def average(
     """
     if isinstance(states, Mapping):
         raise TypeError("average() takes an iterable of state dicts; got a single Mapping (wrap it in a list)")
+    if not isinstance(states, Iterable):
+        raise TypeError(f"states must be an iterable of state dicts (e.g. a list), got {type(states).__name__}")
     sized = hasattr(states, "__len__")
     if weights is not None:
         weights = check_weights(weights, count=len(states) if sized else None)  # all refused before any state is read

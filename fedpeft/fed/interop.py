@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ._validate import check_dense, check_state, format_keys
+from .._checks import check_dense, check_state, format_keys
 
 __all__ = ["from_ndarrays", "to_ndarrays"]
 
@@ -106,14 +106,18 @@ def from_ndarrays(
             :func:`to_ndarrays` gives for that key's tensor (float32 for bfloat16/float8); the result takes ``like``'s
             dtypes and devices (so a bfloat16 model round-trips as bfloat16).
         dtypes: instead of ``like``, a ``{key: torch.dtype}`` map for the keys to cast; other keys keep the array's
-            dtype.
+            dtype. A cast that would truncate (a floating array to an integer or bool dtype, a complex one to a real
+            dtype) is refused.
+
+    ``keys[i]`` names ``arrays[i]``: values are mapped by these keys, never by their position in ``like`` (keys in
+    any order). The result is in ``like``'s key order with ``like``, else in ``keys`` order.
 
     Raises:
         ValueError: ``keys`` and ``arrays`` differ in length, a key repeats, both ``like`` and ``dtypes`` are given,
-            ``dtypes`` names a key that is not in ``keys``, or the arrays do not match ``like``'s keys, shapes and
-            dtypes (the message names each key and the pairs of keys that look swapped).
-        TypeError: a key is not a str, an array holds no numbers (strings, objects), or ``like`` is not a
-            ``Mapping[str, Tensor]``.
+            ``dtypes`` names a key that is not in ``keys`` or a truncating cast, or the arrays do not match
+            ``like``'s keys, shapes and dtypes (the message names each key and the pairs of keys that look swapped).
+        TypeError: a key is not a str, an array holds no numbers (strings, objects), ``like`` is not a
+            ``Mapping[str, Tensor]``, or ``dtypes`` is not a mapping of ``torch.dtype`` values.
     """
     if isinstance(keys, str):
         raise TypeError(f"keys must be a list of str, got the str {keys!r}")
@@ -129,14 +133,42 @@ def from_ndarrays(
         raise ValueError("from_ndarrays(): pass like= or dtypes=, not both")
     if like is not None:
         check_state(like, name="like")
-    state = {k: _to_tensor(k, a) for k, a in zip(keys, arrays)}
+    if dtypes is not None:
+        _check_dtypes(dtypes, keys)
+    state = {k: _to_tensor(k, a) for k, a in zip(keys, arrays)}  # keys[i] ↔ arrays[i]: by key from here on
     if like is not None:
         check_state(state, like=like, name="arrays")
         _check_like(state, like)
-        return {k: t.to(device=like[k].device, dtype=like[k].dtype) for k, t in state.items()}
+        return {k: state[k].to(device=ref.device, dtype=ref.dtype) for k, ref in like.items()}  # like's key order
     if dtypes is not None:
-        unknown = dtypes.keys() - state.keys()
-        if unknown:
-            raise ValueError(f"from_ndarrays(): dtypes names keys that are not in keys: {format_keys(unknown)}")
+        _check_casts(state, dtypes)
         return {k: t.to(dtypes.get(k, t.dtype)) for k, t in state.items()}
     return state
+
+
+def _check_dtypes(dtypes: object, keys: List[str]) -> None:
+    """``dtypes`` must be a ``{key: torch.dtype}`` mapping over keys that are in ``keys``."""
+    if not isinstance(dtypes, Mapping):
+        raise TypeError(
+            f"dtypes must be a mapping {{key: torch.dtype}} (e.g. {{'prompts': torch.bfloat16}}), got "
+            f"{type(dtypes).__name__}"
+        )
+    for k, d in dtypes.items():
+        if not isinstance(d, torch.dtype):
+            raise TypeError(f"dtypes[{k!r}] must be a torch.dtype (e.g. torch.bfloat16), got {type(d).__name__} {d!r}")
+    unknown = dtypes.keys() - set(keys)
+    if unknown:
+        raise ValueError(f"from_ndarrays(): dtypes names keys that are not in keys: {format_keys(unknown)}")
+
+
+def _check_casts(state: Mapping[str, Tensor], dtypes: Mapping[str, torch.dtype]) -> None:
+    """Refuse a cast that would drop information a float/complex array holds (to an integer, bool or real dtype)."""
+    for k, d in dtypes.items():
+        t = state[k]
+        drops_imaginary = t.is_complex() and not d.is_complex
+        drops_fraction = t.is_floating_point() and not (d.is_floating_point or d.is_complex)
+        if drops_imaginary or drops_fraction:
+            raise ValueError(
+                f"dtypes[{k!r}] = {d} cannot hold the {t.dtype} array sent for {k!r} (the cast would truncate it); "
+                "pass a floating dtype"
+            )

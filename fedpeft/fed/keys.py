@@ -25,7 +25,7 @@ from typing import Dict, Iterable, List, Mapping, Tuple, Union
 
 from torch import Tensor, nn
 
-from ._validate import check_state, format_keys
+from .._checks import check_state, format_keys
 
 __all__ = ["PRESETS", "WORDS", "merge", "personal_keys", "split", "trainable_keys", "trainable_state"]
 

@@ -15,10 +15,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .._checks import check_fits
-from ._validate import check_state
+from .._checks import check_fits, check_state
 
 __all__ = ["delta", "delta_backward"]
+
+_DONE = "fedpeft.delta_backward"  # marks an output's autograd node once its graph has been back-propagated
 
 
 def _check_pair(name_a: str, a: Tensor, name_b: str, b: Tensor) -> None:
@@ -82,6 +83,9 @@ def delta_backward(generated: Tensor, trained: Tensor) -> None:
             finite in ``generated``'s dtype (a float32 ``1e5`` is ``inf`` in float16). Validation happens before any
             gradient is written, so the generator's parameters and ``.grad`` are untouched on error.
         TypeError: if ``generated`` has no autograd graph (nothing to update) or inputs are not float tensors.
+        ValueError: also if ``generated`` was already passed to ``delta_backward`` (its graph is freed by the first
+            call): generate the prompts again. Slices of one output (``P[0]``, ``P[1]``) share its graph: pass the
+            whole output once.
 
     Example::
 
@@ -97,7 +101,15 @@ def delta_backward(generated: Tensor, trained: Tensor) -> None:
             "generated must carry an autograd graph (the output of the generator's forward without no_grad); "
             "got a tensor with requires_grad=False"
         )
+    node = generated.grad_fn  # None for a leaf: nothing is freed, a second call accumulates again
+    if node is not None and node.metadata.get(_DONE):
+        raise ValueError(
+            "generated was already passed to fed.delta_backward: its autograd graph is freed after one backward; "
+            "generate the prompts again (P = gen(ids)) for another update"
+        )
     check_fits(f"trained (as {generated.dtype}, the generator's dtype)", trained, generated.dtype)
     grad = generated.detach() - trained.detach().to(device=generated.device, dtype=generated.dtype)
     _check_difference("the gradient generated − trained", grad)
     generated.backward(gradient=grad)
+    if node is not None:
+        node.metadata[_DONE] = True

@@ -30,9 +30,8 @@ import torch
 from torch import Tensor, nn
 
 from .. import _timm, fed
-from .._checks import check_positive_int
+from .._checks import check_positive_int, check_state
 from .._wrapping import innermost, wrapper_chain
-from ..fed._validate import check_state
 from ..generator import PromptGenerator
 from ..vpt import VPT
 from .protocol import Protocol

@@ -27,7 +27,7 @@ from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 from torch import Tensor, nn
 
 from .. import fed
-from ..fed._validate import check_state, format_keys
+from .._checks import check_state, format_keys
 from .records import ClientResult
 from .server import Server
 from .training import LocalTask, LocalTrainer, LossFn, Trainer, batch_seed, cross_entropy_loss, evaluate

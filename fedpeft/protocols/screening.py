@@ -22,7 +22,7 @@ from typing import Collection, Iterable, List, Mapping, Optional, Tuple
 
 from torch import Tensor
 
-from ..fed._validate import check_state, check_weight
+from .._checks import check_state, check_weight
 from .records import Rejection, Reply
 
 __all__ = ["screen_replies"]

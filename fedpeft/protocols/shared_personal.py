@@ -20,8 +20,7 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 from torch import Tensor, nn
 
 from .. import fed
-from .._checks import check_positive_int
-from ..fed._validate import check_state
+from .._checks import check_positive_int, check_state
 from .protocol import Phase, Protocol
 from .records import ServerReport
 from .screening import screen_replies
