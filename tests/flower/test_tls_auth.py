@@ -166,6 +166,14 @@ class FleetGate:
         self.thread.join(timeout=10)
 
 
+def _finished(report: Path) -> bool:
+    """The ServerApp rewrites its report every round ("status": "running"); finished when it says otherwise."""
+    try:
+        return json.loads(report.read_text())["status"] != "running"
+    except (OSError, ValueError, KeyError):
+        return False
+
+
 def _wait_for(pred, timeout: float, poll: float = 0.5) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -261,9 +269,10 @@ def test_tls_and_node_auth_run_and_refusals(tmp_path):
                        f'report-path="{report}" num-server-rounds=2 num-partitions=2', timeout=420)
             listening = _listening(pgids)
             assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-            assert _wait_for(report.exists, 60), (logs / "superlink.log").read_text()[-3000:]
+            assert _wait_for(lambda: _finished(report), 60), (logs / "superlink.log").read_text()[-3000:]
             assert any(p == "/v1/fleet/push-messages" for p in gate.passed)  # the nodes worked through the gate
         result = json.loads(report.read_text())
+        assert result["status"] == "completed"
         assert [r["round"] for r in result["rounds"]] == [1, 2]
         for r in result["rounds"]:
             assert r["accepted"] == [0, 1] and not r["rejected"], r
