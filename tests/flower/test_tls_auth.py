@@ -273,7 +273,7 @@ def test_tls_and_node_auth_run_and_refusals(tmp_path):
             assert any(p == "/v1/fleet/push-messages" for p in gate.passed)  # the nodes worked through the gate
         result = json.loads(report.read_text())
         assert result["status"] == "completed"
-        assert [r["round"] for r in result["rounds"]] == [1, 2]
+        assert [r["round"] for r in result["rounds"]] == [0, 1]  # the protocol's round index (0-based)
         for r in result["rounds"]:
             assert r["accepted"] == [0, 1] and not r["rejected"], r
         assert len(result["accuracy"]) == 2 and all(0.0 <= a <= 1.0 for a in result["accuracy"])
