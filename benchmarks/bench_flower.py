@@ -28,7 +28,8 @@ each message's cost down (medians over the messages of rounds ≥ 2, per message
     imports   the app module's imports (fedpeft.flower, torch, timm, the user's task), split by ``-X importtime``
     build / data / train / eval   the user's ``build_model``, ``load_data`` (sklearn's digits), training, evaluation
     fedpeft   the rest of the handler: fedpeft's own work (records, state, fingerprints, protocol)
-    reply     handler end → the server's next step (push, the server's 3 s pull)
+    reply     handler end → the server has every reply of the exchange (the ClientApp's exit, the SuperNode's 0.5 s
+              wait loop, the push, the server's pull, the slowest node)
 
 and the round time (the server's ``configure_train`` → the end of ``aggregate_evaluate``), with the load average.
 
