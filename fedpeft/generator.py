@@ -29,9 +29,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._checks import check_data, check_float_dtype, check_positive_int
-from .init import vpt_uniform_
+from .init import vpt_uniform_, vpt_uniform_bound
 
 __all__ = ["PromptGenerator"]
+
+#: the generator's initialisations (see ``PromptGenerator``)
+INITS = ("unit_logits", "vpt")
 
 
 def _patch_area(patch_size: Union[int, Tuple[int, int]]) -> int:
@@ -54,7 +57,9 @@ class PromptGenerator(nn.Module):
         descriptor_tokens: T, descriptor tokens per client: ``None`` (or L·K) for one query per prompt token, ``1``
             for one descriptor vector whose offset is broadcast on every token. Other values raise ``ValueError``.
         patch_size: the client ViT's patch size p (int or (p_h, p_w), timm: ``vit.patch_embed.patch_size``); only
-            sets the init bound, so that ``prompt_base`` and ``descriptors`` start like the client's VPT prompts.
+            sets the init bound, so that ``prompt_base`` starts like the client's VPT prompts.
+        init: ``"unit_logits"`` (default) or ``"vpt"``, see *Init* below. Only the initial values differ; the forward
+            maths (Eq. 3) is the same.
         device, dtype: factory arguments for all parameters.
 
     Parameters (state-dict names):
@@ -63,9 +68,18 @@ class PromptGenerator(nn.Module):
         q_proj, k_proj, v_proj, out_proj: ``nn.Linear(D, D, bias=False)``: W_Q, W_K, W_V, W_O (weights are the
             transposed matrices, ``q_proj(x) = x W_Q``).
 
-    Init: ``prompt_base`` and ``descriptors`` as VPT prompts, U(−v, v), v = sqrt(6 / (3·p² + D)); the projections keep
-    ``nn.Linear``'s default (Kaiming-uniform with a = √5, i.e. U(±1/sqrt(D))). The attention offset then starts small
-    next to P_base: every client begins near the shared basis, and personalization is learned.
+    Init: ``prompt_base`` always as VPT prompts, U(−v, v), v = sqrt(6 / (3·p² + D)); ``v_proj`` and ``out_proj`` keep
+    ``nn.Linear``'s default (Kaiming-uniform with a = √5, i.e. U(±1/sqrt(D))), so the attention offset starts small
+    next to P_base and every client begins near the shared basis.
+
+    - ``init="unit_logits"`` (default, a fedpeft choice; the paper gives no init): descriptors ~ N(0, 1),
+      W_Q ~ N(0, 1/D) and W_K ~ N(0, 1/(D·s²)) with s² = mean(P_base²) at init. Then every entry of q = d W_Q and of
+      k = P_base W_K has unit variance, and the logits q_h·k_h/sqrt(l_k) of every head have unit variance: the
+      softmax starts away from uniform, so each client's descriptors receive a gradient of the same order as
+      P_base's and the server can personalize.
+    - ``init="vpt"`` (fedpeft ≤ 0.1): descriptors as VPT prompts too and W_Q, W_K nn.Linear's default. The logits then
+      start at ≈ 1e-3 (uniform softmax), descriptors get ≈ 1e-4 of P_base's gradient, and under SGD at one rate
+      (the paper's Eq. 5) the generated prompts stay client-agnostic (``benchmarks/study_pfedpg.py``).
 
     Shapes: ``forward(client_ids)`` with ``client_ids`` a 1-D integer tensor (n,) → prompts (n, L, K, D). Duplicate
     ids are allowed (their gradients add up).
@@ -93,6 +107,7 @@ class PromptGenerator(nn.Module):
         heads: int = 1,
         descriptor_tokens: Optional[int] = None,
         patch_size: Union[int, Tuple[int, int]] = 16,
+        init: str = "unit_logits",
         device: Optional[Union[str, torch.device]] = None,
         dtype: Optional[torch.dtype] = None,
     ) -> None:
@@ -119,6 +134,9 @@ class PromptGenerator(nn.Module):
             )
         self.descriptor_tokens = descriptor_tokens
         self._patch_area = _patch_area(patch_size)
+        if init not in INITS:
+            raise ValueError(f"init must be one of {INITS}, got {init!r}")
+        self.init = init
         M, D, factory = self.num_tokens, embed_dim, {"device": device, "dtype": check_float_dtype("dtype", dtype)}
         self.prompt_base = nn.Parameter(torch.empty(M, D, **factory))
         self.descriptors = nn.Parameter(torch.empty(num_clients, descriptor_tokens, D, **factory))
@@ -131,11 +149,20 @@ class PromptGenerator(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """Re-draw everything: basis and descriptors with VPT's uniform init, projections with nn.Linear's."""
+        """Re-draw every parameter with the generator's ``init`` (see the class docstring)."""
         vpt_uniform_(self.prompt_base, self._patch_area, self.embed_dim)
-        vpt_uniform_(self.descriptors, self._patch_area, self.embed_dim)
         for proj in (self.q_proj, self.k_proj, self.v_proj, self.out_proj):
             proj.reset_parameters()
+        if self.init == "vpt":
+            vpt_uniform_(self.descriptors, self._patch_area, self.embed_dim)
+            return
+        D = self.embed_dim
+        with torch.no_grad():
+            self.descriptors.normal_(0.0, 1.0)
+            s2 = float(self.prompt_base.detach().float().pow(2).mean()) if self.prompt_base.device.type != "meta" \
+                else vpt_uniform_bound(self._patch_area, D) ** 2 / 3
+            self.q_proj.weight.normal_(0.0, 1.0 / math.sqrt(D))
+            self.k_proj.weight.normal_(0.0, 1.0 / math.sqrt(D * max(s2, 1e-30)))
 
     # ---- forward ------------------------------------------------------------------------------------------------
 
@@ -239,7 +266,7 @@ class PromptGenerator(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"num_clients={self.num_clients}, num_prompts={self.num_prompts}, embed_dim={self.embed_dim}, "
-            f"depth={self.depth}, heads={self.heads}, descriptor_tokens={self.descriptor_tokens}"
+            f"depth={self.depth}, heads={self.heads}, descriptor_tokens={self.descriptor_tokens}, init={self.init!r}"
         )
 
 

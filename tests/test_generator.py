@@ -170,7 +170,7 @@ def test_parameter_names_and_shapes():
 def test_init_vpt_uniform_and_linear_default():
     torch.manual_seed(0)
     D_ = 96
-    gen = PromptGenerator(num_clients=200, num_prompts=10, embed_dim=D_, patch_size=(8, 8))
+    gen = PromptGenerator(num_clients=200, num_prompts=10, embed_dim=D_, patch_size=(8, 8), init="vpt")
     v = vpt_uniform_bound(64, D_)
     assert v == pytest.approx(math.sqrt(6 / (3 * 64 + D_)))
     for t in (gen.prompt_base.detach(), gen.descriptors.detach()):
@@ -184,11 +184,43 @@ def test_init_vpt_uniform_and_linear_default():
         assert float(w.std()) == pytest.approx(bound / math.sqrt(3), rel=0.1)
     # patch_size=16 (the default) gives VPT's bound for a p=16 ViT
     v16 = vpt_uniform_bound(256, D_)
-    default = PromptGenerator(num_clients=50, num_prompts=10, embed_dim=D_)
+    default = PromptGenerator(num_clients=50, num_prompts=10, embed_dim=D_, init="vpt")
     assert 0.95 * v16 < float(default.descriptors.detach().abs().max()) <= v16
     before = {k: t.clone() for k, t in gen.state_dict().items()}
     gen.reset_parameters()
     assert all(not torch.equal(before[k], t) for k, t in gen.state_dict().items())
+
+
+@pytest.mark.parametrize("heads", [1, 3])
+def test_default_init_gives_unit_variance_attention_logits(heads):
+    """init="unit_logits": descriptors ~ N(0, 1); q = d W_Q and k = P_base W_K have unit-variance entries, so every
+    head's logits q_h·k_h/sqrt(l_k) have unit variance (the "vpt" init: ≈ 1e-3)."""
+    torch.manual_seed(0)
+    D_, hd = 96, 96 // heads
+    gen = PromptGenerator(num_clients=50, num_prompts=10, embed_dim=D_, patch_size=8, heads=heads)
+    assert gen.init == "unit_logits" and "init='unit_logits'" in repr(gen)
+    v = vpt_uniform_bound(64, D_)
+    base = gen.prompt_base.detach()
+    assert float(base.abs().max()) <= v  # the basis still starts as VPT prompts
+    assert float(gen.descriptors.detach().std()) == pytest.approx(1.0, rel=0.05)
+    s2 = float(base.pow(2).mean())
+    assert float(gen.q_proj.weight.detach().std()) == pytest.approx(1 / math.sqrt(D_), rel=0.05)
+    assert float(gen.k_proj.weight.detach().std()) == pytest.approx(1 / math.sqrt(D_ * s2), rel=0.05)
+    for proj in (gen.v_proj, gen.out_proj):  # nn.Linear's default: a small offset next to the basis
+        assert float(proj.weight.detach().abs().max()) <= 1 / math.sqrt(D_)
+    W_Q, W_K = gen.q_proj.weight.detach().T, gen.k_proj.weight.detach().T  # x W = x @ weight.T
+    q = (gen.descriptors.detach() @ W_Q).view(50, 10, heads, hd)
+    k = (base @ W_K).view(10, heads, hd)
+    logits = torch.einsum("cthd,mhd->chtm", q, k) / math.sqrt(hd)
+    assert float(logits.std()) == pytest.approx(1.0, rel=0.15)
+    torch.manual_seed(0)
+    old = PromptGenerator(num_clients=50, num_prompts=10, embed_dim=D_, patch_size=8, heads=heads, init="vpt")
+    q = (old.descriptors.detach() @ old.q_proj.weight.detach().T).view(50, 10, heads, hd)
+    k = (old.prompt_base.detach() @ old.k_proj.weight.detach().T).view(10, heads, hd)
+    assert float((torch.einsum("cthd,mhd->chtm", q, k) / math.sqrt(hd)).std()) < 0.02
+    # the init changes values only: with equal parameters both generators compute the same Eq. 3
+    old.load_state_dict(gen.state_dict())
+    assert torch.equal(old(torch.arange(50)), gen(torch.arange(50)))
 
 
 @pytest.mark.parametrize(

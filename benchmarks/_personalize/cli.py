@@ -90,9 +90,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="share of clients per round, in (0, 1]: a seeded sample, at least one client (default: 1)")
     add("--last-rounds", type=_positive, default=5, metavar="N",
         help="report each client's mean accuracy over the last N rounds (default: 5)")
-    add("--pfedpg-server", default=f"{b.generator_optimizer}:{b.generator_lr:g}", metavar="OPT:LR",
-        help=f"pFedPG's server optimizer and rate α, SGD or Adam (default: {b.generator_optimizer}:"
-        f"{b.generator_lr:g}, the paper's α; see docs/benchmark.md before changing it)")
+    add("--pfedpg-server", default=b.generator_optimizer, metavar="default|paper|OPT:LR",
+        help="pFedPG's server: 'default' (the library's: Adam, 1e-2 on the descriptors and 1e-3 elsewhere, "
+        "unit-logit generator init), 'paper' (Eq. 5 literally: SGD 0.001 on the VPT-like init of fedpeft 0.1), or "
+        "SGD:LR / Adam:LR, one rate on the unit-logit init (default: default; see docs/protocols.md, pFedPG)")
     add("--split", choices=["domain", "dirichlet"], default=None,
         help="how the embedded digits go to clients: a visual shift per client, or Dirichlet label skew "
         "(default: domain)")
@@ -133,13 +134,14 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> RunConfig:
     p = build_parser()
     a = p.parse_args(argv)
     b, d = Budget(), DataConfig()
-    opt, _, lr = a.pfedpg_server.partition(":")
+    opt, _, lr = (a.pfedpg_server, "", "0.001") if a.pfedpg_server in ("default", "paper") \
+        else a.pfedpg_server.partition(":")
     try:
         server_lr = float(lr)
     except ValueError:
         server_lr = float("nan")
-    if opt not in ("SGD", "Adam") or not (server_lr > 0 and math.isfinite(server_lr)):
-        p.error(f"--pfedpg-server: expected SGD:LR or Adam:LR with LR > 0, got {a.pfedpg_server!r}")
+    if opt not in ("SGD", "Adam", "default", "paper") or not (server_lr > 0 and math.isfinite(server_lr)):
+        p.error(f"--pfedpg-server: expected default, paper, SGD:LR or Adam:LR with LR > 0, got {a.pfedpg_server!r}")
     if a.checkpoint and not a.model:
         p.error("--checkpoint needs --model NAME (the timm architecture the weights belong to)")
     if a.model and not a.checkpoint:

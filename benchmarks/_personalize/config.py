@@ -48,8 +48,8 @@ class Budget:
     fedpgp_temperature: float = 0.5  # τ (FedPGP: 0.5)
     prefix_bottleneck: Optional[int] = None  # m; None = 2/3·D, FedPerfix's 256 for ViT-S's D = 384
     prefix_scale: float = 1.5  # s (FedPerfix: 1.5)
-    generator_optimizer: str = "SGD"  # pFedPG's server optimizer: plain descent on Σ‖gen(n) − P̃ₙ‖²/2 (docs/benchmark.md)
-    generator_lr: float = 1e-3  # pFedPG's server learning rate α (the paper's 0.001)
+    generator_optimizer: str = "default"  # pFedPG's server: "default" (the library's), "paper" (Eq. 5), SGD or Adam
+    generator_lr: float = 1e-3  # pFedPG's server rate α for SGD / Adam (unused by "default" and "paper")
     generator_descriptor_tokens: Optional[int] = None  # None = K (one query per prompt token)
     fraction: float = 1.0  # share of clients per round (seeded sample, at least one client)
 

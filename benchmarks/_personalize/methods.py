@@ -92,6 +92,9 @@ def build_model(name: str, ctx: Context) -> nn.Module:
 
 def make_protocol(name: str, budget: Budget) -> protocols.Protocol:
     """The library protocol of method ``name`` with the budget's method-specific options."""
+    if name == "pFedPG" and budget.generator_optimizer in ("default", "paper"):  # the library's recipes
+        recipe = "fedpeft" if budget.generator_optimizer == "default" else "paper"
+        return protocols.get(name, recipe=recipe, descriptor_tokens=budget.generator_descriptor_tokens)
     if name == "pFedPG":
         return protocols.get(name, server_optimizer=budget.generator_optimizer, server_lr=budget.generator_lr,
                              descriptor_tokens=budget.generator_descriptor_tokens)

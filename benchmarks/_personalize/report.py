@@ -171,16 +171,17 @@ def format_verdicts(s: Summary) -> str:
 def pfedpg_server(records: Records, seeds: Sequence[int]) -> Optional[Dict[str, Any]]:
     """pFedPG's server step over all seeds, from the per-round diagnostics of ``fedpeft.protocols.PFedPGServer``.
 
-    ``closer``: client-rounds where ``‖gen(n) − P̃ₙ‖`` shrank through the server step, of all client-rounds;
-    ``trained_norm``: mean ‖P̃ₙ‖ over clients in the first and the last round (mean over seeds); ``spread``: the mean
-    distance of the clients' generated prompts to their mean, relative to the mean's norm, first and last round.
-    ``None`` when pFedPG was not run.
+    ``closer``: client-rounds where ``‖gen(n) − P̃ₙ‖`` shrank through the server step, of all client-rounds
+    (``descending``: their share); ``trained_norm``: mean ‖P̃ₙ‖ over clients in the first and the last round (mean
+    over seeds); ``spread``: the mean distance of the clients' generated prompts to their mean, relative to the
+    mean's norm, first and last round; ``spread_rounds``: the rounds (1-based) of ``spread_at``, the spread at the
+    first, middle and last round (mean over seeds). ``None`` when pFedPG was not run.
     """
     logs = [records[(s, "pFedPG")]["server"] for s in seeds if (s, "pFedPG") in records]
     if not logs:
         return None
     closer = total = 0
-    first_norm, last_norm, first_spread, last_spread = [], [], [], []
+    first_norm, last_norm, at = [], [], []
     for log in logs:
         diags = [r["diagnostics"] for r in log if r.get("diagnostics")]
         for d in diags:
@@ -189,22 +190,28 @@ def pfedpg_server(records: Records, seeds: Sequence[int]) -> Optional[Dict[str, 
         if diags:
             first_norm.append(statistics.fmean(diags[0]["trained_norm"]))
             last_norm.append(statistics.fmean(diags[-1]["trained_norm"]))
-            first_spread.append(diags[0]["spread"])
-            last_spread.append(diags[-1]["spread"])
+            at.append([diags[i]["spread"] for i in (0, (len(diags) + 1) // 2 - 1, len(diags) - 1)])
     if not total:
         return None
-    return {"closer": closer, "client_rounds": total,
+    rounds = min(len([r for r in log if r.get("diagnostics")]) for log in logs)
+    spread_at = [statistics.fmean(a[i] for a in at) for i in range(3)]
+    return {"closer": closer, "client_rounds": total, "descending": closer / total,
             "trained_norm": [statistics.fmean(first_norm), statistics.fmean(last_norm)],
-            "spread": [statistics.fmean(first_spread), statistics.fmean(last_spread)]}
+            "spread": [spread_at[0], spread_at[2]], "spread_rounds": [1, (rounds + 1) // 2, rounds],
+            "spread_at": spread_at}
 
 
 def format_pfedpg(diag: Optional[Dict[str, Any]], optimizer: str, lr: float) -> str:
     if diag is None:
         return ""
-    return (f"pFedPG server ({optimizer}, lr {lr:g}): gen(n) moved closer to the client's trained prompts P̃ₙ in "
-            f"{diag['closer']}/{diag['client_rounds']} client-rounds; mean ‖P̃ₙ‖ {diag['trained_norm'][0]:.3g} "
-            f"(round 1) → {diag['trained_norm'][1]:.3g} (last); spread of gen(ids) across clients "
-            f"{100 * diag['spread'][0]:.3g}% → {100 * diag['spread'][1]:.3g}% of their mean's norm")
+    r, s = diag["spread_rounds"], diag["spread_at"]
+    server = {"paper": "paper: SGD lr 0.001, VPT init",
+              "default": "default: Adam, lr 1e-2 descriptors / 1e-3 rest"}.get(optimizer, f"{optimizer}, lr {lr:g}")
+    return (f"pFedPG server ({server}): descending steps {100 * diag['descending']:.0f}% "
+            f"({diag['closer']}/{diag['client_rounds']} client-rounds where gen(n) moved closer to P̃ₙ); "
+            f"spread of gen(ids) across clients at rounds {r[0]}/{r[1]}/{r[2]}: "
+            f"{100 * s[0]:.3g}% / {100 * s[1]:.3g}% / {100 * s[2]:.3g}% of their mean's norm; mean ‖P̃ₙ‖ "
+            f"{diag['trained_norm'][0]:.3g} (round 1) → {diag['trained_norm'][1]:.3g} (last)")
 
 
 def write_csv(path: Path, s: Summary, clients: Sequence[str]) -> None:

@@ -11,8 +11,10 @@ Algorithm 1, for the clients S_t of round t (every client, or a sample)::
 Deployment (Eq. 6): client n uses ``gen(n)`` of the latest generator with its head (``PFedPGServer.deployment``).
 
 Only the accepted replies enter the step: a dropped or absent client's prompts get no gradient, so under plain SGD
-(no momentum, no weight decay: the paper's Eq. 5, α = 0.001, the default here) its descriptor row does not move.
-Adam keeps moving rows from stale moments. The step returns diagnostics per round (``ServerReport.diagnostics``):
+(no momentum, no weight decay: the paper's Eq. 5, α = 0.001, ``PFedPG(recipe="paper")``) its descriptor row does not
+move. The default server is Adam (α = 1e-2 on the descriptors, 1e-3 elsewhere) on the unit-logit generator init,
+because Eq. 5 with the VPT-like init stays client-agnostic (docs/protocols.md has the study); Adam keeps moving absent
+rows from stale moments. The step returns diagnostics per round (``ServerReport.diagnostics``):
 
 - ``clients``: the accepted ids; ``dist_before`` / ``dist_after``: ``‖gen(n) − P̃_n‖`` before and after the step;
 - ``trained_norm``: ``‖P̃_n‖``; ``generated_norm``: ``‖gen(n)‖`` after the step;
@@ -24,7 +26,9 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Tuple, Union
+import math
+import warnings
+from typing import Any, Callable, ClassVar, Dict, Iterable, List, Mapping, Optional, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -32,7 +36,7 @@ from torch import Tensor, nn
 from .. import _timm, fed
 from .._checks import check_positive_int, check_state
 from .._wrapping import innermost, wrapper_chain
-from ..generator import PromptGenerator
+from ..generator import INITS, PromptGenerator
 from ..vpt import VPT
 from .protocol import Protocol
 from .records import ServerReport
@@ -41,7 +45,7 @@ from .server import flatten_optimizer, unflatten_optimizer
 from .shared_personal import _check_ids
 from .training import LossFn
 
-__all__ = ["PFedPG", "PFedPGServer"]
+__all__ = ["DEFAULT_SERVER_LR", "PARAM_GROUPS", "PFedPG", "PFedPGServer", "param_groups"]
 
 OptimizerSpec = Union[str, Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]]
 
@@ -65,13 +69,53 @@ def _prompt_key(model: nn.Module) -> str:
     raise ValueError("pFedPG: the VPT's prompts are not a parameter of the model")  # pragma: no cover
 
 
-def _make_optimizer(spec: OptimizerSpec, params: Iterable[nn.Parameter], lr: float) -> torch.optim.Optimizer:
+#: the generator's parameter groups a per-group server rate may name
+PARAM_GROUPS = ("prompt_base", "descriptors", "projections")
+
+#: the default server rates (Adam): 10× on the descriptors, the per-client parameters (docs/protocols.md)
+DEFAULT_SERVER_LR: Dict[str, float] = {"prompt_base": 1e-3, "descriptors": 1e-2, "projections": 1e-3}
+
+
+def _check_rate(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+    return float(value)
+
+
+def _check_server_lr(server_lr: Any) -> Union[float, Dict[str, float]]:
+    """A positive finite rate, or ``{group: rate}`` naming every group of :data:`PARAM_GROUPS` exactly once."""
+    if isinstance(server_lr, Mapping):
+        unknown = sorted(str(k) for k in server_lr if k not in PARAM_GROUPS)
+        if unknown:
+            raise ValueError(f"server_lr: unknown parameter group(s) {unknown}; the groups are {list(PARAM_GROUPS)}")
+        missing = [g for g in PARAM_GROUPS if g not in server_lr]
+        if missing:
+            raise ValueError(f"server_lr: a per-group rate needs every group {list(PARAM_GROUPS)}, missing {missing}")
+        return {g: _check_rate(f"server_lr[{g!r}]", server_lr[g]) for g in PARAM_GROUPS}
+    return _check_rate("server_lr", server_lr)
+
+
+def param_groups(generator: PromptGenerator) -> Dict[str, List[nn.Parameter]]:
+    """The generator's parameters by group: ``prompt_base``, ``descriptors``, ``projections`` (W_Q, W_K, W_V, W_O)."""
+    return {
+        "prompt_base": [generator.prompt_base],
+        "descriptors": [generator.descriptors],
+        "projections": [m.weight for m in (generator.q_proj, generator.k_proj, generator.v_proj, generator.out_proj)],
+    }
+
+
+def _make_optimizer(spec: OptimizerSpec, generator: PromptGenerator,
+                    lr: Union[float, Mapping[str, float]]) -> torch.optim.Optimizer:
     if callable(spec):
-        return spec(params)
+        return spec(generator.parameters())
     kinds = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam}
     if not isinstance(spec, str) or spec.lower() not in kinds:
         raise ValueError(f"server optimizer must be 'SGD', 'Adam' or a callable(params) -> Optimizer, got {spec!r}")
-    return kinds[spec.lower()](params, lr=lr)
+    lr = _check_server_lr(lr)
+    groups = param_groups(generator)
+    if isinstance(lr, dict):
+        return kinds[spec.lower()]([{"params": groups[g], "lr": lr[g], "name": g} for g in PARAM_GROUPS], lr=1.0)
+    return kinds[spec.lower()]([{"params": groups[g], "name": g} for g in PARAM_GROUPS], lr=lr)
 
 
 class PFedPGServer:
@@ -81,10 +125,16 @@ class PFedPGServer:
         generator: the generator (``num_clients`` rows of descriptors).
         optimizer: a ``torch.optim.Optimizer`` over ``generator``'s parameters.
         expected: the upload every client must send: ``{prompt key: tensor of shape (L, K, D)}`` (values unused).
+        normalize_delta: rescale each accepted client's pseudo-gradient ``P_n − P̃_n`` to the mean norm over the
+            round's accepted clients before the backward (every client's direction weighs the same). Default off.
+
+    Over a run the server counts the client-rounds whose step *ascended* (``dist_after > dist_before``) and warns
+    (``RuntimeWarning``, once) as soon as they are more than half of all client-rounds after at least 3 rounds: the
+    generator then moves away from what the clients trained and its rate or optimizer is wrong.
     """
 
     def __init__(self, generator: PromptGenerator, optimizer: torch.optim.Optimizer,
-                 expected: Dict[str, Tensor]) -> None:
+                 expected: Dict[str, Tensor], *, normalize_delta: bool = False) -> None:
         if not isinstance(generator, PromptGenerator):
             raise TypeError(f"generator must be a fedpeft.PromptGenerator, got {type(generator).__name__}")
         (self.key, ref), = expected.items()
@@ -96,6 +146,12 @@ class PFedPGServer:
         self.expected_upload = {self.key: torch.empty(shape, dtype=ref.dtype)}
         self._pending: Optional[tuple] = None  # (ids, P with graph) of the round in flight
         self.round = 0  # update() calls so far
+        if not isinstance(normalize_delta, bool):
+            raise TypeError(f"normalize_delta must be a bool, got {type(normalize_delta).__name__}")
+        self.normalize_delta = normalize_delta
+        self.client_rounds = 0  # accepted client-rounds stepped on so far
+        self.ascended = 0  # of which ‖gen(n) − P̃_n‖ grew through the step
+        self._warned = False
 
     @property
     def own_params(self) -> int:
@@ -145,8 +201,12 @@ class PFedPGServer:
         selected = generated if rows == list(range(len(ids))) else generated[rows]
         trained = torch.stack([r.upload[self.key] for r in accepted]).to(selected.device, selected.dtype)
         before = (selected.detach() - trained).flatten(1).norm(dim=1)
+        target = trained
+        if self.normalize_delta:
+            scale = before.mean() / before.clamp_min(1e-30)  # ‖P_n − P̃_n‖ → the round's mean norm
+            target = selected.detach() - (selected.detach() - trained) * scale.view(-1, *[1] * (trained.dim() - 1))
         self.optimizer.zero_grad(set_to_none=True)
-        fed.delta_backward(selected, trained)
+        fed.delta_backward(selected, target)
         self.optimizer.step()
         report.updated = True
         with torch.no_grad():
@@ -154,14 +214,23 @@ class PFedPGServer:
             after_sel = everyone[self._ids_tensor(report.accepted)]
             mean = everyone.mean(0)
             spread = (everyone - mean).flatten(1).norm(dim=1).mean() / mean.norm().clamp_min(1e-12)
+            after = (after_sel - trained).flatten(1).norm(dim=1)
             report.diagnostics = {
                 "clients": list(report.accepted),
                 "dist_before": before.tolist(),
-                "dist_after": (after_sel - trained).flatten(1).norm(dim=1).tolist(),
+                "dist_after": after.tolist(),
                 "trained_norm": trained.flatten(1).norm(dim=1).tolist(),
                 "generated_norm": after_sel.flatten(1).norm(dim=1).tolist(),
                 "spread": float(spread),
             }
+        self.client_rounds += len(rows)
+        self.ascended += int((after > before).sum())
+        if not self._warned and self.round >= 3 and 2 * self.ascended > self.client_rounds:
+            self._warned = True
+            warnings.warn(
+                f"pFedPG server: the step moved gen(n) away from the client's trained prompts (diagnostics "
+                f"dist_after > dist_before) in {self.ascended}/{self.client_rounds} client-rounds; lower the server "
+                f"rate or use the default server (docs/protocols.md)", RuntimeWarning, stacklevel=2)
         return report
 
     def state_dict(self) -> Tuple[Dict[str, Tensor], Dict[str, Any]]:
@@ -210,22 +279,50 @@ class PFedPG(Protocol):
     ``gen(n)``, not an average).
 
     Args:
-        server_optimizer: ``"SGD"`` (default: the paper's Eq. 5 is plain gradient descent), ``"Adam"``, or a callable
-            ``params -> Optimizer``.
-        server_lr: α, the server's learning rate (the paper: 0.001).
+        recipe: the server's defaults in one word. ``"fedpeft"`` (default): ``Adam`` with α = 1e-2 on the descriptors
+            and 1e-3 on ``prompt_base`` and the projections (:data:`DEFAULT_SERVER_LR`), on a generator with
+            ``init="unit_logits"``. ``"paper"``: Eq. 5 literally, one plain SGD α = 1e-3 on every generator
+            parameter, on the ``init="vpt"`` generator of fedpeft ≤ 0.1. The arguments below override the recipe's.
+            Why the default departs from Eq. 5 (measured by ``benchmarks/study_pfedpg.py``): see docs/protocols.md.
+        server_optimizer: ``"SGD"``, ``"Adam"``, or a callable ``params -> Optimizer``.
+        server_lr: α, one rate > 0 for every parameter, or ``{"prompt_base": α_b, "descriptors": α_d,
+            "projections": α_p}`` (:data:`PARAM_GROUPS`, every group named) for per-group rates.
+        generator_init: ``PromptGenerator``'s ``init`` (``"unit_logits"`` or ``"vpt"``).
+        normalize_delta: ``PFedPGServer``'s option (each client's ΔP rescaled to the round's mean norm).
         heads, descriptor_tokens: the generator's (``PromptGenerator``'s arguments).
         loss_fn: the client objective (default cross-entropy).
+
+    Raises ``ValueError`` naming the argument for an unknown recipe, optimizer, init or parameter group, and for a
+    rate that is ≤ 0 or not finite.
     """
 
-    def __init__(self, *, name: str = "pFedPG", server_optimizer: OptimizerSpec = "SGD", server_lr: float = 1e-3,
+    RECIPES: ClassVar[Dict[str, Dict[str, Any]]] = {
+        "fedpeft": {"server_optimizer": "Adam", "server_lr": DEFAULT_SERVER_LR, "generator_init": "unit_logits"},
+        "paper": {"server_optimizer": "SGD", "server_lr": 1e-3, "generator_init": "vpt"},
+    }
+
+    def __init__(self, *, name: str = "pFedPG", recipe: str = "fedpeft",
+                 server_optimizer: Optional[OptimizerSpec] = None,
+                 server_lr: Optional[Union[float, Mapping[str, float]]] = None,
+                 generator_init: Optional[str] = None, normalize_delta: bool = False,
                  heads: int = 1, descriptor_tokens: Optional[int] = None, loss_fn: Optional[LossFn] = None) -> None:
         super().__init__(name=name, loss_fn=loss_fn)
+        if recipe not in self.RECIPES:
+            raise ValueError(f"recipe must be one of {list(self.RECIPES)}, got {recipe!r}")
+        defaults = self.RECIPES[recipe]
+        server_optimizer = defaults["server_optimizer"] if server_optimizer is None else server_optimizer
+        server_lr = defaults["server_lr"] if server_lr is None else server_lr
+        generator_init = defaults["generator_init"] if generator_init is None else generator_init
         if not callable(server_optimizer) and (not isinstance(server_optimizer, str)
                                                or server_optimizer.lower() not in ("sgd", "adam")):
             raise ValueError(f"server_optimizer must be 'SGD', 'Adam' or a callable, got {server_optimizer!r}")
-        if isinstance(server_lr, bool) or not isinstance(server_lr, (int, float)) or not server_lr > 0:
-            raise ValueError(f"server_lr must be a number > 0, got {server_lr!r}")
-        self.server_optimizer, self.server_lr = server_optimizer, float(server_lr)
+        if generator_init not in INITS:
+            raise ValueError(f"generator_init must be one of {INITS}, got {generator_init!r}")
+        if not isinstance(normalize_delta, bool):
+            raise TypeError(f"normalize_delta must be a bool, got {type(normalize_delta).__name__}")
+        self.recipe = recipe
+        self.server_optimizer, self.server_lr = server_optimizer, _check_server_lr(server_lr)
+        self.generator_init, self.normalize_delta = generator_init, normalize_delta
         self.heads = check_positive_int("heads", heads)
         self.descriptor_tokens = descriptor_tokens
 
@@ -257,9 +354,9 @@ class PFedPG(Protocol):
                 torch.manual_seed(seed)
             gen = PromptGenerator(
                 num_clients=num_clients, num_prompts=vpt.num_prompts, embed_dim=vpt.embed_dim, depth=vpt.prompt_depth,
-                heads=self.heads, descriptor_tokens=self.descriptor_tokens,
+                heads=self.heads, descriptor_tokens=self.descriptor_tokens, init=self.generator_init,
                 patch_size=_timm.patch_size(innermost(vpt)), device=ref.device,
                 dtype=torch.float64 if ref.dtype == torch.float64 else torch.float32,  # trained in float32 at least
             )
-        opt = _make_optimizer(self.server_optimizer, gen.parameters(), self.server_lr)
-        return PFedPGServer(gen, opt, {_prompt_key(model): ref.detach()})
+        opt = _make_optimizer(self.server_optimizer, gen, self.server_lr)
+        return PFedPGServer(gen, opt, {_prompt_key(model): ref.detach()}, normalize_delta=self.normalize_delta)

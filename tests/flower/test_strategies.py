@@ -252,6 +252,8 @@ def test_pfedpg_drops_a_nan_client_and_steps_on_the_others_only():
     """Oracle: SGD by hand on a copy of the generator, with only the finite replies: φ ← φ − α ∂/∂φ Σ_n ⟨gen(n),
     gen(n) − P̃_n⟩ (the pseudo-gradient P − P̃), the absent client's descriptor row unchanged."""
     w = world("pFedPG", nan_client=1)
+    # the paper's plain SGD step (the default server is Adam; its oracle is tests/protocols/test_pfedpg_personalizes)
+    w.strategy.server.optimizer = torch.optim.SGD(w.strategy.generator.parameters(), lr=1e-3)
     seen = _recorder(w)
     gen = copy.deepcopy(w.strategy.generator)
     descriptors_before = gen.descriptors.detach().clone()

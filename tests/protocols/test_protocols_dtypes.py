@@ -36,7 +36,7 @@ def test_bf16_fedvpt_round_keeps_bf16_and_averages_in_float32():
 
 def test_bf16_pfedpg_keeps_a_float32_generator():
     model = model_for("pFedPG").bfloat16()
-    p = protocols.get("pFedPG", server_lr=0.05)
+    p = protocols.get("pFedPG", server_optimizer="SGD", server_lr=0.05)
     server = p.make_server(model, num_clients=2, seed=0)
     assert server.generator.prompt_base.dtype == torch.float32
     payloads = server.payloads([0, 1])
