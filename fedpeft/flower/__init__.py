@@ -3,7 +3,8 @@
 Optional extra: ``pip install "fedpeft[flower]"`` (``flwr[simulation]>=1.42,<2``); flwr is imported only here.
 
 - :func:`client_app` (``ClientHandlers``): the ``ClientApp`` of one method: model built per message, shared state from
-  the message, personal state in ``context.state`` stamped with its round, replies with exactly the upload keys.
+  the message, personal state stamped with its round (on the node's disk with a ``state-dir``, else in
+  ``context.state``), replies with exactly the upload keys.
 - :class:`ProtocolStrategy`: the one ``flwr.serverapp.strategy.Strategy``, around any protocol's server: registration
   by partition id, seeded sampling, replies read once (:func:`parse_reply`) and screened by the server in partition-id
   order, one :class:`~fedpeft.protocols.RoundRecord` per round (``history``, the round log). ``PersonalizedFedAvg`` and
@@ -11,6 +12,9 @@ Optional extra: ``pip install "fedpeft[flower]"`` (``flwr[simulation]>=1.42,<2``
 - :func:`server_app`: the ``ServerApp`` that runs the strategy and rewrites the per-client report every round.
 - :mod:`.records` / :mod:`.node`: record keys, state dicts on the wire (``ArrayRecord`` by key, float32), reading a
   reply; personal state in ``context.state``.
+- Surviving restarts: :mod:`.node_state` / :mod:`.durable` (a client's personal state in one safetensors file per
+  (run, partition) under ``<state-dir>/fedpeft/``; the ClientApp's refusals of bad messages), :mod:`.resume` (the
+  strategy's checkpoint and resume; ``checkpoint_dir``), the registry's rejoin at every round's start.
 
 See docs/flower.md.
 """

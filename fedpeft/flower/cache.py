@@ -104,9 +104,10 @@ class NodeCache:
         self.folder = Path(folder)
 
     @classmethod
-    def of(cls, context: Any) -> Optional[NodeCache]:
-        """The cache of the node ``context`` runs on, or ``None`` when its ``node_config`` names no ``state-dir``."""
-        state_dir = context.node_config.get(STATE_DIR)
+    def of(cls, context: Any, fallback: Any = None) -> Optional[NodeCache]:
+        """The cache of the node ``context`` runs on: ``<state-dir>/cache`` of its ``node_config`` (else of
+        ``fallback``, the ClientApp's own ``state_dir``), or ``None`` when it has no state folder."""
+        state_dir = context.node_config.get(STATE_DIR) or (None if fallback is None else str(fallback))
         if not state_dir:
             return None
         if not isinstance(state_dir, str):

@@ -45,6 +45,8 @@ __all__ = ["ARRAYS", "CONFIG", "DEPLOY", "EVALUATION", "EVAL_ROUND", "INFO", "ME
 ARRAYS, CONFIG, METRICS, INFO = "arrays", "config", "metrics", "info"
 ROUND, SEED, METHOD = "fedpeft.round", "fedpeft.seed", "fedpeft.method"
 DEPLOY, EVAL_ROUND, EVALUATION = "fedpeft.deploy", "fedpeft.eval-round", "evaluation"
+#: the start of the reason of a reply whose client's own training diverged (``RoundRecord.diverged``)
+DIVERGED = "local training diverged"
 
 #: message id of each message sent this round → the partition it went to
 Sent = Mapping[str, int]
@@ -127,11 +129,19 @@ def parse_reply(msg: Message, sent: Sent, like: Mapping[str, Tensor]) -> Union[R
     if isinstance(got, Rejection):
         return got
     pid, metrics = got
+    if metrics.get("diverged"):
+        info = msg.content.config_records.get(INFO)
+        why = info.get("why") if info is not None else None
+        return Rejection(pid, why if isinstance(why, str) and why.startswith(DIVERGED) else
+                         f"{DIVERGED}; the client kept its previous personal state")
     try:
         upload = from_record(msg.content.array_records.get(ARRAYS, ArrayRecord()), like=like)
     except (TypeError, ValueError) as e:
         return Rejection(pid, f"unreadable reply: {e}")
-    return Reply(pid, upload, metrics.get("num-examples"))
+    stamped = metrics.get("round")  # the round the client says it trained; the server refuses another one
+    if stamped is not None and (isinstance(stamped, bool) or not isinstance(stamped, int)):
+        return Rejection(pid, f"reply stamped with round {stamped!r}, not an integer")
+    return Reply(pid, upload, metrics.get("num-examples"), stamped)
 
 
 def parse_evaluation(msg: Message, sent: Sent, key: str = METRICS) -> Union[Tuple[int, float, MetricRecord], Rejection]:

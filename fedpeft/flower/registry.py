@@ -25,6 +25,7 @@ from typing import Dict, List, Optional, Tuple
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
+from .durable import RUN
 from .records import INFO, METRICS
 
 __all__ = ["Registry", "discover_partitions"]
@@ -41,6 +42,10 @@ class Registry:
         self.node_of: Dict[int, int] = {}  # partition id → node id
         self.num_examples: Dict[int, int] = {}  # partition id → training examples
         self.refused: Dict[int, str] = {}  # node id → reason
+        self.run: Optional[str] = None  # the fedpeft run id, sent with every query (the node reports its state's round)
+        self.personal_round: Dict[int, int] = {}  # partition id → round of the node's personal state (-1: none)
+        self.retired: Dict[int, int] = {}  # node id → partition id it held before it left or was replaced
+        self.last_trained: Dict[int, Optional[int]] = {}  # partition id → last round its upload was accepted
 
     def __len__(self) -> int:
         return len(self.node_of)
@@ -70,6 +75,7 @@ class Registry:
 
     def add(self, replies: List[Message]) -> None:
         """Register the nodes of ``replies`` (query replies) by the rules in the module docstring."""
+        by_node = {r.metadata.src_node_id: r for r in replies}
         checked = [(r.metadata.src_node_id, *self._check(r)) for r in replies]
         claims = Counter(pid for _, pid, reason, _ in checked if reason is None)
         for node, pid, reason, n in sorted(checked, key=lambda c: (c[1] is None, c[1] or 0, c[0])):
@@ -81,7 +87,61 @@ class Registry:
                 self._refuse(node, reason)
                 continue
             self.partition_of[node], self.node_of[pid], self.num_examples[pid] = pid, node, n
+            got = by_node[node].content.metric_records[METRICS].get("personal-round", -1)
+            self.personal_round[pid] = got if isinstance(got, int) and not isinstance(got, bool) else -1
             log.info("registered node %d as partition %d (%d training examples)", node, pid, n)
+
+    def _query(self, node: int, group: str = "register") -> Message:
+        cfg = {"fedpeft.method": self.method, **({RUN: self.run} if self.run else {})}
+        return Message(RecordDict({"config": ConfigRecord(cfg)}), node, MessageType.QUERY, group_id=group)
+
+    def forget(self, node: int) -> None:
+        """Unregister ``node`` (it left, or a new node replaced it); its partition is free for a node that rejoins."""
+        pid = self.partition_of.pop(node)
+        del self.node_of[pid]
+        self.retired[node] = pid
+
+    def refresh(self, grid: Grid, *, timeout: float, probe_timeout: float) -> Dict[str, List[int]]:
+        """At a round's start: forget nodes that left, register new ones with the first registration's checks.
+
+        A new node claiming a partition that a registered node still holds gets it only if that node no longer
+        answers a query within ``probe_timeout`` seconds (Flower lists a killed SuperNode as online for up to two
+        heartbeat intervals); if it answers, the newcomer is refused (two live nodes on one partition).
+
+        Returns:
+            ``{"rejoined": partitions registered again under a new node id, "restarted_without_state": those of
+            them whose node reports no personal state although the partition trained before (:attr:`last_trained`)}``.
+        """
+        live = set(grid.get_node_ids())
+        for node in [n for n in self.partition_of if n not in live]:
+            log.warning("node %d (partition %d) left the federation", node, self.partition_of[node])
+            self.forget(node)
+        new = sorted(n for n in live if n not in self.partition_of and n not in self.refused and n not in self.retired)
+        out: Dict[str, List[int]] = {"rejoined": [], "restarted_without_state": []}
+        if not new:
+            return out
+        replies = list(grid.send_and_receive([self._query(n, "rejoin") for n in new], timeout=max(1.0, timeout)))
+        contested = {}
+        for r in replies:
+            pid, reason, _ = self._check(r)
+            if reason is None and pid in self.node_of:
+                contested[pid] = self.node_of[pid]
+        if contested:  # is the node holding the partition still alive?
+            probes = [self._query(node, "probe") for node in contested.values()]
+            answered = {r.metadata.src_node_id for r in grid.send_and_receive(probes, timeout=probe_timeout)
+                        if not r.has_error()}
+            for pid, node in contested.items():
+                if node not in answered:
+                    log.warning("node %d (partition %d) no longer answers; a new node claims its partition", node, pid)
+                    self.forget(node)
+        before = set(self.node_of)
+        self.add(replies)
+        for pid in sorted(set(self.node_of) - before):
+            if pid in self.retired.values() or pid in self.last_trained:
+                out["rejoined"].append(pid)
+                if self.last_trained.get(pid) is not None and self.personal_round.get(pid, -1) < 0:
+                    out["restarted_without_state"].append(pid)
+        return out
 
     def register(self, grid: Grid, *, min_nodes: int, timeout: float, poll: float = 1.0) -> None:
         """Query every new node until ``min_nodes`` nodes have answered (registered or refused) or ``timeout``
@@ -94,8 +154,7 @@ class Registry:
         while True:
             new = [n for n in grid.get_node_ids() if n not in self.partition_of and n not in self.refused]
             if new:
-                msgs = [Message(RecordDict({"config": ConfigRecord({"fedpeft.method": self.method})}), n,
-                                MessageType.QUERY, group_id="register") for n in new]
+                msgs = [self._query(n) for n in new]
                 replies = list(grid.send_and_receive(msgs, timeout=max(1.0, deadline - time.monotonic())))
                 answered = {r.metadata.src_node_id for r in replies}
                 self.add(replies)

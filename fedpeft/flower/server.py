@@ -11,7 +11,7 @@ record as one JSON line (:class:`~fedpeft.protocols.RoundLog`).
 
 ``run_config`` (``[tool.flwr.app.config]`` of the app, or ``flwr run --run-config``) overrides the arguments:
 ``num-server-rounds``, ``num-partitions``, ``fraction-train``, ``fraction-evaluate``, ``seed``, ``round-timeout``,
-``registration-timeout``, ``report-path``, ``round-log-path``.
+``registration-timeout``, ``report-path``, ``round-log-path``, ``checkpoint-dir``, ``run-name``, ``probe-timeout``.
 """
 
 from __future__ import annotations
@@ -96,6 +96,8 @@ def server_app(
     registration_timeout: float = 600.0,
     report: Optional[Union[str, Path]] = None,
     round_log: Optional[Union[str, Path]] = None,
+    checkpoint_dir: Optional[Union[str, Path]] = None,
+    on_round: Optional[Callable[[Any], None]] = None,
     on_report: Optional[Callable[[Dict[str, Any]], None]] = None,
     **strategy_options: Any,
 ) -> ServerApp:
@@ -111,6 +113,12 @@ def server_app(
             replaced by the run's id; a relative path is taken from the ServerApp's working folder, and the absolute
             path is printed at the end. ``None`` or ``""`` writes none.
         round_log: path of the JSON-lines round log (or ``round-log-path``); ``None`` writes none.
+        checkpoint_dir: the server's checkpoint folder (or ``checkpoint-dir``): written after every round; a
+            ServerApp started again with the same folder (after a crash of the ServerApp or the SuperLink) resumes
+            from it and runs the rounds that are left (:mod:`.resume`). ``run-name`` in the run config names the
+            run the nodes file their personal state under (default: the checkpoint's, else Flower's run id).
+        on_round: called with each round's :class:`~fedpeft.protocols.RoundRecord` after the report (and the
+            checkpoint) are written.
         on_report: called with the report dict when the run ends (e.g. to collect it in-process).
         strategy_options: passed to :class:`ProtocolStrategy` (e.g. ``min_nodes``, ``check_frozen``,
             ``server_seed``).
@@ -143,12 +151,20 @@ def server_app(
                 if path:
                     write_report(path, {**method_report(strategy, model, time.perf_counter() - t0),
                                         "status": "running"})
+                if on_round is not None:
+                    on_round(record)
 
             strategy = ProtocolStrategy(protocol, model, num_partitions=parts, seed=run_seed,
                                         fraction_train=float(cfg.get("fraction-train", fraction_train)),
                                         fraction_evaluate=float(cfg.get("fraction-evaluate", fraction_evaluate)),
                                         registration_timeout=reg_timeout, on_round=each_round,
-                                        round_log=log_path or None, **strategy_options)
+                                        round_log=log_path or None,
+                                        checkpoint_dir=cfg.get("checkpoint-dir", None if checkpoint_dir is None
+                                                               else str(checkpoint_dir)) or None,
+                                        **({"run_name": str(cfg["run-name"])} if cfg.get("run-name") else {}),
+                                        **({"probe_timeout": float(cfg["probe-timeout"])} if "probe-timeout" in cfg
+                                           else {}),
+                                        **strategy_options)
             if answered:
                 strategy.registry.add(answered)
             strategy.start(grid, num_rounds=int(cfg.get("num-server-rounds", num_rounds)),

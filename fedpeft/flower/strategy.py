@@ -47,14 +47,19 @@ from ..protocols import (
     RoundRecord,
     Server,
     ServerReport,
+    load_checkpoint,
     sample_clients,
+    save_checkpoint,
 )
 from ..protocols import get as get_protocol
+from ..protocols.screening import check_max_weight
 from .client import frozen_fingerprint
+from .durable import RUN
 from .records import (
     ARRAYS,
     CONFIG,
     DEPLOY,
+    DIVERGED,
     EVAL_ROUND,
     EVALUATION,
     METHOD,
@@ -68,6 +73,7 @@ from .records import (
     to_record,
 )
 from .registry import Registry
+from .resume import absent, cap_registered, restore_strategy, resumed_flags, strategy_checkpoint
 
 __all__ = ["PFedPGStrategy", "PersonalizedFedAvg", "ProtocolStrategy"]
 
@@ -104,9 +110,19 @@ class ProtocolStrategy(Strategy):
         on_round: called with each round's :class:`~fedpeft.protocols.RoundRecord` after its evaluation.
         round_log: a :class:`~fedpeft.protocols.RoundLog` or the path of a new one: every round's record is appended
             (one JSON line, atomic, fsync'ed; TensorBoard too when installed).
+        checkpoint_dir: a folder for the server's checkpoint (:mod:`.resume`), rewritten after every round; if it
+            holds one, :meth:`start` resumes from it (same method, seed, fractions and partitions, else
+            ``CheckpointError``) and runs the rounds that are left.
+        run_name: the fedpeft run id the nodes file their personal state under (default: the checkpoint's, else
+            Flower's run id).
+        max_weight: the largest ``num-examples`` a reply may claim (besides the node's registered dataset size,
+            which always caps it).
+        probe_timeout: seconds a node that holds a partition has to answer before a new node claiming that
+            partition replaces it (:meth:`Registry.refresh`).
         one_message: with :meth:`start`, send each node one message per round (round r's evaluation travels with
             round r + 1's train message; see the module docstring); ``False``: a train and an evaluate exchange per
-            round, as Flower's own strategies do. Every number is the same either way.
+            round, as Flower's own strategies do. Every number is the same either way. With ``checkpoint_dir`` the
+            strategy keeps two exchanges (a checkpoint is written once a round's evaluation is in).
     """
 
     def __init__(
@@ -125,6 +141,10 @@ class ProtocolStrategy(Strategy):
         check_frozen: bool = True,
         on_round: Optional[Callable[[RoundRecord], None]] = None,
         round_log: Union[str, Path, RoundLog, None] = None,
+        checkpoint_dir: Union[str, Path, None] = None,
+        run_name: Optional[str] = None,
+        max_weight: Optional[float] = None,
+        probe_timeout: float = 60.0,
         one_message: bool = True,
     ) -> None:
         self.method: Protocol = get_protocol(method)
@@ -153,6 +173,12 @@ class ProtocolStrategy(Strategy):
         self._open_eval: List[Tuple[Message, int]] = []  # the messages carrying its evaluation
         self._started = 0.0
         self._registered = False
+        if max_weight is not None:
+            self.server.max_weight = check_max_weight(max_weight)  # type: ignore[attr-defined]
+        self.checkpoint_dir = None if checkpoint_dir is None else Path(checkpoint_dir)
+        self.run_name, self.probe_timeout = run_name, float(probe_timeout)
+        self._offset = 0  # rounds done before this process started (a resumed run)
+        self._pending_flags: Dict[str, List[int]] = {}
 
     @property
     def shared(self) -> Dict[str, Tensor]:
@@ -166,10 +192,18 @@ class ProtocolStrategy(Strategy):
 
     # ---- helpers --------------------------------------------------------------------------------------------------
     def _ensure_registered(self, grid: Grid) -> None:
-        """Register the nodes once, before the first round (later rounds use the nodes registered then)."""
+        """Register the nodes before the first round (and after a resume: see :mod:`.resume`)."""
         if not self._registered:
+            self.registry.run = self.run_id(grid)
             self.registry.register(grid, min_nodes=self.min_nodes, timeout=self.registration_timeout)
             self._registered = True
+            self._pending_flags = resumed_flags(self.registry)
+
+    def run_id(self, grid: Optional[Grid] = None) -> str:
+        """The fedpeft run id (see ``run_name``); fixed at the first call."""
+        if self.run_name is None:
+            self.run_name = str(grid.run.run_id) if grid is not None else "flower"
+        return self.run_name
 
     def _sample(self, fraction: float, round_: int) -> List[int]:
         ids = sample_clients(self.num_partitions, fraction, seed=self.seed, round=round_)
@@ -181,7 +215,7 @@ class ProtocolStrategy(Strategy):
     def _messages(self, payloads: Dict[int, Dict[str, Tensor]], config: ConfigRecord, server_round: int,
                   message_type: str) -> List[Tuple[Message, int]]:
         cfg = ConfigRecord({**dict(config), "server-round": server_round, ROUND: server_round - 1,
-                            SEED: self.seed, METHOD: self.method.name})
+                            SEED: self.seed, METHOD: self.method.name, RUN: self.run_id()})
         records: Dict[int, ArrayRecord] = {}  # identical payloads (FedAvg) are serialized once
         out = []
         for pid in sorted(payloads):
@@ -207,11 +241,22 @@ class ProtocolStrategy(Strategy):
                         grid: Grid) -> Iterable[Message]:
         """One train message per sampled node, each with its own payload (``server.payloads``); with one message per
         round, also the previous round's deployment (to nodes that train: in the same message)."""
+        server_round += self._offset
+        fresh = not self._registered
         self._ensure_registered(grid)
+        flags = {} if fresh else self.registry.refresh(grid, timeout=self.registration_timeout,
+                                                       probe_timeout=self.probe_timeout)
+        for key, parts in self._pending_flags.items():  # from the first registration of a resumed run
+            flags[key] = sorted(set(flags.get(key, [])) | set(parts))
+        self._pending_flags = {}
         self._started = time.perf_counter()
         deploy = self._deployments_due(server_round)  # before the payloads, as in-process
         ids = self._sample(self.fraction_train, server_round - 1)
-        self._record = RoundRecord(round=server_round - 1, participants=ids)
+        self._record = RoundRecord(round=server_round - 1, participants=ids,
+                                   absent=absent(self.registry, self.num_partitions, self.fraction_train, self.seed,
+                                                 server_round - 1),
+                                   rejoined=flags.get("rejoined", []),
+                                   restarted_without_state=flags.get("restarted_without_state", []))
         self._sent = self._messages(self.server.payloads(ids), config, server_round, MessageType.TRAIN) if ids else []
         if not ids:
             log.warning("round %d: no registered client to train", server_round)
@@ -249,11 +294,13 @@ class ProtocolStrategy(Strategy):
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> Tuple[Optional[ArrayRecord], Optional[MetricRecord]]:
         """Read each reply once (:func:`~fedpeft.flower.records.parse_reply`), let the server screen and aggregate."""
+        server_round += self._offset
         replies = list(replies)
         if self._open is not None:
             replies = self._close_open(server_round, replies)
         sent, missing = self._match(self._sent, replies)
-        parsed = [parse_reply(m, sent, like=self.server.expected_upload) for m in replies]
+        parsed = [cap_registered(parse_reply(m, sent, like=self.server.expected_upload), self.registry)
+                  for m in replies]
         report = self.server.update([p for p in parsed if isinstance(p, Reply)])
         dropped = [p for p in parsed if isinstance(p, Rejection)] + missing
         for rej in dropped:
@@ -268,6 +315,11 @@ class ProtocolStrategy(Strategy):
                 for key, into in (("loss", rec.train_loss), ("accuracy", rec.after_local)):
                     if isinstance(metrics.get(key), (int, float)):
                         into[p.client_id] = float(metrics[key])
+        rec.train_loss = {p: v for p, v in rec.train_loss.items() if p in set(report.accepted)}
+        rec.diverged = sorted(p.client_id for p in parsed
+                              if isinstance(p, Rejection) and p.reason.startswith(DIVERGED))
+        for p in report.accepted:
+            self.registry.last_trained[p] = server_round - 1
         losses = [rec.train_loss[p] for p in report.accepted if p in rec.train_loss]
         rec.wall_s = time.perf_counter() - self._started
         return self.server_arrays(), MetricRecord({
@@ -280,6 +332,7 @@ class ProtocolStrategy(Strategy):
                            grid: Grid) -> Iterable[Message]:
         """Every sampled node gets what it deploys with (``server.deployment``); it evaluates with its personal part.
         With one message per round, nothing before the last round: the next round's messages carry it."""
+        server_round += self._offset
         self._ensure_registered(grid)
         if self._num_rounds is not None and server_round < self._num_rounds:
             self._open, self._sent_eval = self._record, []
@@ -290,8 +343,10 @@ class ProtocolStrategy(Strategy):
         return [m for m, _ in self._sent_eval]
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> Optional[MetricRecord]:
-        """Per-client accuracy into the round's record; the record goes to ``history``, the round log, ``on_round``
-        (with one message per round, only after the last round: the others close with the next round's replies)."""
+        """Per-client accuracy into the round's record; the record goes to ``history``, the round log, ``on_round``,
+        and the checkpoint (``checkpoint_dir``) (with one message per round, only after the last round: the others
+        close with the next round's replies)."""
+        server_round += self._offset
         if self._open is self._record:
             return None
         replies = list(replies)
@@ -329,6 +384,8 @@ class ProtocolStrategy(Strategy):
         if final:
             rec.wall_s = time.perf_counter() - self._started
         self.history.append(rec)
+        if self.checkpoint_dir is not None:
+            save_checkpoint(self.checkpoint_dir, strategy_checkpoint(self))
         if self.round_log is not None:
             self.round_log.append(rec)
         if self.on_round is not None:
@@ -379,9 +436,17 @@ class ProtocolStrategy(Strategy):
                                  "initial_arrays=None")
             meta = self.server.state_dict()[1]
             self.server.load_state_dict(from_record(initial_arrays, like=self.server.shared), meta)
+        ckpt = None if self.checkpoint_dir is None else load_checkpoint(self.checkpoint_dir)
+        if ckpt is not None:
+            restore_strategy(self, ckpt)  # the server, the history, the partitions' past; _offset = rounds done
+            log.info("resuming run %s after round %d of %d", ckpt.run, ckpt.round, num_rounds)
         self._ensure_registered(grid)
-        self._num_rounds = int(num_rounds) if self.one_message else None
-        return super().start(grid, self.server_arrays(), num_rounds=num_rounds, timeout=timeout,
+        self._num_rounds = int(num_rounds) if self.one_message and self.checkpoint_dir is None else None
+        left = num_rounds - self._offset
+        if left < 1:
+            log.info("the checkpoint already holds all %d rounds", num_rounds)
+            return Result()
+        return super().start(grid, self.server_arrays(), num_rounds=left, timeout=timeout,
                              train_config=train_config, evaluate_config=evaluate_config)
 
 

@@ -37,6 +37,7 @@ Public names::
 See docs/protocols.md.
 """
 
+from .checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
 from .inprocess import Federation
 from .methods import (
     METHODS,
@@ -52,6 +53,7 @@ from .methods import (
 from .pfedpg import PFedPG, PFedPGServer
 from .protocol import Phase, Protocol
 from .records import ClientResult, Rejection, Reply, RoundRecord, ServerReport
+from .resume import diverged
 from .roundlog import RoundLog
 from .sampling import sample_clients
 from .screening import screen_replies
@@ -63,6 +65,8 @@ __all__ = [
     "METHODS",
     "REGISTRY",
     "AveragingServer",
+    "Checkpoint",
+    "CheckpointError",
     "ClientResult",
     "FedAvgFT",
     "Federation",
@@ -84,12 +88,15 @@ __all__ = [
     "Trainer",
     "batch_seed",
     "cross_entropy_loss",
+    "diverged",
     "evaluate",
     "fedpgp_loss",
     "get",
+    "load_checkpoint",
     "method",
     "method_costs",
     "sample_clients",
+    "save_checkpoint",
     "screen_replies",
     "upload_keys",
     "upload_state",

@@ -24,15 +24,22 @@ from typing import Any, List, Optional, Sequence, Union
 from torch import nn
 
 from .._checks import check_positive_int
+from .checkpoint import load_checkpoint, save_checkpoint
 from .methods import get
 from .protocol import Protocol, _evaluator
-from .records import RoundRecord
+from .records import Rejection, RoundRecord
+from .resume import diverged, federation_checkpoint, restore_federation
 from .roundlog import RoundLog
 from .sampling import sample_clients
+from .screening import check_max_weight
 from .server import Server
 from .training import LocalTrainer, Trainer
 
 __all__ = ["Federation", "RoundRecord"]
+
+
+def _order(r: Rejection) -> tuple:
+    return (not isinstance(r.client_id, int), r.client_id if isinstance(r.client_id, int) else str(r.client_id))
 
 
 class Federation:
@@ -49,6 +56,12 @@ class Federation:
         server: a server to use instead of ``protocol.make_server(model, num_clients=len(train_data))``.
         round_log: a :class:`~fedpeft.protocols.RoundLog` or the path of a new one: every finished round is appended
             to it (one JSON line, written atomically with fsync; TensorBoard too when installed).
+        checkpoint_dir: a folder for the run's checkpoint (:mod:`~fedpeft.protocols.checkpoint`), rewritten after
+            every round: the server, every client's personal state, the history. If it already holds one, the
+            federation resumes from it (same method, seed, fraction and clients, else ``CheckpointError``), and
+            :meth:`run` continues with the next round: bit-identical to a run that was never interrupted.
+        run: the run id stamped in the checkpoint (default: the checkpoint's, or ``"inprocess"``).
+        max_weight: the largest ``num_examples`` a reply may claim (the server refuses heavier ones).
     """
 
     def __init__(
@@ -63,6 +76,9 @@ class Federation:
         fraction: float = 1.0,
         server: Optional[Server] = None,
         round_log: Union[str, Path, RoundLog, None] = None,
+        checkpoint_dir: Union[str, Path, None] = None,
+        run: Optional[str] = None,
+        max_weight: Optional[float] = None,
     ) -> None:
         self.protocol: Protocol = get(protocol)
         self.model = model
@@ -78,33 +94,56 @@ class Federation:
         self.personal = [{k: v.clone() for k, v in initial.items()} for _ in range(self.num_clients)]
         self.server = server if server is not None else self.protocol.make_server(model, num_clients=self.num_clients)
         self.round_log = round_log if isinstance(round_log, RoundLog) or round_log is None else RoundLog(round_log)
+        if max_weight is not None:
+            self.server.max_weight = check_max_weight(max_weight)  # type: ignore[attr-defined]
         self.history: List[RoundRecord] = []
+        self.checkpoint_dir = None if checkpoint_dir is None else Path(checkpoint_dir)
+        ckpt = None if self.checkpoint_dir is None else load_checkpoint(self.checkpoint_dir)
+        self.run_id = run if run is not None else (ckpt.run if ckpt is not None else "inprocess")
+        if ckpt is not None:
+            restore_federation(self, ckpt)
 
     def run_round(self, round: int) -> RoundRecord:
-        """Sample, train the participants, update the server, evaluate every client's deployed model."""
+        """Sample, train the participants, update the server, evaluate every client's deployed model.
+
+        ``round`` must be the next one (``len(history)``): replies are stamped with it and the server refuses others.
+        A client whose training diverges (:func:`~fedpeft.protocols.resume.diverged`) keeps its previous personal
+        state; its upload is refused and it is listed in ``record.diverged``.
+        """
+        if round != len(self.history):
+            raise ValueError(f"round must be the next round, {len(self.history)}, got {round!r}")
         started = time.perf_counter()
         ids = sample_clients(self.num_clients, self.fraction, seed=self.seed, round=round)
         record = RoundRecord(round=round, participants=ids)
         payloads = self.server.payloads(ids)
-        replies = []
+        replies, refused = [], []
         for n in ids:
             result = self.protocol.client_update(
                 self.model, shared=payloads[n], personal=self.personal[n], data=self.train_data[n], round=round,
                 client_id=n, seed=self.seed, trainer=self.trainer,
                 eval_data=None if self.test_data is None else self.test_data[n],
             )
+            why = diverged(result)
+            if why is not None:
+                record.diverged.append(n)
+                refused.append(Rejection(n, why))
+                continue
             self.personal[n] = result.personal
             record.train_loss[n] = result.metrics["loss"]
             if "accuracy" in result.metrics:
                 record.after_local[n] = result.metrics["accuracy"]
-            replies.append(result.reply(n))
+            replies.append(result.reply(n, round))
         record.server = self.server.update(replies)
+        record.server.rejected = sorted(record.server.rejected + refused, key=_order)
+        record.train_loss = {n: v for n, v in record.train_loss.items() if n in set(record.server.accepted)}
         if self.test_data is not None:
             record.deployed = self.evaluate(round)
         record.wall_s = time.perf_counter() - started
         self.history.append(record)
         if self.round_log is not None:
             self.round_log.append(record)
+        if self.checkpoint_dir is not None:
+            save_checkpoint(self.checkpoint_dir, federation_checkpoint(self, self.run_id))
         return record
     def evaluate(self, round: int = 0) -> List[float]:
         """Every client's deployed-model accuracy on its test set (FedAvg-FT fine-tunes here, seeded by ``round``)."""

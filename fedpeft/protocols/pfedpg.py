@@ -40,7 +40,7 @@ from ..generator import INITS, PromptGenerator
 from ..vpt import VPT
 from .protocol import Protocol
 from .records import ServerReport
-from .screening import screen_replies
+from .screening import check_max_weight, screen_replies
 from .server import flatten_optimizer, unflatten_optimizer
 from .shared_personal import _check_ids
 from .training import LossFn
@@ -134,7 +134,8 @@ class PFedPGServer:
     """
 
     def __init__(self, generator: PromptGenerator, optimizer: torch.optim.Optimizer,
-                 expected: Dict[str, Tensor], *, normalize_delta: bool = False) -> None:
+                 expected: Dict[str, Tensor], *, normalize_delta: bool = False,
+                 max_weight: Optional[float] = None) -> None:
         if not isinstance(generator, PromptGenerator):
             raise TypeError(f"generator must be a fedpeft.PromptGenerator, got {type(generator).__name__}")
         (self.key, ref), = expected.items()
@@ -146,6 +147,7 @@ class PFedPGServer:
         self.expected_upload = {self.key: torch.empty(shape, dtype=ref.dtype)}
         self._pending: Optional[tuple] = None  # (ids, P with graph) of the round in flight
         self.round = 0  # update() calls so far
+        self.max_weight = check_max_weight(max_weight)
         if not isinstance(normalize_delta, bool):
             raise TypeError(f"normalize_delta must be a bool, got {type(normalize_delta).__name__}")
         self.normalize_delta = normalize_delta
@@ -187,13 +189,15 @@ class PFedPGServer:
     def update(self, replies: Iterable[Any]) -> ServerReport:
         """Screen the replies, then one generator step on the accepted ones (nothing moves if none is accepted)."""
         if self._pending is None:
-            _, rejected = screen_replies(replies, self.expected_upload, num_clients=self.num_clients, allowed=())
+            _, rejected = screen_replies(replies, self.expected_upload, num_clients=self.num_clients, allowed=(),
+                                         round=self.round, max_weight=self.max_weight)
             return ServerReport(rejected=rejected)
         ids, generated = self._pending
+        # screen first: a call that raises (``update(None)``) leaves the round in flight for its real replies
+        accepted, rejected = screen_replies(replies, self.expected_upload, num_clients=self.num_clients,
+                                            allowed=set(ids), round=self.round, max_weight=self.max_weight)
         self._pending = None
         self.round += 1
-        accepted, rejected = screen_replies(replies, self.expected_upload, num_clients=self.num_clients,
-                                            allowed=set(ids))
         report = ServerReport(accepted=[r.client_id for r in accepted], rejected=rejected)
         if not accepted:
             return report
@@ -241,7 +245,9 @@ class PFedPGServer:
         opt_tensors, opt_meta = flatten_optimizer(self.optimizer)
         tensors.update(opt_tensors)
         return tensors, {"kind": "pfedpg", "round": self.round, "key": self.key,
-                         "optimizer": {"class": type(self.optimizer).__name__, **opt_meta}}
+                         "optimizer": {"class": type(self.optimizer).__name__, **opt_meta},
+                         "ascent": {"client_rounds": self.client_rounds, "ascended": self.ascended,
+                                    "warned": self._warned}}
 
     def load_state_dict(self, tensors: Mapping[str, Tensor], meta: Mapping[str, Any]) -> None:
         """Restore :meth:`state_dict`'s output; ``ValueError`` (server untouched) on another kind, prompt key,
@@ -269,6 +275,10 @@ class PFedPGServer:
         self.generator.load_state_dict(gen)
         self._pending = None
         self.round = round_
+        ascent = meta.get("ascent") if isinstance(meta.get("ascent"), Mapping) else {}  # absent in older checkpoints
+        self.client_rounds = int(ascent.get("client_rounds", 0))
+        self.ascended = int(ascent.get("ascended", 0))
+        self._warned = bool(ascent.get("warned", False))
 
 
 class PFedPG(Protocol):

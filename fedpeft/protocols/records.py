@@ -15,16 +15,19 @@ __all__ = ["ClientResult", "Rejection", "Reply", "RoundRecord", "ServerReport"]
 
 
 class Reply(NamedTuple):
-    """One client's answer to a round, as the server receives it: ``(client_id, upload, weight)``.
+    """One client's answer to a round, as the server receives it: ``(client_id, upload, weight, round)``.
 
     ``client_id`` is the client's index in ``[0, num_clients)`` (Flower: ``node_config["partition-id"]``, never the
     node id), ``upload`` the state dict it sent (:attr:`ClientResult.upload`), ``weight`` its aggregation weight
-    (its number of training examples, FedAvg's ``n_k``). A plain ``(client_id, upload, weight)`` tuple works too.
+    (its number of training examples, FedAvg's ``n_k``), ``round`` the 0-based round it answers (a server refuses a
+    reply stamped with another round than the one in flight; ``None``: unstamped). A plain
+    ``(client_id, upload, weight)`` tuple or list works too.
     """
 
     client_id: int
     upload: Mapping[str, Tensor]
     weight: float
+    round: Optional[int] = None
 
 
 class Rejection(NamedTuple):
@@ -62,9 +65,10 @@ class ClientResult:
     personal: Dict[str, Tensor]
     metrics: Dict[str, float] = field(default_factory=dict)
 
-    def reply(self, client_id: int) -> Reply:
-        """This result as the server's :class:`Reply` (the upload, weighted by ``num_examples``)."""
-        return Reply(client_id, self.upload, self.num_examples)
+    def reply(self, client_id: int, round: Optional[int] = None) -> Reply:
+        """This result as the server's :class:`Reply` (the upload, weighted by ``num_examples``, stamped with
+        ``round``)."""
+        return Reply(client_id, self.upload, self.num_examples, round)
 
 
 @dataclass
@@ -102,7 +106,8 @@ class RoundRecord:
     Attributes:
         round: the round index, 0-based (Flower's server round minus one).
         participants: the sampled client ids, sorted.
-        train_loss: ``{client: mean training loss}`` of the clients whose reply the server accepted or screened.
+        train_loss: ``{client: mean training loss}`` of the clients whose reply the server accepted (a rejected
+            client's loss is not there: it did not enter the round).
         after_local: ``{client: accuracy right after its local training}`` (needs test data).
         deployed: every client's deployed-model accuracy after the server step, by client id (needs test data);
             ``None`` for a client that was not evaluated (Flower: no node, a failed or late evaluation).
@@ -113,6 +118,13 @@ class RoundRecord:
         without_personal: evaluated clients that had no personal state of their own yet.
         eval_dropped: evaluations that could not be used, ``(client or node, reason)``.
         wall_s: seconds the round took (training, server step and evaluation).
+        absent: sampled clients with no live node this round (Flower: the node left and has not come back).
+        rejoined: clients whose node came back under a new node id and was registered again at this round's start.
+        restarted_without_state: rejoined clients whose node had lost its personal state (they continue from the
+            initial personal values).
+        diverged: clients whose local training produced non-finite values: their upload is refused and they keep
+            their previous personal state.
+        (The last four appear in :meth:`as_dict` only when non-empty.)
     """
 
     round: int
@@ -125,29 +137,16 @@ class RoundRecord:
     without_personal: List[int] = field(default_factory=list)
     eval_dropped: List[Rejection] = field(default_factory=list)
     wall_s: Optional[float] = None
+    absent: List[int] = field(default_factory=list)
+    rejoined: List[int] = field(default_factory=list)
+    restarted_without_state: List[int] = field(default_factory=list)
+    diverged: List[int] = field(default_factory=list)
 
     @property
     def mean(self) -> Optional[float]:
         """The mean deployed accuracy over the evaluated clients (``None`` without any)."""
         got = [a for a in (self.deployed or []) if a is not None]
         return sum(got) / len(got) if got else None
-
-    @classmethod
-    def from_dict(cls, row: Mapping[str, Any]) -> RoundRecord:
-        """The inverse of :meth:`as_dict` (e.g. a line of the round log, to rebuild a resumed run's history)."""
-        def ints(m: Mapping[str, Any]) -> Dict[int, Any]:
-            return {int(c): v for c, v in m.items()}
-
-        def rejections(rows: List[Mapping[str, Any]]) -> List[Rejection]:
-            return [Rejection(r["client_id"], r["reason"]) for r in rows]
-
-        server = ServerReport(accepted=list(row["accepted"]), rejected=rejections(row["rejected"]),
-                              diagnostics=dict(row["diagnostics"]), updated=bool(row["updated"]))
-        return cls(round=int(row["round"]), participants=list(row["participants"]),
-                   train_loss=ints(row["train_loss"]), after_local=ints(row["after_local"]),
-                   deployed=None if row["deployed"] is None else list(row["deployed"]), server=server,
-                   upload_bytes=ints(row["upload_bytes"]), without_personal=list(row["without_personal"]),
-                   eval_dropped=rejections(row["eval_dropped"]), wall_s=row["wall_s"])
 
     def as_dict(self) -> Dict[str, Any]:
         """JSON-ready (client ids as str keys in the per-client maps), the round log's line."""
@@ -163,4 +162,27 @@ class RoundRecord:
             "without_personal": list(self.without_personal),
             "eval_dropped": [{"client_id": _who(r.client_id), "reason": r.reason} for r in self.eval_dropped],
             "wall_s": self.wall_s,
+            **{k: list(getattr(self, k)) for k in ("absent", "rejoined", "restarted_without_state", "diverged")
+               if getattr(self, k)},
         }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> RoundRecord:
+        """The inverse of :meth:`as_dict` (a line of the round log, a checkpoint's history): ``as_dict`` of the result
+        equals ``d``."""
+        def ints(m: Mapping[str, Any]) -> Dict[int, Any]:
+            return {int(k): v for k, v in m.items()}
+
+        def rejections(items: List[Mapping[str, Any]]) -> List[Rejection]:
+            return [Rejection(r["client_id"], r["reason"]) for r in items]
+
+        return cls(
+            round=int(d["round"]), participants=list(d["participants"]), train_loss=ints(d.get("train_loss", {})),
+            after_local=ints(d.get("after_local", {})), deployed=d.get("deployed"),
+            server=ServerReport(accepted=list(d.get("accepted", [])), rejected=rejections(d.get("rejected", [])),
+                                diagnostics=dict(d.get("diagnostics", {})), updated=bool(d.get("updated", False))),
+            upload_bytes=ints(d.get("upload_bytes", {})), without_personal=list(d.get("without_personal", [])),
+            eval_dropped=rejections(d.get("eval_dropped", [])), wall_s=d.get("wall_s"),
+            absent=list(d.get("absent", [])), rejoined=list(d.get("rejoined", [])),
+            restarted_without_state=list(d.get("restarted_without_state", [])), diverged=list(d.get("diverged", [])),
+        )

@@ -1,13 +1,15 @@
 """Screening replies before they touch server state: one bad client is dropped, never the round.
 
-A reply ``(client_id, upload, weight)`` is accepted only if
+A reply ``(client_id, upload, weight[, round])`` (a tuple, a list or a :class:`Reply`) is accepted only if
 
 - ``client_id`` is an ``int`` (not ``bool``) in ``[0, num_clients)`` when the server knows ``num_clients``, is one of
-  the clients the round was sent to when the server knows that (pFedPG), and appears once in the batch (every reply of
-  a duplicated id is dropped: which one to keep would depend on arrival order);
+  the clients the round was sent to when the server knows that (pFedPG), and appears once in the batch, whatever
+  form each copy takes (every reply of a duplicated id is dropped: which one to keep would depend on arrival order);
+- its ``round`` stamp, when it has one, is the round in flight (a late reply from a past round is refused);
 - ``upload`` is a ``Mapping[str, Tensor]`` with exactly the expected keys, and for each key the expected shape and
   dtype, and only finite values;
-- ``weight`` is a finite real number > 0 (``fed`` rules: ``bool`` refused).
+- ``weight`` is a finite real number > 0 (``fed`` rules: ``bool`` refused), and at most ``max_weight`` when the server
+  caps it (a self-reported ``num-examples`` of 1e300 would otherwise make one client the whole aggregate).
 
 Accepted replies are returned sorted by client id, so two engines that deliver the same replies in different orders
 aggregate in the same order and give bit-identical results. Each rejection is logged (logger ``fedpeft.protocols``)
@@ -17,37 +19,65 @@ and returned with its reason.
 from __future__ import annotations
 
 import logging
+import math
 from collections import Counter
-from typing import Collection, Iterable, List, Mapping, Optional, Tuple
+from typing import Collection, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 from torch import Tensor
 
 from .._checks import check_state, check_weight
 from .records import Rejection, Reply
 
-__all__ = ["screen_replies"]
+__all__ = ["check_max_weight", "screen_replies"]
 
 log = logging.getLogger("fedpeft.protocols")
 
 
+def check_max_weight(max_weight: Optional[float]) -> Optional[float]:
+    """``max_weight`` as a float (``None`` kept).
+
+    Raises:
+        ValueError: not ``None`` or a finite number > 0.
+    """
+    if max_weight is None:
+        return None
+    if isinstance(max_weight, bool) or not isinstance(max_weight, (int, float)) or not (
+            math.isfinite(float(max_weight)) and max_weight > 0):
+        raise ValueError(f"max_weight must be None or a finite number > 0, got {max_weight!r}")
+    return float(max_weight)
+
+
+def _unpack(reply: object) -> Optional[tuple]:
+    """``(client_id, upload, weight, round)`` of a 3- or 4-element tuple/list/Reply, else ``None``."""
+    if isinstance(reply, (str, bytes, Mapping)) or not isinstance(reply, Sequence) or len(reply) not in (3, 4):
+        return None
+    return (*reply, None) if len(reply) == 3 else tuple(reply)
+
+
 def _reason(reply: object, expected: Mapping[str, Tensor], num_clients: Optional[int],
-            allowed: Optional[Collection[int]]) -> Tuple[Optional[str], Optional[Reply]]:
-    try:
-        client_id, upload, weight = reply  # type: ignore[misc]
-    except (TypeError, ValueError):
-        return f"a reply must be (client_id, upload, weight), got {type(reply).__name__}", None
+            allowed: Optional[Collection[int]], round_: Optional[int],
+            max_weight: Optional[float]) -> Tuple[Optional[str], Optional[Reply]]:
+    parts = _unpack(reply)
+    if parts is None:
+        return (f"a reply must be (client_id, upload, weight) or (client_id, upload, weight, round), got "
+                f"{type(reply).__name__}"), None
+    client_id, upload, weight, stamped = parts
     if isinstance(client_id, bool) or not isinstance(client_id, int):
         return f"client_id must be an int, got {type(client_id).__name__} {client_id!r}", None
     if num_clients is not None and not 0 <= client_id < num_clients:
         return f"client_id {client_id} is outside [0, {num_clients})", None
     if allowed is not None and client_id not in allowed:
         return f"client {client_id} was not sent anything this round", None
+    if stamped is not None and round_ is not None and (isinstance(stamped, bool) or stamped != round_):
+        return f"the reply answers round {stamped!r}, the server is in round {round_}", None
     try:
         w = check_weight(weight, name="weight")
     except (TypeError, ValueError) as e:
         return f"{e} (a reply's weight must be finite and > 0)", None
     if w == 0:  # ``fed`` accepts a zero weight, a server does not: it would count a client that trained on nothing
         return "weight must be finite and > 0, got 0", None
+    if max_weight is not None and w > max_weight:
+        return f"weight {w:g} is above max_weight {max_weight:g} (a self-reported num-examples is capped)", None
     try:
         check_state(upload, like=expected, finite=True, name="upload")
     except (TypeError, ValueError) as e:
@@ -55,7 +85,7 @@ def _reason(reply: object, expected: Mapping[str, Tensor], num_clients: Optional
     for key, ref in expected.items():
         if upload[key].dtype != ref.dtype:
             return f"upload[{key!r}]: expected dtype {ref.dtype}, got {upload[key].dtype}", None
-    return None, Reply(client_id, upload, w)
+    return None, Reply(client_id, upload, w, stamped)
 
 
 def screen_replies(
@@ -64,6 +94,8 @@ def screen_replies(
     *,
     num_clients: Optional[int] = None,
     allowed: Optional[Collection[int]] = None,
+    round: Optional[int] = None,
+    max_weight: Optional[float] = None,
 ) -> Tuple[List[Reply], List[Rejection]]:
     """Split ``replies`` into ``(accepted sorted by client id, rejections)`` (rules in the module docstring).
 
@@ -72,18 +104,28 @@ def screen_replies(
         expected: a state dict with the keys, shapes and dtypes an upload must have (values are not read).
         num_clients: ids must lie in ``[0, num_clients)`` when given.
         allowed: the ids the round was sent to, when the server tracks them.
+        round: the round in flight: a reply stamped with another round is refused (unstamped ones pass).
+        max_weight: the largest weight a reply may claim (``None``: no cap).
+
+    Raises:
+        TypeError: ``replies`` is not iterable (nothing is screened).
     """
-    replies = list(replies)
-    ids = Counter(r[0] for r in replies if isinstance(r, tuple) and len(r) == 3
-                  and isinstance(r[0], int) and not isinstance(r[0], bool))
+    try:
+        replies = list(replies)
+    except TypeError:
+        raise TypeError(f"replies must be an iterable of (client_id, upload, weight), got "
+                        f"{type(replies).__name__}") from None
+    ids = Counter(p[0] for p in map(_unpack, replies)  # every copy counts: tuples, lists and Replies alike
+                  if p is not None and isinstance(p[0], int) and not isinstance(p[0], bool))
     accepted: List[Reply] = []
     rejected: List[Rejection] = []
     for reply in replies:
-        reason, ok = _reason(reply, expected, num_clients, allowed)
+        reason, ok = _reason(reply, expected, num_clients, allowed, round, max_weight)
         if reason is None and ids[ok.client_id] > 1:
             reason = f"client {ok.client_id} replied {ids[ok.client_id]} times in one round; every copy is dropped"
         if reason is not None:
-            cid = reply[0] if isinstance(reply, tuple) and reply else None
+            parts = _unpack(reply)
+            cid = parts[0] if parts is not None else None
             log.warning("dropped the reply of client %r: %s", cid, reason)
             rejected.append(Rejection(cid, reason))
         else:

@@ -23,7 +23,7 @@ from .. import fed
 from .._checks import check_positive_int, check_state
 from .protocol import Phase, Protocol
 from .records import ServerReport
-from .screening import screen_replies
+from .screening import check_max_weight, screen_replies
 from .training import LossFn
 
 __all__ = ["AveragingServer", "FedAvgFT", "SharedPersonal"]
@@ -53,9 +53,11 @@ class AveragingServer:
     ones through ``fed.Averager`` in client-id order; with no accepted reply the shared state stays as it was.
     """
 
-    def __init__(self, initial: Mapping[str, Tensor], *, num_clients: Optional[int] = None) -> None:
+    def __init__(self, initial: Mapping[str, Tensor], *, num_clients: Optional[int] = None,
+                 max_weight: Optional[float] = None) -> None:
         check_state(initial, name="initial")
         self.num_clients = None if num_clients is None else check_positive_int("num_clients", num_clients)
+        self.max_weight = check_max_weight(max_weight)
         self._shared: Dict[str, Tensor] = {k: v.detach().clone() for k, v in initial.items()}
         self.round = 0  # update() calls so far
 
@@ -84,7 +86,8 @@ class AveragingServer:
 
     def update(self, replies: Iterable[Any]) -> ServerReport:
         """Screen ``replies`` (``(client_id, upload, weight)``) and average the accepted ones into the shared state."""
-        accepted, rejected = screen_replies(replies, self._shared, num_clients=self.num_clients)
+        accepted, rejected = screen_replies(replies, self._shared, num_clients=self.num_clients, round=self.round,
+                                            max_weight=self.max_weight)
         self.round += 1
         report = ServerReport(accepted=[r.client_id for r in accepted], rejected=rejected)
         report.diagnostics["total_weight"] = float(sum(r.weight for r in accepted))

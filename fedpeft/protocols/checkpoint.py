@@ -1,0 +1,222 @@
+"""Server checkpoints, engine-agnostic: a whole run's server side in one safetensors file and one JSON file.
+
+After every round an engine (the in-process :class:`~fedpeft.protocols.Federation`, Flower's ``ProtocolStrategy``)
+writes a :class:`Checkpoint`: the number of completed rounds, the server's tensors (``server.state_dict()``: the
+shared state, or pFedPG's generator and optimizer state; the in-process engine adds its clients' personal states) and
+a JSON-ready ``meta`` (the server's own meta, the run id, method, seed, sampling fraction, registry by partition,
+history of round records). On disk, in ``directory``::
+
+    tensors-r<round>.safetensors     the tensors (metadata: format, round, run)
+    checkpoint.json                  meta + {"format", "version", "round", "run", "tensors": file name, "sha256"}
+
+Writing is crash-safe: the tensor file of round r is written atomically first (temporary file, fsync, rename, fsync
+of the folder; :mod:`fedpeft._atomic`), then ``checkpoint.json`` is replaced atomically — the commit point — and only
+then the previous round's tensor file is deleted. A process killed at any instant leaves either round r − 1's pair
+or round r's, both complete. Reading verifies the JSON's ``sha256`` of the tensor file and the round and run stamped
+in both files, and refuses an unknown format version. No pickle anywhere; floats in JSON round-trip exactly
+(``repr``), NaN/Inf are written as ``{"float": "nan"}``.
+
+Resuming from round r: sampling is a pure function of (seed, round) (:func:`~fedpeft.protocols.sample_clients`),
+so the sampling position is the round itself; the engines check that the seed, fraction, method and number of
+clients match (:func:`check_matches`) before loading anything.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, Mapping, Optional, Union
+
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import Tensor
+
+from .. import _atomic
+
+__all__ = ["Checkpoint", "CheckpointError", "check_matches", "load_checkpoint", "save_checkpoint"]
+
+FORMAT = "fedpeft.server-checkpoint"
+VERSION = 1
+JSON_NAME = "checkpoint.json"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is unreadable, damaged, or belongs to another run or configuration."""
+
+
+@dataclass
+class Checkpoint:
+    """One engine's whole server side after ``round`` completed rounds.
+
+    Attributes:
+        round: completed rounds (the next round to run has 0-based index ``round``).
+        run: the run id (stable across resumes; clients' state files are kept per run).
+        tensors: ``{name: tensor}`` (CPU; any dtype safetensors holds).
+        meta: JSON-ready data (dicts with str keys, lists, str, int, float, bool, None).
+    """
+
+    round: int
+    run: str
+    tensors: Dict[str, Tensor] = field(default_factory=dict)
+    meta: Dict[str, Any] = field(default_factory=dict)
+
+
+def _encode(value: Any, where: str) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return {"float": repr(value)}
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, Mapping):
+        out = {}
+        for k, v in value.items():
+            if not isinstance(k, str):
+                raise TypeError(f"{where}: dict keys must be str for JSON, got {type(k).__name__} {k!r}")
+            out[k] = _encode(v, f"{where}[{k!r}]")
+        if set(out) == {"float"}:
+            raise TypeError(f"{where}: a dict with the single key 'float' is reserved")
+        return out
+    if isinstance(value, (list, tuple)):
+        return [_encode(v, f"{where}[{i}]") for i, v in enumerate(value)]
+    raise TypeError(f"{where}: {type(value).__name__} cannot be written as JSON")
+
+
+def _decode(value: Any) -> Any:
+    if isinstance(value, dict):
+        if set(value) == {"float"} and isinstance(value["float"], str):
+            return float(value["float"])
+        return {k: _decode(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_decode(v) for v in value]
+    return value
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _tensor_name(round_: int) -> str:
+    return f"tensors-r{round_:06d}.safetensors"
+
+
+def save_checkpoint(directory: Union[str, Path], checkpoint: Checkpoint) -> Path:
+    """Write ``checkpoint`` into ``directory`` (created if missing) crash-safely; returns the JSON file's path.
+
+    Raises:
+        TypeError: a tensor is not a ``torch.Tensor``, or ``meta`` holds something JSON cannot (nothing is written).
+        ValueError: ``round`` is not an int >= 0 or ``run`` is empty.
+    """
+    if not isinstance(checkpoint, Checkpoint):
+        raise TypeError(f"checkpoint must be a Checkpoint, got {type(checkpoint).__name__}")
+    r = checkpoint.round
+    if isinstance(r, bool) or not isinstance(r, int) or r < 0:
+        raise ValueError(f"checkpoint.round must be an int >= 0, got {r!r}")
+    if not isinstance(checkpoint.run, str) or not checkpoint.run:
+        raise ValueError(f"checkpoint.run must be a non-empty str, got {checkpoint.run!r}")
+    tensors = {}
+    for k, v in checkpoint.tensors.items():
+        if not isinstance(k, str) or not isinstance(v, Tensor):
+            raise TypeError(f"checkpoint.tensors must map str to torch.Tensor, got {type(k).__name__} -> "
+                            f"{type(v).__name__}")
+        tensors[k] = v.detach().to("cpu").contiguous().clone()
+    meta = _encode(dict(checkpoint.meta), "checkpoint.meta")
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    final_json = directory / JSON_NAME
+    old = _read_json(final_json) if final_json.is_file() else None
+    name = _tensor_name(r)
+    tensor_path = directory / name
+    _atomic.remove_stale(directory, name)
+    stamp = {"format": FORMAT, "version": str(VERSION), "round": str(r), "run": checkpoint.run}
+    tmp = _atomic.write_temp(tensor_path, lambda p: save_file(tensors, p, metadata=stamp))
+    _atomic.replace(tmp, tensor_path)
+    doc = {"format": FORMAT, "version": VERSION, "round": r, "run": checkpoint.run, "tensors": name,
+           "sha256": _sha256(tensor_path), "meta": meta}
+    text = json.dumps(doc, indent=1, allow_nan=False) + "\n"
+    _atomic.remove_stale(directory, JSON_NAME)
+
+    def write(p: str) -> None:
+        with open(p, "w", encoding="utf-8") as f:
+            f.write(text)
+
+    _atomic.replace(_atomic.write_temp(final_json, write), final_json)
+    if old is not None and isinstance(old.get("tensors"), str) and old["tensors"] != name:
+        stale = directory / Path(old["tensors"]).name
+        if stale.is_file():
+            stale.unlink()
+            _atomic.fsync_dir(directory)
+    return final_json
+
+
+def _read_json(path: Path) -> Dict[str, Any]:
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: not a readable JSON file ({e})") from None
+    if not isinstance(doc, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, got {type(doc).__name__}")
+    return doc
+
+
+def load_checkpoint(directory: Union[str, Path]) -> Optional[Checkpoint]:
+    """The checkpoint in ``directory``, or ``None`` if it holds none (no ``checkpoint.json``).
+
+    Raises:
+        CheckpointError: an unknown format or version, a tensor file that is missing, damaged (sha256) or stamped with
+            another round or run, or unreadable JSON.
+    """
+    directory = Path(directory)
+    path = directory / JSON_NAME
+    if not path.is_file():
+        return None
+    doc = _read_json(path)
+    if doc.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: format {doc.get('format')!r} is not {FORMAT!r}")
+    if doc.get("version") != VERSION:
+        raise CheckpointError(f"{path}: format version {doc.get('version')!r} is unknown (this fedpeft reads "
+                              f"version {VERSION})")
+    r, run, name = doc.get("round"), doc.get("run"), doc.get("tensors")
+    if isinstance(r, bool) or not isinstance(r, int) or r < 0:
+        raise CheckpointError(f"{path}: 'round' must be an int >= 0, got {r!r}")
+    if not isinstance(run, str) or not run:
+        raise CheckpointError(f"{path}: 'run' must be a non-empty string, got {run!r}")
+    if not isinstance(name, str) or Path(name).name != name:
+        raise CheckpointError(f"{path}: 'tensors' must be a file name in the same folder, got {name!r}")
+    tensor_path = directory / name
+    if not tensor_path.is_file():
+        raise CheckpointError(f"{path}: its tensor file {name} is missing")
+    if _sha256(tensor_path) != doc.get("sha256"):
+        raise CheckpointError(f"{tensor_path}: sha256 differs from the one {JSON_NAME} recorded (damaged file)")
+    try:
+        with safe_open(str(tensor_path), framework="pt", device="cpu") as f:
+            stamp = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{tensor_path}: not a readable safetensors file ({e})") from None
+    if stamp.get("round") != str(r) or stamp.get("run") != run or stamp.get("format") != FORMAT:
+        raise CheckpointError(f"{tensor_path}: stamped round {stamp.get('round')!r} run {stamp.get('run')!r}, "
+                              f"{JSON_NAME} says round {r} run {run!r}")
+    meta = doc.get("meta", {})
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{path}: 'meta' must be a JSON object, got {type(meta).__name__}")
+    return Checkpoint(round=r, run=run, tensors=tensors, meta=_decode(meta))
+
+
+def check_matches(checkpoint: Checkpoint, **expected: Any) -> None:
+    """Refuse to resume a run configured differently: every ``expected`` key must equal ``checkpoint.meta[key]``.
+
+    Raises:
+        CheckpointError: names the first key that differs, with both values.
+    """
+    for key, want in expected.items():
+        got = checkpoint.meta.get(key)
+        if got != want:
+            raise CheckpointError(f"the checkpoint of run {checkpoint.run!r} (round {checkpoint.round}) has "
+                                  f"{key} = {got!r}, this run {want!r}; resume with the same configuration or use "
+                                  "another checkpoint folder")
