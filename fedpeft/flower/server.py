@@ -164,7 +164,7 @@ def server_app(
                                         **({"run_name": str(cfg["run-name"])} if cfg.get("run-name") else {}),
                                         **({"probe_timeout": float(cfg["probe-timeout"])} if "probe-timeout" in cfg
                                            else {}),
-                                        **strategy_options)
+                                        **{"one_message": bool(cfg.get("one-message", True)), **strategy_options})
             if answered:
                 strategy.registry.add(answered)
             strategy.start(grid, num_rounds=int(cfg.get("num-server-rounds", num_rounds)),

@@ -12,7 +12,7 @@
     evaluate: server.deployment(E) to every node in E              per-client accuracy
     history.append(RoundRecord); round_log.append(RoundRecord)     the in-process engine's record, on disk
 
-One message per node per round (``start()``, the default): round r's evaluation travels with round r + 1's train
+One message per node per round (``one_message=True``, what ``server_app`` uses): round r's evaluation travels with round r + 1's train
 messages (a node in E ∩ S(r+1) gets its deployment next to its payload, evaluates it, then trains; a node in E only
 gets an evaluate message in the same exchange); the last round's evaluation is an evaluate message of its own. The
 deployment is taken before round r + 1's payloads, as the in-process engine does, so every number is the same;
@@ -120,8 +120,9 @@ class ProtocolStrategy(Strategy):
         probe_timeout: seconds a node that holds a partition has to answer before a new node claiming that
             partition replaces it (:meth:`Registry.refresh`).
         one_message: with :meth:`start`, send each node one message per round (round r's evaluation travels with
-            round r + 1's train message; see the module docstring); ``False``: a train and an evaluate exchange per
-            round, as Flower's own strategies do. Every number is the same either way. With ``checkpoint_dir`` the
+            round r + 1's train message, and ``on_round`` sees round r then; see the module docstring; ``server_app``
+            turns it on); ``False``: a train and an evaluate exchange per round, as Flower's own strategies do. Every
+            number is the same either way. With ``checkpoint_dir`` the
             strategy keeps two exchanges (a checkpoint is written once a round's evaluation is in).
     """
 
@@ -145,7 +146,7 @@ class ProtocolStrategy(Strategy):
         run_name: Optional[str] = None,
         max_weight: Optional[float] = None,
         probe_timeout: float = 60.0,
-        one_message: bool = True,
+        one_message: bool = False,
     ) -> None:
         self.method: Protocol = get_protocol(method)
         self.one_message = bool(one_message)

@@ -38,9 +38,9 @@ def _per_round(log):
 def test_one_message_per_round_gives_the_in_process_numbers(method):
     rounds = 3
     one = world(method)
+    one.strategy.one_message = True
     one.strategy.start(one.grid, num_rounds=rounds, timeout=10)
-    two = world(method)
-    two.strategy.one_message = False
+    two = world(method)  # ProtocolStrategy's default: two exchanges per round
     two.strategy.start(two.grid, num_rounds=rounds, timeout=10)
     ref = oracle(method)
     ref.run(rounds)
@@ -64,12 +64,12 @@ def test_one_message_per_round_gives_the_in_process_numbers(method):
 def test_partial_participation_sends_evaluate_only_to_nodes_not_training():
     rounds = 3
     w = world("FedVPT", fraction=0.34)  # one client trains per round, every client is evaluated
+    w.strategy.one_message = True
     w.strategy.start(w.grid, num_rounds=rounds, timeout=10)
     ref = oracle("FedVPT", fraction=0.34)
     ref.run(rounds)
     _same_records(w.strategy.history, ref.history)
     two = world("FedVPT", fraction=0.34)
-    two.strategy.one_message = False
     two.strategy.start(two.grid, num_rounds=rounds, timeout=10)
     _same_records(w.strategy.history, two.strategy.history, flower_only=True)
     assert len(w.strategy.history[0].without_personal) == 2  # one client trained in round 1
@@ -84,6 +84,7 @@ def test_a_node_failing_in_the_merged_message_loses_its_evaluation_with_a_reason
     w = world("FedVPT")
     w.strategy.start(w.grid, num_rounds=1, timeout=10)  # round 1 closes normally
     w2 = world("FedVPT")
+    w2.strategy.one_message = True
     calls = {"n": 0}
     handlers = w2.grid.app._registered_funcs
 
@@ -113,6 +114,7 @@ def test_the_train_reply_carries_the_evaluation_of_the_previous_round():
         return reply
 
     w.grid.tamper = keep
+    w.strategy.one_message = True
     w.strategy.start(w.grid, num_rounds=2, timeout=10)
     carrying = [r for r in replies if EVALUATION in r.content.metric_records]
     assert len(carrying) == 3
