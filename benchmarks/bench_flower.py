@@ -17,6 +17,23 @@ Upload bytes: what each client's reply carries (``ArrayRecord`` array data, ``fe
 
 On a shared machine the two engines' child processes alternate (``--repeat``) so that load changes hit both; the
 table shows per method the median over repetitions of each engine's median round time (rounds after the first).
+
+``--deployed``: the Deployment Engine instead, for real: a ``flower-superlink`` and ``--clients`` ``flower-supernode``
+processes on 127.0.0.1 run ``examples/flower`` (its ``task.py``: method, model, data) through
+``benchmarks/_flower_timed`` (the same ClientApp and ServerApp with every phase time-stamped), and the table breaks
+each message's cost down (medians over the messages of rounds ≥ 2, per message type):
+
+    poll      server creates the message → the ClientApp process starts (SuperNode pull every 3 s, SuperExec 1 s)
+    runtime   process start → the app module's first line (interpreter, Flower's runtime, fetching the task)
+    imports   the app module's imports (fedpeft.flower, torch, timm, the user's task), split by ``-X importtime``
+    build / data / train / eval   the user's ``build_model``, ``load_data`` (sklearn's digits), training, evaluation
+    fedpeft   the rest of the handler: fedpeft's own work (records, state, fingerprints, protocol)
+    reply     handler end → the server has every reply of the exchange (the ClientApp's exit, the SuperNode's 0.5 s
+              wait loop, the push, the server's pull, the slowest node)
+
+and the round time (the server's ``configure_train`` → the end of ``aggregate_evaluate``), with the load average.
+
+    python benchmarks/bench_flower.py --deployed --rounds 3      # 3 SuperNodes; ~2-3 min on 2 cores
 """
 
 from __future__ import annotations
@@ -147,6 +164,170 @@ def child(engine: str, clients: int, rounds: int, seed: int) -> dict:
     return out
 
 
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _importtime_split(env: dict, module: str) -> dict:
+    """Seconds of import self-time per package group for ``import <module>`` after Flower's client runtime."""
+    code = f"import flwr.app, flwr.clientapp, flwr.supernode.runtime.run_clientapp; import {module}"
+    before = "import flwr.app, flwr.clientapp, flwr.supernode.runtime.run_clientapp"
+    out = {}
+    for tag, c in (("base", before), ("all", code)):
+        proc = subprocess.run([sys.executable, "-X", "importtime", "-c", c], env=env, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(proc.stderr[-2000:])
+        groups: dict = {}
+        known = ("torch", "timm", "sklearn", "scipy", "fedpeft", "fedpeft_example", "numpy", "flwr",
+                 "_flower_timed")
+        rows = []
+        for line in proc.stderr.splitlines():
+            if not line.startswith("import time:") or "self [us]" in line:
+                continue
+            self_us, _, name = line[len("import time:"):].split("|")
+            depth = (len(name) - len(name.lstrip(" "))) // 2
+            rows.append((int(self_us), depth, name.strip()))
+        stack: list = []  # the output is post-order (children first): walk it backwards to see ancestors first
+        for self_us, depth, name in reversed(rows):
+            stack = [*stack[:depth], name.split(".")[0]]
+            own = [t for t in reversed(stack) if t in known]  # the module's own package, else its nearest known
+            g = own[0] if own else "other"  # ancestor's (sympy under torch counts as torch)
+            groups[g] = groups.get(g, 0.0) + self_us / 1e6
+        out[tag] = groups
+    # what the app's import adds on top of the runtime's own imports
+    return {g: round(out["all"].get(g, 0.0) - out["base"].get(g, 0.0), 3)
+            for g in sorted(set(out["all"]) | set(out["base"]))}
+
+
+def deployed(clients: int, rounds: int, json_path, code: Path = ROOT, state_dir: bool = True) -> int:
+    """``--deployed``: a SuperLink and ``clients`` SuperNodes on 127.0.0.1 (see the module docstring).
+
+    ``code``: the checkout whose ``fedpeft`` and ``examples/flower`` run (another commit, to compare); the timing
+    wrappers are this checkout's. ``state_dir``: give each SuperNode a ``state-dir`` (the node cache's home)."""
+    import signal
+    import socket
+    import tempfile
+
+    def free_port() -> int:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            return sock.getsockname()[1]
+
+    bindir = Path(sys.executable).parent
+    tmp = Path(tempfile.mkdtemp(prefix="bench-flower-"))
+    timings, report = tmp / "timings.jsonl", tmp / "report.json"
+    app = tmp / "app"
+    app.mkdir()
+    example = (code / "examples" / "flower" / "pyproject.toml").read_text()
+    example = example.replace('"fedpeft_example.server_app:app"', '"_flower_timed.timed_server:app"')
+    example = example.replace('"fedpeft_example.client_app:app"', '"_flower_timed.timed_client:app"')
+    (app / "pyproject.toml").write_text(example.replace('packages = ["."]', 'packages = ["app"]'))
+    home = tmp / "flwr-home"
+    home.mkdir()
+    link = free_port()
+    (home / "config.toml").write_text(f'[superlink]\ndefault = "bench"\n\n[superlink.bench]\n'
+                                      f'address = "127.0.0.1:{link}"\ninsecure = true\n')
+    env = {**os.environ, "FLWR_HOME": str(home), "FEDPEFT_BENCH_TIMINGS": str(timings),
+           "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(code), str(code / "examples" / "flower"), str(ROOT / "benchmarks"),
+                                          os.environ.get("PYTHONPATH", "")])}
+    procs = []
+
+    def start(name: str, *args: str) -> None:
+        with open(tmp / f"{name}.log", "w") as out:
+            procs.append(subprocess.Popen([str(bindir / args[0]), *args[1:]], env=env, stdout=out,
+                                          stderr=subprocess.STDOUT, start_new_session=True, cwd=tmp))
+
+    load0 = os.getloadavg()
+    t0 = time.time()
+    try:
+        start("superlink", "flower-superlink", "--insecure", "--host", "127.0.0.1", "--port", str(link),
+              "--disable-runtime-dependency-installation")
+        for i in range(clients):
+            start(f"supernode{i}", "flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{link}",
+                  "--host", "127.0.0.1", "--port", str(free_port()),
+                  "--node-config", f"partition-id={i} num-partitions={clients}"
+                  + (f" state-dir='{tmp / f'node{i}'}'" if state_dir else ""))
+        time.sleep(3)
+        run = subprocess.run([str(bindir / "flwr"), "run", str(app), "bench", "--run-config",
+                              f'report-path="{report}" num-server-rounds={rounds} num-partitions={clients}'],
+                             env=env, capture_output=True, text=True, timeout=900, cwd=tmp)
+        if run.returncode != 0:
+            sys.stderr.write(run.stdout[-3000:] + run.stderr[-3000:])
+            return 1
+        deadline = time.monotonic() + 60 * rounds + 300
+
+        def finished() -> bool:  # the report is rewritten every round ("status": "running") since 0.2
+            try:
+                return json.loads(report.read_text()).get("status", "completed") != "running"
+            except (OSError, ValueError):
+                return False
+
+        while not finished() and time.monotonic() < deadline:
+            time.sleep(1)
+        if not finished():
+            sys.stderr.write(f"no report after the run; logs in {tmp}\n")
+            return 1
+    finally:
+        for p in procs:
+            try:
+                os.killpg(p.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        for p in procs:
+            try:
+                p.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait(timeout=10)
+    total = time.time() - t0
+    load1 = os.getloadavg()
+    lines = [json.loads(x) for x in timings.read_text().splitlines()]
+    result = json.loads(report.read_text())
+    server = {}
+    for x in lines:
+        if x["kind"].startswith("server."):
+            server.setdefault(x["round"], {})[x["kind"][7:]] = x
+    round_s = {r: s["aggregate_evaluate"]["exit"] - s["configure_train"]["enter"] for r, s in sorted(server.items())
+               if "aggregate_evaluate" in s and "configure_train" in s}
+    split = _importtime_split(env, "_flower_timed.timed_client")
+    msgs = [x for x in lines if not x["kind"].startswith("server.")]
+    out = {"clients": clients, "rounds": rounds, "total_s": total, "load_before": load0, "load_after": load1,
+           "round_s": round_s, "messages": msgs, "server": server, "import_split": split,
+           "accuracy": result["accuracy"], "messages_per_round": {}}
+    print(f"bench_flower --deployed: SuperLink + {clients} SuperNodes on 127.0.0.1, {rounds} rounds of "
+          f"examples/flower from {code}, {os.cpu_count()} CPUs; load average {load0[0]:.2f} before, "
+          f"{load1[0]:.2f} after; total {total:.1f} s")
+    print("round wall time (s): " + ", ".join(f"r{r} {s:.1f}" for r, s in round_s.items()))
+    later = [x for x in msgs if isinstance(x.get("round"), (int, float)) and x["round"] >= 2]
+    phases = ["poll", "runtime", "imports", "build", "data", "train", "eval", "fedpeft", "reply", "total"]
+    print(f"{'message (median, rounds >= 2)':<30}" + "".join(f"{p:>9}" for p in phases))
+    for kind in sorted({x["kind"] for x in later}):
+        rows = []
+        for x in (y for y in later if y["kind"] == kind):
+            srv = server.get(x["round"], {})
+            nxt = srv.get("aggregate_train" if kind.startswith("train") else "aggregate_evaluate")
+            handler = x["exit"] - x["enter"]
+            user = sum(x.get(k, 0.0) for k in ("build", "data", "train", "eval"))
+            row = {"poll": x["process"] - x["created"], "runtime": x["module"] - x["process"],
+                   "imports": x["imported"] - x["module"], "fedpeft": handler - user,
+                   "reply": (nxt["enter"] - x["exit"]) if nxt else float("nan")}
+            row.update({k: x.get(k, 0.0) for k in ("build", "data", "train", "eval")})
+            row["total"] = (nxt["enter"] if nxt else x["exit"]) - x["created"]
+            rows.append(row)
+        out["messages_per_round"][kind] = len(rows) / max(1, len({x["round"] for x in later}))
+        med = {p: statistics.median(r[p] for r in rows) for p in phases}
+        print(f"{kind + f' ({len(rows)})':<30}" + "".join(f"{med[p]:>9.2f}" for p in phases))
+    print("app import self-time by package (s, -X importtime, on top of Flower's runtime): "
+          + ", ".join(f"{k} {v:.2f}" for k, v in split.items() if abs(v) >= 0.005))
+    print("per-client accuracy after the last round: " + ", ".join(f"{a:.3f}" for a in result["accuracy"]))
+    if json_path:
+        Path(json_path).write_text(json.dumps(out, indent=2))
+    import shutil
+
+    shutil.rmtree(tmp, ignore_errors=True)
+    return 0
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--clients", type=int, default=3)
@@ -155,7 +336,13 @@ def main() -> int:
     p.add_argument("--child", choices=["local", "flower"], help=argparse.SUPPRESS)
     p.add_argument("--repeat", type=int, default=1, help="alternate local/flower runs this many times")
     p.add_argument("--json", default=None, help="also write the results here")
+    p.add_argument("--deployed", action="store_true",
+                   help="the Deployment Engine on 127.0.0.1 instead: per-message cost breakdown and round time")
+    p.add_argument("--code", default=str(ROOT), help="--deployed: the checkout to run (default: this one)")
+    p.add_argument("--no-state-dir", action="store_true", help="--deployed: SuperNodes without a state-dir")
     a = p.parse_args()
+    if a.deployed:
+        return deployed(a.clients, a.rounds, a.json, Path(a.code).resolve(), not a.no_state_dir)
     if a.child:
         print(json.dumps(child(a.child, a.clients, a.rounds, a.seed)))
         return 0

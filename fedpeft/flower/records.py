@@ -3,6 +3,9 @@
 Record keys (one home; the ClientApp, the strategy and the registry import them from here): ``ARRAYS`` (the state
 dict), ``CONFIG`` (server → node: ``ROUND``, ``SEED``, ``METHOD``), ``METRICS`` (node → server: ``partition-id``,
 ``num-examples``, ``loss``, ``accuracy``, ...), ``INFO`` (registration: method, frozen-state fingerprint).
+One message per round: a train message may also carry ``DEPLOY`` (the state the node deploys with for the previous
+round's evaluation, ``EVAL_ROUND`` in its config); its reply then carries that evaluation under ``EVALUATION`` (the
+same metrics an evaluate reply has under ``METRICS``).
 
 :func:`parse_reply` reads one train reply into a protocol :class:`~fedpeft.protocols.Reply` or a
 :class:`~fedpeft.protocols.Rejection` with its reason: which partition it answers (by ``reply_to_message_id``, the id
@@ -36,11 +39,12 @@ from torch import Tensor
 from .. import fed
 from ..protocols import Rejection, Reply
 
-__all__ = ["ARRAYS", "CONFIG", "INFO", "METHOD", "METRICS", "ROUND", "SEED", "from_record", "parse_evaluation",
-           "parse_reply", "payload_bytes", "to_record"]
+__all__ = ["ARRAYS", "CONFIG", "DEPLOY", "EVALUATION", "EVAL_ROUND", "INFO", "METHOD", "METRICS", "ROUND", "SEED",
+           "from_record", "parse_evaluation", "parse_reply", "payload_bytes", "to_record"]
 
 ARRAYS, CONFIG, METRICS, INFO = "arrays", "config", "metrics", "info"
 ROUND, SEED, METHOD = "fedpeft.round", "fedpeft.seed", "fedpeft.method"
+DEPLOY, EVAL_ROUND, EVALUATION = "fedpeft.deploy", "fedpeft.eval-round", "evaluation"
 #: the start of the reason of a reply whose client's own training diverged (``RoundRecord.diverged``)
 DIVERGED = "local training diverged"
 
@@ -97,16 +101,16 @@ def payload_bytes(record: ArrayRecord) -> int:
     return total
 
 
-def _answering(msg: Message, sent: Sent) -> Union[Tuple[int, MetricRecord], Rejection]:
+def _answering(msg: Message, sent: Sent, key: str = METRICS) -> Union[Tuple[int, MetricRecord], Rejection]:
     """``(partition id, metrics)`` of a reply to one of the ``sent`` messages, or why it cannot be used."""
     pid = sent.get(msg.metadata.reply_to_message_id)
     if pid is None:
         return Rejection(f"node {msg.metadata.src_node_id}", "a reply to no message sent this round")
     if msg.has_error():
         return Rejection(pid, f"the client failed: {msg.error.reason}")
-    metrics = msg.content.metric_records.get(METRICS)
+    metrics = msg.content.metric_records.get(key)
     if metrics is None:
-        return Rejection(pid, f"reply without a MetricRecord {METRICS!r}")
+        return Rejection(pid, f"reply without a MetricRecord {key!r}")
     if metrics.get("partition-id") != pid:
         return Rejection(pid, f"reply claims partition-id {metrics.get('partition-id')!r}, but the message went to "
                               f"partition {pid}")
@@ -140,9 +144,10 @@ def parse_reply(msg: Message, sent: Sent, like: Mapping[str, Tensor]) -> Union[R
     return Reply(pid, upload, metrics.get("num-examples"), stamped)
 
 
-def parse_evaluation(msg: Message, sent: Sent) -> Union[Tuple[int, float, MetricRecord], Rejection]:
-    """An evaluate reply as ``(partition id, accuracy in [0, 1], metrics)``, or a ``Rejection``."""
-    got = _answering(msg, sent)
+def parse_evaluation(msg: Message, sent: Sent, key: str = METRICS) -> Union[Tuple[int, float, MetricRecord], Rejection]:
+    """An evaluate reply as ``(partition id, accuracy in [0, 1], metrics)``, or a ``Rejection``; ``key=EVALUATION``
+    reads the evaluation a train reply carries (one message per round)."""
+    got = _answering(msg, sent, key)
     if isinstance(got, Rejection):
         return got
     pid, metrics = got

@@ -172,10 +172,12 @@ class Registry:
                         len(self), min_nodes, timeout, sorted(self.node_of))
 
 
-def discover_partitions(grid: Grid, *, timeout: float, poll: float = 1.0) -> int:
+def discover_partitions(grid: Grid, *, timeout: float, poll: float = 1.0, replies: Optional[List[Message]] = None) -> int:
     """``num-partitions`` as the connected nodes report it (``node_config``), for a server not told C.
 
-    Waits until at least one node is connected and answers a query.
+    Waits until at least one node is connected and answers a query. ``replies``: a list that receives the query
+    replies, so that a :class:`Registry` can register those nodes without asking them again (``Registry.add``): on
+    a deployed federation every query costs each node a ClientApp process.
 
     Raises:
         RuntimeError: no node answered within ``timeout``, or the nodes disagree.
@@ -186,8 +188,10 @@ def discover_partitions(grid: Grid, *, timeout: float, poll: float = 1.0) -> int
         if nodes:
             msgs = [Message(RecordDict({"config": ConfigRecord()}), n, MessageType.QUERY, group_id="discover")
                     for n in nodes]
-            replies = grid.send_and_receive(msgs, timeout=max(1.0, deadline - time.monotonic()))
-            seen = {int(r.content[METRICS]["num-partitions"]) for r in replies
+            got = list(grid.send_and_receive(msgs, timeout=max(1.0, deadline - time.monotonic())))
+            if replies is not None:
+                replies.extend(got)
+            seen = {int(r.content[METRICS]["num-partitions"]) for r in got
                     if r.has_content() and METRICS in r.content.metric_records}
             seen.discard(-1)
             if len(seen) > 1:

@@ -30,6 +30,7 @@ from torch import nn
 from .. import _atomic, fed
 from ..protocols import PFedPGServer, Protocol
 from ..protocols import get as get_protocol
+from .deployment import FastGrid, failure_report, report_path
 from .registry import discover_partitions
 from .strategy import ProtocolStrategy
 
@@ -106,8 +107,11 @@ def server_app(
         method: a protocol or a method name (``fedpeft.protocols.METHODS``).
         build_model: ``build_model(context) -> model``, the same builder as the clients'.
         num_partitions: C (or ``num-partitions`` in the run config; neither: as the nodes' ``node_config`` says).
-        report: path of the JSON report (or ``report-path`` in the run config), rewritten after every round;
-            ``None`` writes none.
+        report: path of the JSON report (or ``report-path`` in the run config), rewritten after every round
+            (``"status": "running"``) and at the end: ``"completed"``, or ``"failed"`` with the ``error`` when the
+            run raised (the report is written, then the error re-raised: ``flwr ls`` shows it too). ``{run_id}`` is
+            replaced by the run's id; a relative path is taken from the ServerApp's working folder, and the absolute
+            path is printed at the end. ``None`` or ``""`` writes none.
         round_log: path of the JSON-lines round log (or ``round-log-path``); ``None`` writes none.
         checkpoint_dir: the server's checkpoint folder (or ``checkpoint-dir``): written after every round; a
             ServerApp started again with the same folder (after a crash of the ServerApp or the SuperLink) resumes
@@ -126,41 +130,57 @@ def server_app(
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
+        grid = FastGrid(grid)  # replies pulled every 0.2 s, not Flower's 3 s
         cfg = context.run_config
-        parts = int(cfg.get("num-partitions", num_partitions or 0))
-        reg_timeout = float(cfg.get("registration-timeout", registration_timeout))
-        if parts < 1:  # not given: as the nodes' node_config says (the simulation sets it)
-            parts = discover_partitions(grid, timeout=reg_timeout)
-        run_seed = int(cfg.get("seed", seed))
-        t0 = time.perf_counter()
-        torch.manual_seed(run_seed)
-        model = build_model(context)
-        path = cfg.get("report-path", None if report is None else str(report))
-        log_path = cfg.get("round-log-path", None if round_log is None else str(round_log))
+        configured = cfg.get("report-path", None if report is None else str(report))
+        path = report_path(str(configured).format(run_id=context.run_id), context.run_id) if configured else None
+        strategy, model, t0 = None, None, time.perf_counter()
+        try:
+            parts = int(cfg.get("num-partitions", num_partitions or 0))
+            reg_timeout = float(cfg.get("registration-timeout", registration_timeout))
+            answered: list = []  # the discovery's replies register those nodes (no second query)
+            if parts < 1:  # not given: as the nodes' node_config says (the simulation sets it)
+                parts = discover_partitions(grid, timeout=reg_timeout, replies=answered)
+            run_seed = int(cfg.get("seed", seed))
+            t0 = time.perf_counter()
+            torch.manual_seed(run_seed)
+            model = build_model(context)
+            log_path = cfg.get("round-log-path", None if round_log is None else str(round_log))
 
-        def each_round(record: Any) -> None:
-            if path:
-                write_report(path, method_report(strategy, model, time.perf_counter() - t0))
-            if on_round is not None:
-                on_round(record)
+            def each_round(record: Any) -> None:
+                if path:
+                    write_report(path, {**method_report(strategy, model, time.perf_counter() - t0),
+                                        "status": "running"})
+                if on_round is not None:
+                    on_round(record)
 
-        strategy = ProtocolStrategy(protocol, model, num_partitions=parts, seed=run_seed,
-                                    fraction_train=float(cfg.get("fraction-train", fraction_train)),
-                                    fraction_evaluate=float(cfg.get("fraction-evaluate", fraction_evaluate)),
-                                    registration_timeout=reg_timeout, on_round=each_round,
-                                    round_log=log_path or None,
-                                    checkpoint_dir=cfg.get("checkpoint-dir", None if checkpoint_dir is None
-                                                           else str(checkpoint_dir)) or None,
-                                    **({"run_name": str(cfg["run-name"])} if cfg.get("run-name") else {}),
-                                    **({"probe_timeout": float(cfg["probe-timeout"])} if "probe-timeout" in cfg
-                                       else {}),
-                                    **strategy_options)
-        strategy.start(grid, num_rounds=int(cfg.get("num-server-rounds", num_rounds)),
-                       timeout=float(cfg.get("round-timeout", round_timeout)))
-        result = method_report(strategy, model, time.perf_counter() - t0)
-        if path:
+            strategy = ProtocolStrategy(protocol, model, num_partitions=parts, seed=run_seed,
+                                        fraction_train=float(cfg.get("fraction-train", fraction_train)),
+                                        fraction_evaluate=float(cfg.get("fraction-evaluate", fraction_evaluate)),
+                                        registration_timeout=reg_timeout, on_round=each_round,
+                                        round_log=log_path or None,
+                                        checkpoint_dir=cfg.get("checkpoint-dir", None if checkpoint_dir is None
+                                                               else str(checkpoint_dir)) or None,
+                                        **({"run_name": str(cfg["run-name"])} if cfg.get("run-name") else {}),
+                                        **({"probe_timeout": float(cfg["probe-timeout"])} if "probe-timeout" in cfg
+                                           else {}),
+                                        **{"one_message": bool(cfg.get("one-message", True)), **strategy_options})
+            if answered:
+                strategy.registry.add(answered)
+            strategy.start(grid, num_rounds=int(cfg.get("num-server-rounds", num_rounds)),
+                           timeout=float(cfg.get("round-timeout", round_timeout)))
+            result = {**method_report(strategy, model, time.perf_counter() - t0), "status": "completed"}
+        except Exception as e:
+            partial = method_report(strategy, model, time.perf_counter() - t0) if strategy is not None else None
+            result = failure_report(protocol.name, e, partial)
+            if path is not None:
+                write_report(path, result)
+                print(f"fedpeft: the run FAILED ({result['error']}); report: {path}", flush=True)
+            raise
+        if path is not None:
             write_report(path, result)
             log.info("wrote %s", path)
+            print(f"fedpeft: report written to {path}", flush=True)
         if on_report is not None:
             on_report(result)
 

@@ -12,6 +12,12 @@
     evaluate: server.deployment(E) to every node in E              per-client accuracy
     history.append(RoundRecord); round_log.append(RoundRecord)     the in-process engine's record, on disk
 
+One message per node per round (``one_message=True``, what ``server_app`` uses): round r's evaluation travels with round r + 1's train
+messages (a node in E ∩ S(r+1) gets its deployment next to its payload, evaluates it, then trains; a node in E only
+gets an evaluate message in the same exchange); the last round's evaluation is an evaluate message of its own. The
+deployment is taken before round r + 1's payloads, as the in-process engine does, so every number is the same;
+round r's record is complete, and logged, when round r + 1's replies are in.
+
 Everything a node sends is converted by key (``ArrayRecord``), float32 on the wire and cast back to the model's
 dtypes. Replies are processed in partition-id order, so the aggregate is bit-identical to the in-process engine's.
 FedAvg-like methods average the shared keys (``AveragingServer``: ``fed.Averager``); pFedPG holds its generator
@@ -52,7 +58,10 @@ from .durable import RUN
 from .records import (
     ARRAYS,
     CONFIG,
+    DEPLOY,
     DIVERGED,
+    EVAL_ROUND,
+    EVALUATION,
     METHOD,
     METRICS,
     ROUND,
@@ -110,6 +119,11 @@ class ProtocolStrategy(Strategy):
             which always caps it).
         probe_timeout: seconds a node that holds a partition has to answer before a new node claiming that
             partition replaces it (:meth:`Registry.refresh`).
+        one_message: with :meth:`start`, send each node one message per round (round r's evaluation travels with
+            round r + 1's train message, and ``on_round`` sees round r then; see the module docstring; ``server_app``
+            turns it on); ``False``: a train and an evaluate exchange per round, as Flower's own strategies do. Every
+            number is the same either way. With ``checkpoint_dir`` the
+            strategy keeps two exchanges (a checkpoint is written once a round's evaluation is in).
     """
 
     def __init__(
@@ -132,8 +146,10 @@ class ProtocolStrategy(Strategy):
         run_name: Optional[str] = None,
         max_weight: Optional[float] = None,
         probe_timeout: float = 60.0,
+        one_message: bool = False,
     ) -> None:
         self.method: Protocol = get_protocol(method)
+        self.one_message = bool(one_message)
         self.on_round = on_round
         if isinstance(num_partitions, bool) or not isinstance(num_partitions, int) or num_partitions < 1:
             raise ValueError(f"num_partitions must be an int >= 1, got {num_partitions!r}")
@@ -153,6 +169,9 @@ class ProtocolStrategy(Strategy):
         self._record = RoundRecord(round=-1, participants=[])
         self._sent: List[Tuple[Message, int]] = []  # this round's train messages and their partitions
         self._sent_eval: List[Tuple[Message, int]] = []  # the same for evaluate messages
+        self._num_rounds: Optional[int] = None  # set by start(): evaluations travel with the next round's messages
+        self._open: Optional[RoundRecord] = None  # the previous round's record, waiting for its evaluation
+        self._open_eval: List[Tuple[Message, int]] = []  # the messages carrying its evaluation
         self._started = 0.0
         self._registered = False
         if max_weight is not None:
@@ -221,7 +240,8 @@ class ProtocolStrategy(Strategy):
     # ---- Strategy: training ---------------------------------------------------------------------------------------
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
-        """One train message per sampled node, each with its own payload (``server.payloads``)."""
+        """One train message per sampled node, each with its own payload (``server.payloads``); with one message per
+        round, also the previous round's deployment (to nodes that train: in the same message)."""
         server_round += self._offset
         fresh = not self._registered
         self._ensure_registered(grid)
@@ -231,6 +251,7 @@ class ProtocolStrategy(Strategy):
             flags[key] = sorted(set(flags.get(key, [])) | set(parts))
         self._pending_flags = {}
         self._started = time.perf_counter()
+        deploy = self._deployments_due(server_round)  # before the payloads, as in-process
         ids = self._sample(self.fraction_train, server_round - 1)
         self._record = RoundRecord(round=server_round - 1, participants=ids,
                                    absent=absent(self.registry, self.num_partitions, self.fraction_train, self.seed,
@@ -240,13 +261,44 @@ class ProtocolStrategy(Strategy):
         self._sent = self._messages(self.server.payloads(ids), config, server_round, MessageType.TRAIN) if ids else []
         if not ids:
             log.warning("round %d: no registered client to train", server_round)
-        return [m for m, _ in self._sent]
+        if self._open is not None:
+            self._open_eval = self._attach_deployments(deploy, config, server_round)
+        return [m for m, _ in self._sent] + [m for m, pid in self._open_eval if m.metadata.message_type ==
+                                             MessageType.EVALUATE]
+
+    def _deployments_due(self, server_round: int) -> Dict[int, Dict[str, Tensor]]:
+        """The previous round's deployments, when its evaluation travels with this round's messages."""
+        if self._open is None:
+            return {}
+        ids = self._sample(self.fraction_evaluate, server_round - 2)
+        return self.server.deployment(ids) if ids else {}
+
+    def _attach_deployments(self, deploy: Dict[int, Dict[str, Tensor]], config: ConfigRecord,
+                            server_round: int) -> List[Tuple[Message, int]]:
+        """Put each deployment into the node's train message, or into an evaluate message of its own."""
+        train = {pid: m for m, pid in self._sent}
+        own = {pid: state for pid, state in deploy.items() if pid not in train}
+        out = self._messages(own, config, server_round - 1, MessageType.EVALUATE) if own else []
+        records: Dict[int, ArrayRecord] = {}  # identical deployments (FedAvg) are serialized once
+        for pid, state in deploy.items():
+            if pid in train:
+                msg = train[pid]
+                rec = records.get(id(state))
+                if rec is None:
+                    rec = records[id(state)] = to_record(state)
+                msg.content[DEPLOY] = rec
+                msg.content[CONFIG] = ConfigRecord({**dict(msg.content.config_records[CONFIG]),
+                                                    EVAL_ROUND: server_round - 2})
+                out.append((msg, pid))
+        return out
 
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> Tuple[Optional[ArrayRecord], Optional[MetricRecord]]:
         """Read each reply once (:func:`~fedpeft.flower.records.parse_reply`), let the server screen and aggregate."""
         server_round += self._offset
         replies = list(replies)
+        if self._open is not None:
+            replies = self._close_open(server_round, replies)
         sent, missing = self._match(self._sent, replies)
         parsed = [cap_registered(parse_reply(m, sent, like=self.server.expected_upload), self.registry)
                   for m in replies]
@@ -270,6 +322,7 @@ class ProtocolStrategy(Strategy):
         for p in report.accepted:
             self.registry.last_trained[p] = server_round - 1
         losses = [rec.train_loss[p] for p in report.accepted if p in rec.train_loss]
+        rec.wall_s = time.perf_counter() - self._started
         return self.server_arrays(), MetricRecord({
             "accepted": len(report.accepted), "rejected": len(rec.server.rejected),
             "loss-mean": sum(losses) / len(losses) if losses else float("nan"),
@@ -278,9 +331,13 @@ class ProtocolStrategy(Strategy):
     # ---- Strategy: evaluation -------------------------------------------------------------------------------------
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
-        """Every sampled node gets what it deploys with (``server.deployment``); it evaluates with its personal part."""
+        """Every sampled node gets what it deploys with (``server.deployment``); it evaluates with its personal part.
+        With one message per round, nothing before the last round: the next round's messages carry it."""
         server_round += self._offset
         self._ensure_registered(grid)
+        if self._num_rounds is not None and server_round < self._num_rounds:
+            self._open, self._sent_eval = self._record, []
+            return []
         ids = self._sample(self.fraction_evaluate, server_round - 1)
         self._sent_eval = self._messages(self.server.deployment(ids), config, server_round,
                                          MessageType.EVALUATE) if ids else []
@@ -288,24 +345,45 @@ class ProtocolStrategy(Strategy):
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> Optional[MetricRecord]:
         """Per-client accuracy into the round's record; the record goes to ``history``, the round log, ``on_round``,
-        and the checkpoint (``checkpoint_dir``)."""
+        and the checkpoint (``checkpoint_dir``) (with one message per round, only after the last round: the others
+        close with the next round's replies)."""
         server_round += self._offset
+        if self._open is self._record:
+            return None
         replies = list(replies)
         sent, missing = self._match(self._sent_eval, replies)
-        rec, acc = self._record, {}
-        for msg in replies:
-            got = parse_evaluation(msg, sent)
-            if isinstance(got, Rejection):
-                rec.eval_dropped.append(got)
-                log.warning("round %d: evaluation of %s dropped: %s", server_round, got.client_id, got.reason)
+        return self._close(self._record, [parse_evaluation(m, sent) for m in replies], missing, final=True)
+
+    def _close_open(self, server_round: int, replies: List[Message]) -> List[Message]:
+        """Close the previous round's record with the evaluations among ``replies``; returns the train replies."""
+        rec, self._open = self._open, None
+        evaluate_only = {m.metadata.message_id for m, _ in self._open_eval
+                         if m.metadata.message_type == MessageType.EVALUATE}
+        sent, missing = self._match(self._open_eval, replies)
+        got = []
+        for m in replies:
+            if m.metadata.reply_to_message_id in sent:
+                evaluate = m.metadata.reply_to_message_id in evaluate_only
+                got.append(parse_evaluation(m, sent, key=METRICS if evaluate else EVALUATION))
+        self._open_eval = []
+        self._close(rec, got, missing, final=False)
+        return [m for m in replies if m.metadata.reply_to_message_id not in evaluate_only]
+
+    def _close(self, rec: RoundRecord, got: List[Any], missing: List[Rejection], final: bool) -> Optional[MetricRecord]:
+        acc: Dict[int, float] = {}
+        for item in got:
+            if isinstance(item, Rejection):
+                rec.eval_dropped.append(item)
+                log.warning("round %d: evaluation of %s dropped: %s", rec.round + 1, item.client_id, item.reason)
                 continue
-            pid, acc[pid], metrics = got
+            pid, acc[pid], metrics = item
             if not metrics.get("has-personal", 0):
                 rec.without_personal.append(pid)
         rec.eval_dropped = sorted(rec.eval_dropped + missing, key=_order)
         rec.without_personal.sort()
         rec.deployed = [acc.get(p) for p in range(self.num_partitions)]
-        rec.wall_s = time.perf_counter() - self._started
+        if final:
+            rec.wall_s = time.perf_counter() - self._started
         self.history.append(rec)
         if self.checkpoint_dir is not None:
             save_checkpoint(self.checkpoint_dir, strategy_checkpoint(self))
@@ -364,6 +442,7 @@ class ProtocolStrategy(Strategy):
             restore_strategy(self, ckpt)  # the server, the history, the partitions' past; _offset = rounds done
             log.info("resuming run %s after round %d of %d", ckpt.run, ckpt.round, num_rounds)
         self._ensure_registered(grid)
+        self._num_rounds = int(num_rounds) if self.one_message and self.checkpoint_dir is None else None
         left = num_rounds - self._offset
         if left < 1:
             log.info("the checkpoint already holds all %d rounds", num_rounds)

@@ -57,6 +57,14 @@ def _listening(pgids):
     return addrs
 
 
+def _finished(report) -> bool:
+    """The ServerApp rewrites its report every round ("status": "running"); finished when it says otherwise."""
+    try:
+        return json.loads(report.read_text())["status"] != "running"
+    except (OSError, ValueError, KeyError):
+        return False
+
+
 def _stop(procs):
     for p in procs:
         try:
@@ -111,7 +119,7 @@ def test_example_app_on_a_superlink_and_two_supernodes(tmp_path):
         listening = _listening(pgids)
         assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
         deadline = time.monotonic() + 60  # the report is written by the ServerApp process after each round
-        while not report.exists() and time.monotonic() < deadline:
+        while not _finished(report) and time.monotonic() < deadline:
             time.sleep(1)
         assert report.exists(), (logs / "superlink.log").read_text()[-3000:]
         result = json.loads(report.read_text())
@@ -158,7 +166,7 @@ def test_example_app_with_flwr_run_in_the_local_simulation(tmp_path):
         )
         assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
         deadline = time.monotonic() + 60
-        while not report.exists() and time.monotonic() < deadline:
+        while not _finished(report) and time.monotonic() < deadline:
             time.sleep(1)
         result = json.loads(report.read_text())
         (round1,) = result["rounds"]

@@ -4,7 +4,9 @@
 - ``build_model(context)``: a small timm ViT (random weights here: offline, no download; use your pre-trained one with
   ``timm.create_model(..., pretrained=True)`` or a checkpoint) wrapped for the method by its registry entry
   (``fedpeft.protocols.method(METHOD).build``), built under a fixed seed so every node and the server hold the same
-  frozen backbone and the same initial prompts and heads.
+  frozen backbone and the same initial prompts and heads. Its one patch is the whole 16×16 image: with random frozen
+  weights, averaging many small patches would wash out the digit's shape (per-client accuracy about chance), while
+  one patch keeps it (about 0.9 after the default 3 rounds).
 - ``load_data(context)``: this node's part of scikit-learn's bundled digits (1,797 real 8×8 images, offline), chosen
   by ``node_config["partition-id"]`` out of ``num-partitions``, 25 % held out for testing.
 """
@@ -26,7 +28,7 @@ PROMPTS = 4
 
 def build_model(context: Context) -> torch.nn.Module:
     torch.manual_seed(SEED)
-    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=10, img_size=16, patch_size=4,
+    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=10, img_size=16, patch_size=16,
                             embed_dim=48, depth=2, num_heads=3, global_pool="avg", class_token=False)
     return method(METHOD).build(vit, num_prompts=PROMPTS, bottleneck=32, rank=2)
 
@@ -46,4 +48,4 @@ def load_data(context: Context):
 
 
 def trainer() -> LocalTrainer:
-    return LocalTrainer(epochs=1, batch_size=32, lr=5e-3, lr_backbone=5e-4)
+    return LocalTrainer(epochs=2, batch_size=32, lr=1e-2, lr_backbone=5e-4)
