@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import signal
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -15,6 +17,16 @@ try:  # fedpeft.flower's tests need the optional extra (it is in dev)
     import flwr  # noqa: F401
 except ImportError:
     collect_ignore_glob = ["flower/*"]
+
+
+def _interrupt_on_sigterm(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+# A pytest run stopped with SIGTERM (a CI timeout, `kill`) unwinds like Ctrl-C: every test's `finally` runs, so the
+# SuperLinks, SuperNodes and Ray clusters the tests started are stopped by PID instead of outliving the run.
+if threading.current_thread() is threading.main_thread():
+    signal.signal(signal.SIGTERM, _interrupt_on_sigterm)
 
 # Tiny models: intra-op threads only add overhead (and oversubscribe a 2-core CI machine under pytest-xdist).
 torch.set_num_threads(1)
