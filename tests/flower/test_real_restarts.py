@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,6 +23,7 @@ from pathlib import Path
 from typing import Dict, List
 
 import pytest
+from test_deployment import _free_port, _stop
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
@@ -34,10 +34,6 @@ sys.path.insert(0, str(APP))
 pytestmark = pytest.mark.slow
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Cluster:
@@ -139,17 +135,7 @@ class Cluster:
         return "\n".join(f"--- {p.name}\n{p.read_text()[-2500:]}" for p in sorted(self.logs.iterdir()))
 
     def stop(self) -> None:
-        for p in self.procs.values():
-            try:
-                os.killpg(p.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-        for p in self.procs.values():
-            try:
-                p.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                os.killpg(p.pid, signal.SIGKILL)
-                p.wait(timeout=10)
+        _stop(list(self.procs.values()))
         for pgid in self.pgids:  # children of killed groups (an app process) must not outlive the test
             try:
                 os.killpg(pgid, signal.SIGKILL)
