@@ -1,5 +1,5 @@
-"""fedpeft.flower.cache (a node's data and frozen hash reused from <state-dir>/cache) and fedpeft.flower.deployment
-(FastGrid's reply poll, the report's path, the failure report)."""
+"""fedpeft.flower.node_store (the state folder; a node's data and frozen hash reused from <state-dir>/cache) and
+fedpeft.flower.server's FastGrid (reply poll), the report's path and the failure report."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import pytest
 import torch
 from torch.utils.data import TensorDataset
 
-from fedpeft.flower.cache import NodeCache, fingerprint
-from fedpeft.flower.deployment import FastGrid, failure_report, report_path
+from fedpeft.flower.node_store import NodeCache, fingerprint, state_dir
+from fedpeft.flower.server import FastGrid, failure_report, report_path
 
 
 def _ctx(state_dir=None, pid=0, run_config=None):
@@ -101,6 +101,7 @@ def test_frozen_hash_is_computed_once(tmp_path):
 
 
 def test_no_state_dir_means_no_cache_and_a_bad_one_is_refused():
+    assert str(state_dir(_ctx("/x"))) == "/x" and state_dir(_ctx()) is None and str(state_dir(_ctx(), "/d")) == "/d"
     assert NodeCache.of(_ctx()) is None
     ctx = _ctx()
     ctx.node_config["state-dir"] = 3

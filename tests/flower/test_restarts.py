@@ -15,8 +15,8 @@ from flower_worlds import NODE_IDS, SEED, build, oracle, world
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 
 from fedpeft.flower import ProtocolStrategy, to_record
-from fedpeft.flower.records import ARRAYS, CONFIG, METHOD, ROUND
-from fedpeft.flower.records import SEED as SEED_KEY
+from fedpeft.flower.wire import ARRAYS, CONFIG, METHOD, ROUND
+from fedpeft.flower.wire import SEED as SEED_KEY
 from fedpeft.protocols import get as get_protocol
 
 NEW_ID = 9_000_000_099
@@ -54,6 +54,7 @@ def test_a_restarted_node_with_a_state_dir_rejoins_and_continues_bit_identically
             _restart(w, killed)
 
     w.strategy.on_round = after
+    w.strategy.one_message = False  # on_round runs between two rounds' exchanges
     w.strategy.start(w.grid, num_rounds=4, timeout=10)
     h = w.strategy.history
     assert h[2].rejoined == [part] and h[2].restarted_without_state == [] and h[2].absent == []
@@ -70,6 +71,7 @@ def test_a_restarted_node_without_state_is_flagged_and_starts_from_the_initial_v
     killed = NODE_IDS[1]
     part = w.partition_of(killed)
     w.strategy.on_round = lambda rec: _restart(w, killed) if rec.round == 0 else None
+    w.strategy.one_message = False  # on_round runs between two rounds' exchanges
     w.strategy.start(w.grid, num_rounds=2, timeout=10)
     rec = w.strategy.history[1]
     assert rec.rejoined == [part] and rec.restarted_without_state == [part]
@@ -81,6 +83,7 @@ def test_a_node_that_leaves_is_absent_in_every_later_round():
     gone = NODE_IDS[2]
     part = w.partition_of(gone)
     w.strategy.on_round = lambda rec: w.grid.contexts.pop(gone) if rec.round == 0 else None
+    w.strategy.one_message = False  # on_round runs between two rounds' exchanges
     w.strategy.start(w.grid, num_rounds=3, timeout=10)
     h = w.strategy.history
     assert h[0].absent == [] and h[1].absent == [part] and h[2].absent == [part]
@@ -99,6 +102,7 @@ def test_two_live_nodes_claiming_one_partition_the_newcomer_is_refused():
             w.grid.contexts[NEW_ID] = ctx
 
     w.strategy.on_round = twin
+    w.strategy.one_message = False  # on_round runs between two rounds' exchanges
     w.strategy.start(w.grid, num_rounds=2, timeout=10)
     assert w.strategy.registry.node_of[part] == holder  # the holder answered the probe
     assert f"partition-id {part} is already registered by node {holder}" in w.strategy.registry.refused[NEW_ID]
@@ -118,6 +122,7 @@ def test_a_silent_holder_is_replaced_by_the_node_that_claims_its_partition():
             w.grid.contexts[NEW_ID] = ctx
 
     w.strategy.on_round = silent_twin
+    w.strategy.one_message = False  # on_round runs between two rounds' exchanges
     w.strategy.probe_timeout = 0.1
     w.strategy.start(w.grid, num_rounds=2, timeout=10)
     assert w.strategy.registry.node_of[part] == NEW_ID and w.strategy.history[1].rejoined == [part]
