@@ -24,20 +24,6 @@ from .server import server_app, write_report
 from .strategy import PersonalizedFedAvg, PFedPGStrategy, ProtocolStrategy
 from .wire import from_record, parse_evaluation, parse_reply, partition, payload_bytes, to_record
 
-__all__ = [
-    "ClientHandlers",
-    "PFedPGStrategy",
-    "PersonalizedFedAvg",
-    "ProtocolStrategy",
-    "StaleMessage",
-    "client_app",
-    "from_record",
-    "frozen_fingerprint",
-    "parse_evaluation",
-    "parse_reply",
-    "partition",
-    "payload_bytes",
-    "server_app",
-    "to_record",
-    "write_report",
-]
+__all__ = ["ClientHandlers", "PFedPGStrategy", "PersonalizedFedAvg", "ProtocolStrategy", "StaleMessage", "client_app",
+           "from_record", "frozen_fingerprint", "parse_evaluation", "parse_reply", "partition", "payload_bytes",
+           "server_app", "to_record", "write_report"]

@@ -55,10 +55,6 @@ class Registry:
     def __len__(self) -> int:
         return len(self.node_of)
 
-    def _refuse(self, node: int, reason: str) -> None:
-        self.refused[node] = reason
-        log.warning("refused node %d: %s", node, reason)
-
     def _check(self, reply: Message) -> Tuple[Optional[int], Optional[str], int]:
         """``(partition_id, reason_to_refuse, num_examples)`` of one query reply."""
         if reply.has_error():
@@ -89,7 +85,8 @@ class Registry:
             elif reason is None and claims[pid] > 1:
                 reason = f"partition-id {pid} is claimed by {claims[pid]} nodes at once; all of them are refused"
             if reason is not None:
-                self._refuse(node, reason)
+                self.refused[node] = reason
+                log.warning("refused node %d: %s", node, reason)
                 continue
             self.partition_of[node], self.node_of[pid], self.num_examples[pid] = pid, node, n
             got = by_node[node].content.metric_records[METRICS].get("personal-round", -1)
@@ -107,14 +104,18 @@ class Registry:
     def resumed_flags(self) -> Dict[str, List[int]]:
         """After the first registration of a resumed run: partitions whose node has no personal state although the
         partition trained before the crash (``restarted_without_state``)."""
-        lost = sorted(p for p in self.node_of
-                      if self.last_trained.get(p) is not None and self.personal_round.get(p, -1) < 0)
+        lost = sorted(p for p in self.node_of if self._lost(p))
         return {"restarted_without_state": lost} if lost else {}
+
+    def _lost(self, pid: int) -> bool:
+        """Its node holds no personal state although the partition trained before."""
+        return self.last_trained.get(pid) is not None and self.personal_round.get(pid, -1) < 0
 
     def meta(self) -> Dict[str, Any]:
         """The checkpoint's part: ``{"registry": {partition: {"num-examples", "last-trained"}}}``."""
-        return {"registry": {str(p): {"num-examples": self.num_examples.get(p), "last-trained": self.last_trained.get(p)}
-                             for p in sorted(set(self.num_examples) | set(self.last_trained))}}
+        parts = sorted(set(self.num_examples) | set(self.last_trained))
+        return {"registry": {str(p): {"num-examples": self.num_examples.get(p),
+                                      "last-trained": self.last_trained.get(p)} for p in parts}}
 
     def restorer(self, meta: Mapping[str, Any]) -> Callable[[], None]:
         """Check the checkpoint's registry part; return the function that loads each partition's last trained round."""
@@ -151,11 +152,8 @@ class Registry:
         if not new:
             return out
         replies = list(grid.send_and_receive([self._query(n, "rejoin") for n in new], timeout=max(1.0, timeout)))
-        contested = {}
-        for r in replies:
-            pid, reason, _ = self._check(r)
-            if reason is None and pid in self.node_of:
-                contested[pid] = self.node_of[pid]
+        checked = [self._check(r) for r in replies]
+        contested = {pid: self.node_of[pid] for pid, reason, _ in checked if reason is None and pid in self.node_of}
         if contested:  # is the node holding the partition still alive?
             probes = [self._query(node, "probe") for node in contested.values()]
             answered = {r.metadata.src_node_id for r in grid.send_and_receive(probes, timeout=probe_timeout)
@@ -169,8 +167,7 @@ class Registry:
         for pid in sorted(set(self.node_of) - before):
             if pid in self.retired.values() or pid in self.last_trained:
                 out["rejoined"].append(pid)
-                if self.last_trained.get(pid) is not None and self.personal_round.get(pid, -1) < 0:
-                    out["restarted_without_state"].append(pid)
+                out["restarted_without_state"] += [pid] if self._lost(pid) else []
         return out
 
     def register(self, grid: Grid, *, min_nodes: int, timeout: float, poll: float = 1.0) -> None:
@@ -180,13 +177,13 @@ class Registry:
         Raises:
             RuntimeError: no node at all could be registered within ``timeout``.
         """
-        deadline = time.monotonic() + timeout
         said = time.monotonic()
+        deadline = said + timeout
         while True:
             new = [n for n in grid.get_node_ids() if n not in self.partition_of and n not in self.refused]
             if new:
-                msgs = [self._query(n) for n in new]
-                replies = list(grid.send_and_receive(msgs, timeout=max(1.0, deadline - time.monotonic())))
+                replies = list(grid.send_and_receive([self._query(n) for n in new],
+                                                     timeout=max(1.0, deadline - time.monotonic())))
                 answered = {r.metadata.src_node_id for r in replies}
                 self.add(replies)
                 for n in set(new) - answered:
@@ -200,9 +197,7 @@ class Registry:
                             len(self), min_nodes, missing, deadline - said)
             time.sleep(poll)
         if not len(self):
-            raise RuntimeError(
-                f"no node could be registered within {timeout:.0f}s (refused: {self.refused or 'none'})"
-            )
+            raise RuntimeError(f"no node could be registered within {timeout:.0f}s (refused: {self.refused or 'none'})")
         if len(self) < min_nodes:
             log.warning("only %d of %d partitions registered after %.0fs; continuing with %s",
                         len(self), min_nodes, timeout, sorted(self.node_of))

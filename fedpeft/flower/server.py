@@ -6,33 +6,28 @@
 state), runs a :class:`~fedpeft.flower.ProtocolStrategy` and rewrites the report after every round (atomic, fsync'ed;
 ``"status"``: ``running``, ``completed`` or ``failed`` with the error). The run config (``[tool.flwr.app.config]`` or
 ``flwr run --run-config``) overrides the arguments; its keys are :data:`RUN_CONFIG`. Replies are pulled every 0.2 s
-(:class:`FastGrid`; Flower's own loop sleeps 3 s between pulls). See docs/flower.md.
+(:class:`FastGrid`; Flower's own loop sleeps 3 s between pulls). The report: :mod:`fedpeft.protocols.report`. See
+docs/flower.md.
 """
 
 from __future__ import annotations
 
-import json
-import logging
 import time
-import traceback
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, Optional, Union
 
+import flwr
 import torch
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 from torch import nn
 
-from .. import _atomic, fed
 from ..protocols import get as get_protocol
+from ..protocols.report import failure_report, method_report, report_path, write_report
 from .registry import discover_partitions
 from .strategy import ProtocolStrategy
 
-__all__ = ["RUN_CONFIG", "FastGrid", "failure_report", "method_report", "report_path", "server_app", "write_report"]
-
-log = logging.getLogger("fedpeft.flower")
-
-DEFAULT_REPORT_DIR = "fedpeft-reports"
+__all__ = ["RUN_CONFIG", "FastGrid", "failure_report", "report_path", "server_app", "write_report"]
 
 #: run-config key → (server_app argument, type); an empty string means "not set"
 RUN_CONFIG: Dict[str, tuple] = {
@@ -74,90 +69,19 @@ class FastGrid:
         return replies
 
 
-def report_path(configured: Optional[str], run_id: Any) -> Path:
-    """The report's absolute path: ``configured`` (from the working folder), else ``fedpeft-reports/<run_id>.json``."""
-    if configured:
-        return Path(configured).expanduser().absolute()
-    return (Path(DEFAULT_REPORT_DIR) / f"{run_id}.json").absolute()
-
-
-def failure_report(method: str, error: BaseException, partial: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
-    """The report of a run that raised ``error``: ``"status": "failed"``, ``error``, ``traceback``, and the
-    ``partial`` report of the finished rounds."""
-    out: Dict[str, Any] = dict(partial or {"name": method})
-    out.update(status="failed", error=f"{type(error).__name__}: {error}",
-               traceback="".join(traceback.format_exception(type(error), error, error.__traceback__))[-4000:])
-    return out
-
-
-def method_report(strategy: ProtocolStrategy, model: nn.Module, wall_s: float) -> Dict[str, Any]:
-    """The benchmark's per-method record (``name``, ``accuracy`` per client after the last round, ``curve``,
-    ``curve_clients``, ``trainable``, ``communicated``, ``server``, ``wall_s``, ``personal_keys``) plus ``rounds``
-    (``RoundRecord.as_dict()`` of every round) and ``engine``. A client missing from an evaluation is ``null``."""
-    import flwr
-
-    method = strategy.method
-    curve_clients = [list(r.deployed or []) for r in strategy.history]
-    trainable = fed.trainable_state(model)
-    upload = {k: v for k, v in trainable.items() if k in set(method.upload_keys(model))}
-    return {
-        "name": method.name,
-        "accuracy": curve_clients[-1] if curve_clients else [],
-        "curve": [r.mean for r in strategy.history],
-        "curve_clients": curve_clients,
-        "trainable": fed.num_params(trainable),
-        "communicated": fed.num_params(upload),
-        "communicated_bytes": fed.num_bytes(upload),
-        "server": strategy.server.own_params,
-        "wall_s": wall_s,
-        "personal_keys": list(method.personal_keys(model)),
-        "rounds": [r.as_dict() for r in strategy.history],
-        "engine": {"name": "flower", "flwr": flwr.__version__},
-    }
-
-
-def write_report(path: Union[str, Path], report: Dict[str, Any]) -> Path:
-    """Write ``report`` as JSON to ``path`` atomically and durably (:mod:`fedpeft._atomic`)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-
-    def fill(tmp: str) -> None:
-        with open(tmp, "w") as f:
-            json.dump(report, f, indent=2, default=str)
-            f.write("\n")
-
-    _atomic.replace(_atomic.write_temp(path, fill), path)
-    return path
-
-
 def _options(run_config: Dict[str, Any], defaults: Dict[str, Any]) -> Dict[str, Any]:
     """``defaults`` overridden by the run config (:data:`RUN_CONFIG`; ``""`` leaves an argument unset)."""
-    out = dict(defaults)
-    for key, (name, kind) in RUN_CONFIG.items():
-        if key in run_config:
-            value = run_config[key]
-            out[name] = None if value == "" else kind(value)
-    return out
+    given = {name: None if run_config[key] == "" else kind(run_config[key])
+             for key, (name, kind) in RUN_CONFIG.items() if key in run_config}
+    return {**defaults, **given}
 
 
-def server_app(
-    method: Any,
-    build_model: Callable[[Context], nn.Module],
-    *,
-    num_partitions: Optional[int] = None,
-    num_rounds: int = 3,
-    fraction_train: float = 1.0,
-    fraction_evaluate: float = 1.0,
-    seed: int = 0,
-    round_timeout: float = 3600.0,
-    registration_timeout: float = 600.0,
-    report: Optional[Union[str, Path]] = None,
-    round_log: Optional[Union[str, Path]] = None,
-    checkpoint_dir: Optional[Union[str, Path]] = None,
-    on_round: Optional[Callable[[Any], None]] = None,
-    on_report: Optional[Callable[[Dict[str, Any]], None]] = None,
-    **strategy_options: Any,
-) -> ServerApp:
+def server_app(method: Any, build_model: Callable[[Context], nn.Module], *, num_partitions: Optional[int] = None,
+               num_rounds: int = 3, fraction_train: float = 1.0, fraction_evaluate: float = 1.0, seed: int = 0,
+               round_timeout: float = 3600.0, registration_timeout: float = 600.0,
+               report: Optional[Union[str, Path]] = None, round_log: Optional[Union[str, Path]] = None,
+               checkpoint_dir: Optional[Union[str, Path]] = None, on_round: Optional[Callable[[Any], None]] = None,
+               on_report: Optional[Callable[[Dict[str, Any]], None]] = None, **strategy_options: Any) -> ServerApp:
     """A ``ServerApp`` running ``method`` (see the module docstring).
 
     Args:
@@ -192,16 +116,18 @@ def server_app(
             answered: list = []  # the discovery's replies register those nodes (no second query)
             parts = opt.pop("num_partitions") or discover_partitions(grid, timeout=opt["registration_timeout"],
                                                                      replies=answered)
-            rounds, timeout, run_seed = opt.pop("num_rounds"), opt.pop("round_timeout"), opt.pop("seed")
-            opt.pop("report")
+            rounds, timeout, run_seed, _ = (opt.pop(k) for k in ("num_rounds", "round_timeout", "seed", "report"))
             t0 = time.perf_counter()
             torch.manual_seed(run_seed)
             model = build_model(context)
 
+            def report() -> Dict[str, Any]:
+                return method_report(strategy.method, strategy.server, strategy.history, model,
+                                     time.perf_counter() - t0, {"name": "flower", "flwr": flwr.__version__})
+
             def each_round(record: Any) -> None:
                 if path is not None:
-                    write_report(path, {**method_report(strategy, model, time.perf_counter() - t0),
-                                        "status": "running"})
+                    write_report(path, {**report(), "status": "running"})
                 if on_round is not None:
                     on_round(record)
 
@@ -209,10 +135,9 @@ def server_app(
                                         **{k: v for k, v in opt.items() if v is not None})
             strategy.registry.add(answered)
             strategy.start(grid, num_rounds=rounds, timeout=timeout)
-            result = {**method_report(strategy, model, time.perf_counter() - t0), "status": "completed"}
+            result = {**report(), "status": "completed"}
         except Exception as e:
-            partial = method_report(strategy, model, time.perf_counter() - t0) if strategy is not None else None
-            result = failure_report(protocol.name, e, partial)
+            result = failure_report(protocol.name, e, report() if strategy is not None else None)
             if path is not None:
                 write_report(path, result)
                 print(f"fedpeft: the run FAILED ({result['error']}); report: {path}", flush=True)

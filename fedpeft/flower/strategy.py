@@ -4,7 +4,7 @@
 
     deploy = server.deployment(E(t−1))          the open round's deployment: a pure function of the server state
     S = sample_clients(C, fraction_train, seed, t)
-    send  train t (server.payloads(S)) ⊕ deploy  one message per node; a node only in E(t−1) gets an evaluate message
+    send  train t (server.payloads(S)) ⊕ deploy  one message per node (a node only in E(t−1): an evaluate message)
     close round t−1 with the evaluations         history, round log               (protocols.RoundBook)
     server.update(parse_reply(r) for r in replies)                                 screened once, by the server
     close round t's training: it is the open record; checkpoint (open record included), then on_round(t−1)
@@ -27,27 +27,13 @@ from flwr.serverapp.strategy import Result, Strategy
 from torch import Tensor, nn
 
 from .. import fed
+from .._checks import check_positive_int
 from ..protocols import Protocol, Rejection, Reply, RoundBook, RoundLog, RoundRecord, Server, sample_clients
 from ..protocols import get as get_protocol
+from ..protocols.sampling import check_fraction
 from ..protocols.screening import check_max_weight
+from . import wire
 from .registry import Registry
-from .wire import (
-    ARRAYS,
-    CONFIG,
-    DEPLOY,
-    EVAL_ROUND,
-    EVALUATION,
-    METHOD,
-    METRICS,
-    ROUND,
-    RUN,
-    SEED,
-    from_record,
-    parse_evaluation,
-    parse_reply,
-    payload_bytes,
-    to_record,
-)
 
 __all__ = ["PFedPGStrategy", "PersonalizedFedAvg", "ProtocolStrategy"]
 
@@ -55,10 +41,23 @@ log = logging.getLogger("fedpeft.flower")
 Sent = List[Tuple[Message, int]]  # messages and the partition each went to
 
 
-def _fraction(name: str, value: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < float(value) <= 1.0:
-        raise ValueError(f"{name} must be a number in (0, 1], got {value!r}")
-    return float(value)
+def _records(states: Dict[int, Dict[str, Tensor]]) -> Dict[int, ArrayRecord]:
+    """``to_record`` of each partition's state, once per distinct state (FedAvg sends one state to everyone)."""
+    done: Dict[int, ArrayRecord] = {}
+    for s in states.values():
+        done[id(s)] = done.get(id(s)) or wire.to_record(s)
+    return {pid: done[id(s)] for pid, s in states.items()}
+
+
+def _exchange(grid: Grid, sent: Sent, timeout: float) -> List[Message]:
+    return list(grid.send_and_receive([m for m, _ in sent], timeout=timeout)) if sent else []
+
+
+def _split(sent: Sent, replies: List[Message]) -> Tuple[List[Message], List[Message]]:
+    """``(the replies to the sent messages, the others)``."""
+    ids = {m.metadata.message_id for m, _ in sent}
+    return ([r for r in replies if r.metadata.reply_to_message_id in ids],
+            [r for r in replies if r.metadata.reply_to_message_id not in ids])
 
 
 def _missing(sent: Sent, replies: List[Message]) -> List[Rejection]:
@@ -91,35 +90,17 @@ class ProtocolStrategy(Strategy):
         one_message: one message per node per round (default); ``False``: a train and an evaluate exchange.
     """
 
-    def __init__(
-        self,
-        method: Any,
-        model: nn.Module,
-        *,
-        num_partitions: int,
-        server: Optional[Server] = None,
-        server_seed: Optional[int] = None,
-        fraction_train: float = 1.0,
-        fraction_evaluate: float = 1.0,
-        seed: int = 0,
-        min_nodes: Optional[int] = None,
-        registration_timeout: float = 600.0,
-        check_frozen: bool = True,
-        on_round: Optional[Callable[[RoundRecord], None]] = None,
-        round_log: Union[str, Path, RoundLog, None] = None,
-        checkpoint_dir: Union[str, Path, None] = None,
-        run_name: Optional[str] = None,
-        max_weight: Optional[float] = None,
-        probe_timeout: float = 60.0,
-        one_message: bool = True,
-    ) -> None:
+    def __init__(self, method: Any, model: nn.Module, *, num_partitions: int, server: Optional[Server] = None,
+                 server_seed: Optional[int] = None, fraction_train: float = 1.0, fraction_evaluate: float = 1.0,
+                 seed: int = 0, min_nodes: Optional[int] = None, registration_timeout: float = 600.0,
+                 check_frozen: bool = True, on_round: Optional[Callable[[RoundRecord], None]] = None,
+                 round_log: Union[str, Path, RoundLog, None] = None, checkpoint_dir: Union[str, Path, None] = None,
+                 run_name: Optional[str] = None, max_weight: Optional[float] = None, probe_timeout: float = 60.0,
+                 one_message: bool = True) -> None:
         self.method: Protocol = get_protocol(method)
-        if isinstance(num_partitions, bool) or not isinstance(num_partitions, int) or num_partitions < 1:
-            raise ValueError(f"num_partitions must be an int >= 1, got {num_partitions!r}")
-        self.num_partitions = num_partitions
-        self.fraction_train = _fraction("fraction_train", fraction_train)
-        self.fraction_evaluate = _fraction("fraction_evaluate", fraction_evaluate)
-        self.seed = int(seed)
+        self.num_partitions, self.seed = check_positive_int("num_partitions", num_partitions), int(seed)
+        self.fraction_train = check_fraction(fraction_train, "fraction_train")
+        self.fraction_evaluate = check_fraction(fraction_evaluate, "fraction_evaluate")
         self.min_nodes = num_partitions if min_nodes is None else int(min_nodes)
         if not 1 <= self.min_nodes <= num_partitions:
             raise ValueError(f"min_nodes must be in [1, {num_partitions}], got {min_nodes!r}")
@@ -128,44 +109,20 @@ class ProtocolStrategy(Strategy):
             model, num_clients=num_partitions, seed=server_seed)
         if max_weight is not None:
             self.server.max_weight = check_max_weight(max_weight)
-        self.registry = Registry(num_partitions, self.method.name,
-                                 fed.frozen_fingerprint(model) if check_frozen else None)
+        fingerprint = fed.frozen_fingerprint(model) if check_frozen else None
+        self.registry = Registry(num_partitions, self.method.name, fingerprint)
         config = {"method": self.method.name, "seed": self.seed, "fraction_train": self.fraction_train,
                   "fraction_evaluate": self.fraction_evaluate, "num_partitions": num_partitions, "engine": "flower"}
         self.book = RoundBook(self.server, num_partitions, config=config, run=run_name, round_log=round_log,
                               checkpoint_dir=checkpoint_dir, on_round=on_round)
-        self.run_name, self.one_message = run_name, bool(one_message)
-        self._prepared = False
+        self.run_name, self.one_message, self._prepared = run_name, bool(one_message), False
         self._flags: Dict[str, List[int]] = {}  # the first registration's flags of a resumed run
-        self._round: Optional[Tuple[RoundRecord, Sent, float]] = None  # adapter: the round in flight
         self._eval_sent: Sent = []  # adapter: the evaluate messages in flight
-        self._records: Dict[int, Tuple[Dict[str, Tensor], ArrayRecord]] = {}  # this exchange's serialized states
 
     @property
     def history(self) -> List[RoundRecord]:
         """Every closed round's record."""
         return self.book.history
-
-    @property
-    def round_log(self) -> Optional[RoundLog]:
-        return self.book.round_log
-
-    @property
-    def on_round(self) -> Optional[Callable[[RoundRecord], None]]:
-        """Called with each closed record (after its checkpoint); settable."""
-        return self.book.on_round
-
-    @on_round.setter
-    def on_round(self, fn: Optional[Callable[[RoundRecord], None]]) -> None:
-        self.book.on_round = fn
-
-    @property
-    def checkpoint_dir(self) -> Optional[Path]:
-        return self.book.checkpoint_dir
-
-    @checkpoint_dir.setter
-    def checkpoint_dir(self, folder: Union[str, Path, None]) -> None:
-        self.book.checkpoint_dir = None if folder is None else Path(folder)
 
     def run_id(self, grid: Optional[Grid] = None) -> str:
         """The fedpeft run id (``run_name``, the checkpoint's, else Flower's run id); fixed at the first call."""
@@ -187,28 +144,21 @@ class ProtocolStrategy(Strategy):
         self.registry.register(grid, min_nodes=self.min_nodes, timeout=self.registration_timeout)
         self._flags, self._prepared = self.registry.resumed_flags(), True
 
-    def _sample(self, fraction: float, round_: int) -> List[int]:
+    def _sample(self, fraction: float, round_: int) -> Tuple[List[int], List[int]]:
+        """``(the sampled partitions with a registered node, those without: absent)``."""
         ids = sample_clients(self.num_partitions, fraction, seed=self.seed, round=round_)
-        missing = self.registry.absent(ids)
-        if missing:
-            log.warning("round %d: sampled partitions %s have no registered node; skipped", round_ + 1, missing)
-        return [i for i in ids if i not in missing]
+        absent = self.registry.absent(ids)
+        if absent:
+            log.warning("round %d: sampled partitions %s have no registered node; skipped", round_ + 1, absent)
+        return [i for i in ids if i not in absent], absent
 
     def _messages(self, states: Dict[int, Dict[str, Tensor]], kind: str, round_: int,
                   config: Optional[ConfigRecord]) -> Sent:
-        cfg = ConfigRecord({**dict(config or {}), "server-round": round_ + 1, ROUND: round_, SEED: self.seed,
-                            METHOD: self.method.name, RUN: self.run_id()})
-        out: Sent = []
-        for pid in sorted(states):
-            out.append((Message(RecordDict({ARRAYS: self._record_of(states[pid]), CONFIG: cfg}),
-                                self.registry.node_of[pid], kind, group_id=str(round_ + 1)), pid))
-        return out
-
-    def _record_of(self, state: Dict[str, Tensor]) -> ArrayRecord:
-        """``to_record(state)``, once per distinct state object in an exchange (FedAvg sends one state to all)."""
-        if self._records.get(id(state), (None,))[0] is not state:
-            self._records[id(state)] = (state, to_record(state))
-        return self._records[id(state)][1]
+        cfg = ConfigRecord({**dict(config or {}), "server-round": round_ + 1, wire.ROUND: round_,
+                            wire.SEED: self.seed, wire.METHOD: self.method.name, wire.RUN: self.run_id()})
+        records = _records(states)
+        return [(Message(RecordDict({wire.ARRAYS: records[pid], wire.CONFIG: cfg}), self.registry.node_of[pid], kind,
+                         group_id=str(round_ + 1)), pid) for pid in sorted(states)]
 
     def _refresh(self, grid: Grid) -> Dict[str, List[int]]:
         """At a round's start: forget nodes that left, register new ones; the round's ``rejoined``/... flags."""
@@ -221,9 +171,8 @@ class ProtocolStrategy(Strategy):
     def _open_round(self, round_: int, flags: Dict[str, List[int]],
                     config: Optional[ConfigRecord]) -> Tuple[RoundRecord, Sent]:
         """Sample, open the record, one train message per node with its payload."""
-        sampled = sample_clients(self.num_partitions, self.fraction_train, seed=self.seed, round=round_)
-        ids = self._sample(self.fraction_train, round_)
-        record = self.book.open_round(round_, ids, absent=self.registry.absent(sampled), **flags)
+        ids, absent = self._sample(self.fraction_train, round_)
+        record = self.book.open_round(round_, ids, absent=absent, **flags)
         if not ids:
             log.warning("round %d: no registered client to train", round_ + 1)
         return record, self._messages(self.server.payloads(ids), MessageType.TRAIN, round_, config) if ids else []
@@ -232,32 +181,29 @@ class ProtocolStrategy(Strategy):
                 config: Optional[ConfigRecord]) -> Sent:
         """Round ``round_``'s deployments into the train messages of the nodes that train, else their own message."""
         trains = {pid: m for m, pid in train}
-        out = self._messages({p: s for p, s in deploy.items() if p not in trains}, MessageType.EVALUATE, round_,
-                             config)
-        for pid, state in deploy.items():
-            if pid in trains:
-                msg = trains[pid]
-                msg.content[DEPLOY] = self._record_of(state)
-                msg.content[CONFIG] = ConfigRecord({**dict(msg.content.config_records[CONFIG]), EVAL_ROUND: round_})
-                out.append((msg, pid))
+        out = self._messages({p: s for p, s in deploy.items() if p not in trains}, MessageType.EVALUATE, round_, config)
+        records = _records({p: s for p, s in deploy.items() if p in trains})
+        for pid in sorted(records):
+            msg = trains[pid]
+            msg.content[wire.DEPLOY] = records[pid]
+            msg.content[wire.CONFIG] = ConfigRecord({**dict(msg.content[wire.CONFIG]), wire.EVAL_ROUND: round_})
+            out.append((msg, pid))
         return out
 
     def _close_training(self, record: RoundRecord, sent: Sent, replies: List[Message], started: float) -> None:
         """Read each reply once, let the server screen and step, and close the record's training part."""
         ids = {m.metadata.message_id: pid for m, pid in sent}
-        parsed = [(parse_reply(m, ids, like=self.server.expected_upload, registered=self.registry.num_examples), m)
-                  for m in replies]
+        like, registered = self.server.expected_upload, self.registry.num_examples
+        parsed = [(wire.parse_reply(m, ids, like=like, registered=registered), m) for m in replies]
         refused = [p for p, _ in parsed if isinstance(p, Rejection)] + _missing(sent, replies)
         for rej in refused:
             log.warning("round %d: dropped the reply of %s: %s", record.round + 1, rej.client_id, rej.reason)
         report = self.server.update([p for p, _ in parsed if isinstance(p, Reply)])
-        loss: Dict[int, float] = {}
-        after_local: Dict[int, float] = {}
-        nbytes: Dict[int, int] = {}
+        loss, after_local, nbytes = {}, {}, {}  # by partition
         for p, m in parsed:
             if isinstance(p, Reply):
-                metrics = m.content.metric_records[METRICS]
-                nbytes[p.client_id] = payload_bytes(m.content.array_records.get(ARRAYS, ArrayRecord()))
+                metrics = m.content.metric_records[wire.METRICS]
+                nbytes[p.client_id] = wire.payload_bytes(m.content.array_records.get(wire.ARRAYS, ArrayRecord()))
                 for key, into in (("loss", loss), ("accuracy", after_local)):
                     if isinstance(metrics.get(key), (int, float)):
                         into[p.client_id] = float(metrics[key])
@@ -268,7 +214,7 @@ class ProtocolStrategy(Strategy):
         record.wall_s = time.perf_counter() - started
 
     def _evaluation_messages(self, record: RoundRecord, config: Optional[ConfigRecord]) -> Sent:
-        ids = self._sample(self.fraction_evaluate, record.round)
+        ids = self._sample(self.fraction_evaluate, record.round)[0]
         return self._messages(self.server.deployment(ids), MessageType.EVALUATE, record.round, config) if ids else []
 
     def _close_evaluation(self, record: RoundRecord, sent: Sent, replies: List[Message],
@@ -280,7 +226,8 @@ class ProtocolStrategy(Strategy):
         acc: Dict[int, float] = {}
         without, dropped = [], _missing(sent, replies)
         for m in replies:
-            got = parse_evaluation(m, ids, key=EVALUATION if m.metadata.reply_to_message_id in carried else METRICS)
+            key = wire.EVALUATION if m.metadata.reply_to_message_id in carried else wire.METRICS
+            got = wire.parse_evaluation(m, ids, key=key)
             if isinstance(got, Rejection):
                 log.warning("round %d: evaluation of %s dropped: %s", record.round + 1, got.client_id, got.reason)
                 dropped.append(got)
@@ -299,22 +246,14 @@ class ProtocolStrategy(Strategy):
 
     def _evaluate(self, grid: Grid, record: RoundRecord, config: Optional[ConfigRecord], timeout: float) -> None:
         """An evaluate exchange of its own for ``record`` (the last round; every round with two exchanges)."""
-        t0, self._records = time.perf_counter(), {}
+        t0 = time.perf_counter()
         sent = self._evaluation_messages(record, config)
-        replies = list(grid.send_and_receive([m for m, _ in sent], timeout=timeout)) if sent else []
-        self._close_evaluation(record, sent, replies, extra_s=time.perf_counter() - t0)
+        self._close_evaluation(record, sent, _exchange(grid, sent, timeout), extra_s=time.perf_counter() - t0)
 
     # ---- the loop -------------------------------------------------------------------------------------------------
-    def start(
-        self,
-        grid: Grid,
-        initial_arrays: Optional[ArrayRecord] = None,
-        num_rounds: int = 3,
-        timeout: float = 3600,
-        train_config: Optional[ConfigRecord] = None,
-        evaluate_config: Optional[ConfigRecord] = None,
-        evaluate_fn: Any = None,
-    ) -> Result:
+    def start(self, grid: Grid, initial_arrays: Optional[ArrayRecord] = None, num_rounds: int = 3,
+              timeout: float = 3600, train_config: Optional[ConfigRecord] = None,
+              evaluate_config: Optional[ConfigRecord] = None, evaluate_fn: Any = None) -> Result:
         """Register the nodes, then run the rounds left (``timeout`` per exchange); see the module docstring.
 
         ``initial_arrays``: ``None`` (the server starts from the model it was built with) or tensors keyed as
@@ -328,22 +267,16 @@ class ProtocolStrategy(Strategy):
         self._prepare(grid)
         book = self.book
         for round_ in range(book.next_round, int(num_rounds)):
-            started, due = time.perf_counter(), book.open
-            flags, deploy = self._refresh(grid), {}
-            if due is not None:  # its deployment, before this round's payloads (as in-process)
-                ids = self._sample(self.fraction_evaluate, due.round)
-                deploy = self.server.deployment(ids) if ids else {}
-            self._records = {}
+            started, due, flags = time.perf_counter(), book.open, self._refresh(grid)
+            ids = [] if due is None else self._sample(self.fraction_evaluate, due.round)[0]
+            deploy = self.server.deployment(ids) if ids else {}  # the open round's, before this round's payloads
             record, train = self._open_round(round_, flags, train_config)
-            evals = self._attach(train, deploy, due.round, evaluate_config) if due is not None else []
-            sent = train + [(m, p) for m, p in evals if m.metadata.message_type == MessageType.EVALUATE]
-            replies = list(grid.send_and_receive([m for m, _ in sent], timeout=timeout)) if sent else []
-            only_eval = {m.metadata.message_id for m, _ in sent if m.metadata.message_type == MessageType.EVALUATE}
+            evals = [] if due is None else self._attach(train, deploy, due.round, evaluate_config)
+            own = [(m, p) for m, p in evals if m.metadata.message_type == MessageType.EVALUATE]
+            replies = _exchange(grid, train + own, timeout)
             if due is not None:
-                mine = {m.metadata.message_id for m, _ in evals}
-                self._close_evaluation(due, evals, [m for m in replies if m.metadata.reply_to_message_id in mine])
-            self._close_training(record, train, [m for m in replies if m.metadata.reply_to_message_id not in only_eval],
-                                 started)
+                self._close_evaluation(due, evals, _split(evals, replies)[0])
+            self._close_training(record, train, _split(own, replies)[1], started)
             if not self.one_message:
                 self._evaluate(grid, record, evaluate_config, timeout)
             book.commit(meta=self.registry.meta())
@@ -355,20 +288,15 @@ class ProtocolStrategy(Strategy):
     def _load_initial(self, arrays: ArrayRecord) -> None:
         tensors, meta = self.server.state_dict()
         like = {**{k.split(".", 1)[-1]: v for k, v in tensors.items()}, **tensors}
-        try:
-            self.server.load_state_dict(from_record(arrays, like=like), meta)
-        except (TypeError, ValueError) as e:
-            raise ValueError(f"initial_arrays: the {self.method.name} server refused them ({e})") from None
+        self.server.load_state_dict(wire.from_record(arrays, like=like), meta)  # ValueError: it does not fit
 
     def server_arrays(self) -> ArrayRecord:
         """The server's tensors (``server.state_dict()[0]``) as an ``ArrayRecord``: Flower's ``Result.arrays``."""
-        return to_record(self.server.state_dict()[0])
+        return wire.to_record(self.server.state_dict()[0])
 
     def summary(self) -> None:
         """Log the configuration."""
-        log.info("%s running %s: %d partitions, fraction_train %.2f, fraction_evaluate %.2f, seed %d",
-                 type(self).__name__, self.method.name, self.num_partitions, self.fraction_train,
-                 self.fraction_evaluate, self.seed)
+        log.info("%s: %s over %d partitions, seed %d", type(self).__name__, self.method.name, self.num_partitions, self.seed)
 
     # ---- Flower's callbacks: the same steps, two exchanges per round, for a custom workflow -----------------------
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
@@ -376,22 +304,19 @@ class ProtocolStrategy(Strategy):
         """The next round's train messages (``server_round`` only labels them: rounds continue from the book)."""
         self._prepare(grid)
         started = time.perf_counter()
-        self._records = {}
         record, sent = self._open_round(self.book.next_round, self._refresh(grid), config)
-        self._round = (record, sent, started)
+        self._round: Tuple[RoundRecord, Sent, float] = (record, sent, started)  # the round in flight
         return [m for m, _ in sent]
 
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> Tuple[Optional[ArrayRecord], Optional[MetricRecord]]:
         """Screen and step on the replies (the server's update); the record waits for its evaluation."""
-        if self._round is None:
-            raise RuntimeError("aggregate_train before configure_train")
-        (record, sent, started), self._round = self._round, None
+        record, sent, started = self._round  # set by configure_train
         self._close_training(record, sent, list(replies), started)
         losses = list(record.train_loss.values())
-        return self.server_arrays(), MetricRecord({
-            "accepted": len(record.server.accepted), "rejected": len(record.server.rejected),
-            "loss-mean": sum(losses) / len(losses) if losses else float("nan")})
+        return self.server_arrays(), MetricRecord({"accepted": len(record.server.accepted),
+                                                   "rejected": len(record.server.rejected),
+                                                   "loss-mean": sum(losses) / len(losses) if losses else float("nan")})
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
@@ -414,8 +339,7 @@ class PersonalizedFedAvg(ProtocolStrategy):
     def __init__(self, method: Any, model: nn.Module, **kwargs: Any) -> None:
         super().__init__(method, model, **kwargs)
         if self.server.own_params:
-            raise TypeError(f"PersonalizedFedAvg needs an averaging method; {self.method.name} trains a server of "
-                            f"its own (use ProtocolStrategy or PFedPGStrategy)")
+            raise TypeError(f"PersonalizedFedAvg averages; {self.method.name} is not (use PFedPGStrategy)")
 
 
 class PFedPGStrategy(ProtocolStrategy):
@@ -427,5 +351,4 @@ class PFedPGStrategy(ProtocolStrategy):
             raise TypeError("PFedPGStrategy needs model= (a client model: the generator takes its prompt shape)")
         super().__init__(method, model, server_seed=generator_seed, **kwargs)
         if not self.server.own_params:
-            raise TypeError(f"PFedPGStrategy runs pFedPG, got {self.method.name} (use ProtocolStrategy or "
-                            "PersonalizedFedAvg)")
+            raise TypeError(f"PFedPGStrategy runs pFedPG, got {self.method.name} (use PersonalizedFedAvg)")

@@ -16,7 +16,6 @@ from __future__ import annotations
 from typing import Dict, Mapping, NamedTuple, Optional, Tuple, Union
 
 import numpy as np
-import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord
 from torch import Tensor
 
@@ -24,13 +23,13 @@ from .. import fed
 from ..protocols import Diverged, Rejection, Reply
 
 __all__ = ["ARRAYS", "CONFIG", "DEPLOY", "EVALUATION", "EVAL_ROUND", "INFO", "METHOD", "METRICS", "ROUND", "RUN",
-           "SEED", "Task", "check_download", "from_record", "parse_evaluation", "parse_reply", "partition",
-           "payload_bytes", "read_task", "to_record"]
+           "SEED", "Task", "from_record", "parse_evaluation", "parse_reply", "partition",
+           "payload_bytes", "read_run", "read_task", "to_record"]
 
 ARRAYS, CONFIG, METRICS, INFO = "arrays", "config", "metrics", "info"
 ROUND, SEED, METHOD, RUN = "fedpeft.round", "fedpeft.seed", "fedpeft.method", "fedpeft.run"
 DEPLOY, EVAL_ROUND, EVALUATION = "fedpeft.deploy", "fedpeft.eval-round", "evaluation"
-PARTITION_ID, NUM_PARTITIONS, STATE_DIR = "partition-id", "num-partitions", "state-dir"  # node_config keys
+PARTITION_ID, NUM_PARTITIONS = "partition-id", "num-partitions"  # node_config keys (state-dir: protocols.node_cache)
 
 #: message id of each message sent this round → the partition it went to
 Sent = Mapping[str, int]
@@ -100,8 +99,13 @@ def read_task(msg: Message) -> Task:
         raise ValueError(f"config[{ROUND!r}] must be an integer >= 0, got {round_!r}")
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise ValueError(f"config[{SEED!r}] must be an integer, got {seed!r}")
-    run = cfg.get(RUN)
-    return Task(cfg, round_, seed, cfg.get(METHOD), run if isinstance(run, str) and run else None)
+    return Task(cfg, round_, seed, cfg.get(METHOD), read_run(msg))
+
+
+def read_run(msg: Message) -> Optional[str]:
+    """The fedpeft run id a message names (``RUN`` in its config), or ``None``: Flower's own run id then."""
+    run = msg.content.config_records.get(CONFIG, ConfigRecord()).get(RUN)
+    return run if isinstance(run, str) and run else None
 
 
 def partition(context: Context) -> Tuple[int, Optional[int]]:
@@ -123,18 +127,6 @@ def partition(context: Context) -> Tuple[int, Optional[int]]:
         if pid >= num:
             raise ValueError(f"node_config[{PARTITION_ID!r}] = {pid} is out of range for {NUM_PARTITIONS} = {num}")
     return pid, num
-
-
-def check_download(shared: Mapping[str, Tensor], like: Mapping[str, Tensor]) -> None:
-    """Refuse downloaded arrays that are not finite, or not floating where the model's parameter is (``ValueError``
-    naming the key): a node never trains or deploys on them."""
-    for k, v in shared.items():
-        ref = like.get(k)
-        if ref is not None and ref.is_floating_point() and not v.is_floating_point():
-            raise ValueError(f"the server sent {k!r} as {v.dtype}; the model's parameter is {ref.dtype}")
-        if v.is_floating_point() and not bool(torch.isfinite(v).all()):
-            raise ValueError(f"the server sent non-finite values (NaN/Inf) in {k!r}; refusing to train or deploy on "
-                             "them")
 
 
 # ---- the server's side ---------------------------------------------------------------------------------------------

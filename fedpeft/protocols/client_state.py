@@ -92,7 +92,8 @@ class ClientStateFile:
             if not isinstance(value, str) or not value:
                 raise TypeError(f"{name} must be a non-empty str, got {type(value).__name__} {value!r}")
         self.run, self.partition, self.method, self.fingerprint = run, partition, method, fingerprint
-        self.path = Path(state_dir) / "fedpeft" / "personal" / run_folder_name(run) / f"partition-{partition}.safetensors"
+        folder = Path(state_dir) / "fedpeft" / "personal" / run_folder_name(run)
+        self.path = folder / f"partition-{partition}.safetensors"
         self._cache: Optional[Tuple[tuple, Optional[StoredState]]] = None  # (file's identity, what it held)
 
     def __repr__(self) -> str:

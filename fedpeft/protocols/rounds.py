@@ -3,7 +3,7 @@
     book = RoundBook(server, C, config={...}, round_log=path, checkpoint_dir=folder, on_round=fn)
     book.resume(restore)                       # the checkpoint, if any: server, history, the open record
     rec = book.open_round(t, ids, ...)         # round t starts
-    book.close_training(rec, report, refused=…, train_loss=…, after_local=…)    # rec is open: trained, not evaluated
+    book.close_training(rec, report, refused=…, train_loss=…, after_local=…)    # open: trained, not evaluated
     book.close_evaluation(rec, deployed, …)    # history, then the round log
     book.commit(tensors, meta)                 # the checkpoint (open record included), then on_round
 

@@ -12,7 +12,8 @@ A reply ``(client_id, upload, weight[, round])`` (a tuple, a list or a :class:`R
   caps it (a self-reported ``num-examples`` of 1e300 would otherwise make one client the whole aggregate) and at most
   the reply's own ``Reply.max_weight`` when the engine set one (Flower: the examples the node registered with).
 
-This is the one place a reply's content is checked; an engine only reads a reply (whose it is, its arrays).
+This is the one place a reply's content is checked; an engine only reads a reply (whose it is, its arrays). The
+other direction, a client's download, is :func:`check_download`.
 
 Accepted replies are returned sorted by client id, so two engines that deliver the same replies in different orders
 aggregate in the same order and give bit-identical results. Each rejection is logged (logger ``fedpeft.protocols``)
@@ -26,12 +27,13 @@ import math
 from collections import Counter
 from typing import Collection, Iterable, List, Mapping, Optional, Sequence, Tuple
 
+import torch
 from torch import Tensor
 
 from .._checks import check_state, check_weight
 from .records import Rejection, Reply, rejection_order
 
-__all__ = ["check_max_weight", "screen_replies"]
+__all__ = ["check_download", "check_max_weight", "screen_replies"]
 
 log = logging.getLogger("fedpeft.protocols")
 
@@ -142,3 +144,15 @@ def screen_replies(
     accepted.sort(key=lambda r: r.client_id)
     rejected.sort(key=rejection_order)
     return accepted, rejected
+
+
+def check_download(shared: Mapping[str, Tensor], like: Mapping[str, Tensor]) -> None:
+    """Refuse downloaded arrays that are not finite, or not floating where the model's parameter is (``ValueError``
+    naming the key): a node never trains or deploys on them."""
+    for k, v in shared.items():
+        ref = like.get(k)
+        if ref is not None and ref.is_floating_point() and not v.is_floating_point():
+            raise ValueError(f"the server sent {k!r} as {v.dtype}; the model's parameter is {ref.dtype}")
+        if v.is_floating_point() and not bool(torch.isfinite(v).all()):
+            raise ValueError(f"the server sent non-finite values (NaN/Inf) in {k!r}; refusing to train or deploy on "
+                             "them")
