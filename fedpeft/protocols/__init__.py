@@ -33,10 +33,12 @@ Public names::
     ClientResult, Reply, Rejection, ServerReport, screen_replies
     LocalTask, LocalTrainer, Trainer, LossFn, batch_seed, cross_entropy_loss, evaluate, fedpgp_loss
     sample_clients, Federation, RoundRecord, RoundLog, Server
+    Privacy, PrivacyLedger (user-level DP: docs/privacy.md)
 
 See docs/protocols.md.
 """
 
+from .accountant import PrivacyLedger
 from .checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
 from .inprocess import Federation
 from .methods import (
@@ -51,6 +53,7 @@ from .methods import (
     upload_state,
 )
 from .pfedpg import PFedPG, PFedPGServer
+from .privacy import Privacy
 from .protocol import Phase, Protocol
 from .records import ClientResult, Rejection, Reply, RoundRecord, ServerReport
 from .resume import diverged
@@ -77,6 +80,8 @@ __all__ = [
     "PFedPG",
     "PFedPGServer",
     "Phase",
+    "Privacy",
+    "PrivacyLedger",
     "Protocol",
     "Rejection",
     "Reply",

@@ -38,10 +38,12 @@ from .._checks import check_positive_int, check_state
 from .._wrapping import innermost, wrapper_chain
 from ..generator import INITS, PromptGenerator
 from ..vpt import VPT
+from .privacy import Privacy
 from .protocol import Protocol
 from .records import ServerReport
 from .screening import check_max_weight, screen_replies
 from .server import flatten_optimizer, unflatten_optimizer
+from .server_privacy import ServerPrivacy, load_privacy
 from .shared_personal import _check_ids
 from .training import LossFn
 
@@ -127,6 +129,10 @@ class PFedPGServer:
         expected: the upload every client must send: ``{prompt key: tensor of shape (L, K, D)}`` (values unused).
         normalize_delta: rescale each accepted client's pseudo-gradient ``P_n − P̃_n`` to the mean norm over the
             round's accepted clients before the backward (every client's direction weighs the same). Default off.
+        privacy: user-level DP on the generator step (:class:`~fedpeft.protocols.Privacy`): each accepted client's
+            gradient contribution is clipped over all of φ, summed, noised (std σ·C) and divided by the round's
+            number of clients; every step is a release. Not with ``normalize_delta`` (it couples the clients).
+        seed: the noise seed under ``privacy`` (``None``: drawn from torch's global RNG; docs/privacy.md).
 
     Over a run the server counts the client-rounds whose step *ascended* (``dist_after > dist_before``) and warns
     (``RuntimeWarning``, once) as soon as they are more than half of all client-rounds after at least 3 rounds: the
@@ -135,7 +141,8 @@ class PFedPGServer:
 
     def __init__(self, generator: PromptGenerator, optimizer: torch.optim.Optimizer,
                  expected: Dict[str, Tensor], *, normalize_delta: bool = False,
-                 max_weight: Optional[float] = None) -> None:
+                 max_weight: Optional[float] = None, privacy: Optional[Privacy] = None,
+                 seed: Optional[int] = None) -> None:
         if not isinstance(generator, PromptGenerator):
             raise TypeError(f"generator must be a fedpeft.PromptGenerator, got {type(generator).__name__}")
         (self.key, ref), = expected.items()
@@ -151,6 +158,10 @@ class PFedPGServer:
         if not isinstance(normalize_delta, bool):
             raise TypeError(f"normalize_delta must be a bool, got {type(normalize_delta).__name__}")
         self.normalize_delta = normalize_delta
+        if privacy is not None and normalize_delta:
+            raise ValueError("privacy: normalize_delta rescales each client's update by the round's mean norm, so one "
+                             "client moves every other's contribution and no clip bounds it; use normalize_delta=False")
+        self.privacy = None if privacy is None else ServerPrivacy(privacy, self.num_clients, seed)
         self.client_rounds = 0  # accepted client-rounds stepped on so far
         self.ascended = 0  # of which ‖gen(n) − P̃_n‖ grew through the step
         self._warned = False
@@ -199,6 +210,11 @@ class PFedPGServer:
         self._pending = None
         self.round += 1
         report = ServerReport(accepted=[r.client_id for r in accepted], rejected=rejected)
+        if self.privacy is not None:
+            report.privacy = self.privacy.close_round(len(ids), releases=1)
+            if not accepted:  # a release every round, whoever replied: noise only
+                self._private_step(generated[:0], generated.detach()[:0], len(ids))
+                report.updated = True
         if not accepted:
             return report
         rows = [ids.index(r.client_id) for r in accepted]
@@ -209,9 +225,12 @@ class PFedPGServer:
         if self.normalize_delta:
             scale = before.mean() / before.clamp_min(1e-30)  # ‖P_n − P̃_n‖ → the round's mean norm
             target = selected.detach() - (selected.detach() - trained) * scale.view(-1, *[1] * (trained.dim() - 1))
-        self.optimizer.zero_grad(set_to_none=True)
-        fed.delta_backward(selected, target)
-        self.optimizer.step()
+        if self.privacy is not None:
+            self._private_step(selected, target, len(ids))
+        else:
+            self.optimizer.zero_grad(set_to_none=True)
+            fed.delta_backward(selected, target)
+            self.optimizer.step()
         report.updated = True
         with torch.no_grad():
             everyone = self.generator(torch.arange(self.num_clients, device=self.generator.descriptors.device))
@@ -237,6 +256,13 @@ class PFedPGServer:
                 f"rate or use the default server (docs/protocols.md)", RuntimeWarning, stacklevel=2)
         return report
 
+    def _private_step(self, generated: Tensor, trained: Tensor, num_sampled: int, release: int = 0) -> None:
+        """One optimizer step on the DP gradient (:meth:`ServerPrivacy.generator_grads`) of round ``self.round − 1``."""
+        self.optimizer.zero_grad(set_to_none=True)
+        self.privacy.generator_grads(generated, trained, list(self.generator.named_parameters()), num_sampled,
+                                     round=self.round - 1, release=release)
+        self.optimizer.step()
+
     def state_dict(self) -> Tuple[Dict[str, Tensor], Dict[str, Any]]:
         """The generator (``"generator.<key>"``) and its optimizer's state (``"optimizer.<i>.<name>"``) as tensors;
         the round, the prompt key and the optimizer's class and hyper-parameters in ``meta`` (see :mod:`.server`)."""
@@ -247,7 +273,8 @@ class PFedPGServer:
         return tensors, {"kind": "pfedpg", "round": self.round, "key": self.key,
                          "optimizer": {"class": type(self.optimizer).__name__, **opt_meta},
                          "ascent": {"client_rounds": self.client_rounds, "ascended": self.ascended,
-                                    "warned": self._warned}}
+                                    "warned": self._warned},
+                         **({} if self.privacy is None else {"privacy": self.privacy.state_dict()})}
 
     def load_state_dict(self, tensors: Mapping[str, Tensor], meta: Mapping[str, Any]) -> None:
         """Restore :meth:`state_dict`'s output; ``ValueError`` (server untouched) on another kind, prompt key,
@@ -272,6 +299,11 @@ class PFedPGServer:
         except (KeyError, TypeError, ValueError) as e:
             self.optimizer.load_state_dict(backup)
             raise ValueError(f"tensors/meta: the optimizer state does not fit this server's optimizer ({e})") from None
+        try:
+            load_privacy(self.privacy, meta)
+        except ValueError:
+            self.optimizer.load_state_dict(backup)
+            raise
         self.generator.load_state_dict(gen)
         self._pending = None
         self.round = round_
@@ -343,8 +375,8 @@ class PFedPG(Protocol):
     def upload_keys(self, model: nn.Module) -> List[str]:
         return [_prompt_key(model)]
 
-    def make_server(self, model: nn.Module, *, num_clients: Optional[int] = None,
-                    seed: Optional[int] = None) -> PFedPGServer:
+    def make_server(self, model: nn.Module, *, num_clients: Optional[int] = None, seed: Optional[int] = None,
+                    privacy: Optional[Privacy] = None) -> PFedPGServer:
         """A generator shaped like ``model``'s prompts for ``num_clients`` clients, and its optimizer.
 
         Args:
@@ -352,7 +384,8 @@ class PFedPG(Protocol):
             num_clients: C, required.
             seed: if given, the generator is initialised from ``torch.manual_seed(seed)`` without touching the
                 global RNG (so a server in another process builds the same generator); ``None`` draws from the
-                global RNG.
+                global RNG. It also seeds the DP noise under ``privacy``.
+            privacy: user-level DP on the generator step (see :class:`PFedPGServer`).
         """
         if num_clients is None:
             raise ValueError("pFedPG's server needs num_clients (one descriptor row per client)")
@@ -369,4 +402,5 @@ class PFedPG(Protocol):
                 dtype=torch.float64 if ref.dtype == torch.float64 else torch.float32,  # trained in float32 at least
             )
         opt = _make_optimizer(self.server_optimizer, gen, self.server_lr)
-        return PFedPGServer(gen, opt, {_prompt_key(model): ref.detach()}, normalize_delta=self.normalize_delta)
+        return PFedPGServer(gen, opt, {_prompt_key(model): ref.detach()}, normalize_delta=self.normalize_delta,
+                            privacy=privacy, seed=seed)

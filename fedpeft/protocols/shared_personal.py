@@ -21,9 +21,11 @@ from torch import Tensor, nn
 
 from .. import fed
 from .._checks import check_positive_int, check_state
+from .privacy import Privacy
 from .protocol import Phase, Protocol
 from .records import ServerReport
 from .screening import check_max_weight, screen_replies
+from .server_privacy import ServerPrivacy, load_privacy
 from .training import LossFn
 
 __all__ = ["AveragingServer", "FedAvgFT", "SharedPersonal"]
@@ -48,16 +50,26 @@ class AveragingServer:
         initial: the starting shared state (``protocol.initial_shared(model)``); its keys, shapes and dtypes are
             what every upload must have. ``{}`` (nothing shared: Local, SingleSet-VPT) accepts only empty uploads.
         num_clients: if given, client ids must lie in ``[0, num_clients)``.
+        privacy: user-level DP-FedAvg (:class:`~fedpeft.protocols.Privacy`; needs ``num_clients`` and shared keys).
+        seed: the noise seed under ``privacy`` (``None``: drawn from torch's global RNG; docs/privacy.md).
 
     ``update`` screens the replies (:func:`~fedpeft.protocols.screening.screen_replies`), then streams the accepted
     ones through ``fed.Averager`` in client-id order; with no accepted reply the shared state stays as it was.
+    Under ``privacy`` it refuses updates above the clip bound and takes DP-FedAvg's step instead (equal weights, the
+    fixed denominator m = the clients :meth:`payloads` was called with, Gaussian noise; every round is a release).
     """
 
     def __init__(self, initial: Mapping[str, Tensor], *, num_clients: Optional[int] = None,
-                 max_weight: Optional[float] = None) -> None:
+                 max_weight: Optional[float] = None, privacy: Optional[Privacy] = None,
+                 seed: Optional[int] = None) -> None:
         check_state(initial, name="initial")
         self.num_clients = None if num_clients is None else check_positive_int("num_clients", num_clients)
         self.max_weight = check_max_weight(max_weight)
+        if privacy is not None and not initial:
+            raise ValueError("privacy: this method shares nothing (every trainable key is personal), so there is no "
+                             "release to protect; use privacy=None")
+        self.privacy = None if privacy is None else ServerPrivacy(privacy, num_clients, seed)
+        self._sent: Optional[int] = None  # clients of the round in flight (the DP denominator m)
         self._shared: Dict[str, Tensor] = {k: v.detach().clone() for k, v in initial.items()}
         self.round = 0  # update() calls so far
 
@@ -76,21 +88,38 @@ class AveragingServer:
         """0: an averaging server trains no parameters of its own."""
         return 0
 
+    @property
+    def client_clip_norm(self) -> Optional[float]:
+        """The L2 bound clients must clip their update to before sending (``None`` without privacy)."""
+        return None if self.privacy is None else self.privacy.privacy.clip_norm
+
     def payloads(self, client_ids: Iterable[int]) -> Dict[int, Dict[str, Tensor]]:
         """``{client_id: shared state}`` for this round's clients (one dict, the same for all of them)."""
-        return {cid: self._shared for cid in _check_ids(client_ids, self.num_clients)}
+        out = self.deployment(client_ids)
+        self._sent = len(out)
+        return out
 
     def deployment(self, client_ids: Iterable[int]) -> Dict[int, Dict[str, Tensor]]:
         """What each client deploys with: the latest shared state."""
-        return self.payloads(client_ids)
+        return {cid: self._shared for cid in _check_ids(client_ids, self.num_clients)}
 
     def update(self, replies: Iterable[Any]) -> ServerReport:
         """Screen ``replies`` (``(client_id, upload, weight)``) and average the accepted ones into the shared state."""
+        if self.privacy is not None and not self._sent:
+            raise ValueError("privacy: update() needs payloads() first (the DP denominator m is the number of "
+                             "clients the round was sent to)")
         accepted, rejected = screen_replies(replies, self._shared, num_clients=self.num_clients, round=self.round,
                                             max_weight=self.max_weight)
-        self.round += 1
+        if self.privacy is not None:
+            accepted, rejected = self.privacy.screen(accepted, rejected, self._shared)
         report = ServerReport(accepted=[r.client_id for r in accepted], rejected=rejected)
         report.diagnostics["total_weight"] = float(sum(r.weight for r in accepted))
+        if self.privacy is not None:  # a release every round, whoever replied: the noise hides who took part
+            self._shared = self.privacy.average(self._shared, accepted, self._sent, self.round)
+            report.updated, report.privacy = True, self.privacy.close_round(self._sent)
+            self.round, self._sent = self.round + 1, None
+            return report
+        self.round += 1
         if accepted and self._shared:
             acc = fed.Averager()
             for r in accepted:
@@ -102,7 +131,10 @@ class AveragingServer:
     def state_dict(self) -> Tuple[Dict[str, Tensor], Dict[str, Any]]:
         """``({"shared.<key>": tensor}, {"kind": "averaging", "round": r})`` (see :mod:`.server`)."""
         tensors = {f"shared.{k}": v.detach().to("cpu").clone().contiguous() for k, v in self._shared.items()}
-        return tensors, {"kind": "averaging", "round": self.round}
+        meta: Dict[str, Any] = {"kind": "averaging", "round": self.round}
+        if self.privacy is not None:
+            meta["privacy"] = self.privacy.state_dict()
+        return tensors, meta
 
     def load_state_dict(self, tensors: Mapping[str, Tensor], meta: Mapping[str, Any]) -> None:
         """Restore :meth:`state_dict`'s output; ``ValueError`` (server untouched) on another kind, keys or shapes."""
@@ -117,6 +149,7 @@ class AveragingServer:
         for k, v in state.items():
             if v.dtype != self._shared[k].dtype:
                 raise ValueError(f"tensors['shared.{k}']: expected dtype {self._shared[k].dtype}, got {v.dtype}")
+        load_privacy(self.privacy, meta)
         self._shared = {k: v.detach().to(self._shared[k].device).clone() for k, v in state.items()}
         self.round = round_
 
@@ -168,11 +201,11 @@ class SharedPersonal(Protocol):
         return [("personal", tuple(self.personal_keys(model)), self.personal_epochs),
                 ("shared", tuple(self.upload_keys(model)), self.shared_epochs)]
 
-    def make_server(self, model: nn.Module, *, num_clients: Optional[int] = None,
-                    seed: Optional[int] = None) -> AveragingServer:
-        """An :class:`AveragingServer` starting from ``model``'s current shared values (``seed`` is accepted for the
-        common signature; averaging draws nothing at random)."""
-        return AveragingServer(self.initial_shared(model), num_clients=num_clients)
+    def make_server(self, model: nn.Module, *, num_clients: Optional[int] = None, seed: Optional[int] = None,
+                    privacy: Optional[Privacy] = None) -> AveragingServer:
+        """An :class:`AveragingServer` starting from ``model``'s current shared values (``seed`` seeds the DP noise
+        under ``privacy``; plain averaging draws nothing at random)."""
+        return AveragingServer(self.initial_shared(model), num_clients=num_clients, privacy=privacy, seed=seed)
 
 
 class FedAvgFT(SharedPersonal):
