@@ -213,7 +213,7 @@ class PFedPGServer:
         if self.privacy is not None:
             report.privacy = self.privacy.close_round(len(ids), releases=1)
             if not accepted:  # a release every round, whoever replied: noise only
-                self._private_step(generated[:0], generated.detach()[:0], len(ids))
+                self._private_step(generated[:0], generated.detach()[:0], [], len(ids))
                 report.updated = True
         if not accepted:
             return report
@@ -226,7 +226,7 @@ class PFedPGServer:
             scale = before.mean() / before.clamp_min(1e-30)  # ‖P_n − P̃_n‖ → the round's mean norm
             target = selected.detach() - (selected.detach() - trained) * scale.view(-1, *[1] * (trained.dim() - 1))
         if self.privacy is not None:
-            self._private_step(selected, target, len(ids))
+            self._private_step(selected, target, report.accepted, len(ids))
         else:
             self.optimizer.zero_grad(set_to_none=True)
             fed.delta_backward(selected, target)
@@ -256,11 +256,13 @@ class PFedPGServer:
                 f"rate or use the default server (docs/protocols.md)", RuntimeWarning, stacklevel=2)
         return report
 
-    def _private_step(self, generated: Tensor, trained: Tensor, num_sampled: int, release: int = 0) -> None:
-        """One optimizer step on the DP gradient (:meth:`ServerPrivacy.generator_grads`) of round ``self.round − 1``."""
+    def _private_step(self, generated: Tensor, trained: Tensor, clients: List[int], num_sampled: int,
+                      release: int = 0) -> None:
+        """One optimizer step on the DP gradient (:meth:`ServerPrivacy.generator_grads`) of round ``self.round − 1``
+        (``generated`` row i is client ``clients[i]``'s; its descriptor row is its own, so it is row-separable)."""
         self.optimizer.zero_grad(set_to_none=True)
         self.privacy.generator_grads(generated, trained, list(self.generator.named_parameters()), num_sampled,
-                                     round=self.round - 1, release=release)
+                                     round=self.round - 1, release=release, rows={"descriptors": clients})
         self.optimizer.step()
 
     def state_dict(self) -> Tuple[Dict[str, Tensor], Dict[str, Any]]:

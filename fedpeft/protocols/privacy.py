@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Any, Dict, List, Mapping, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -170,37 +170,64 @@ def add_noise(total: Dict[str, Tensor], std: float, *, seed: int, round: int, re
 
 
 def private_generator_grads(generated: Tensor, trained: Tensor, params: Sequence[Tuple[str, nn.Parameter]],
-                            privacy: Privacy, *, num_sampled: int, seed: int, round: int,
-                            release: int = 0) -> List[float]:
-    """Write the DP gradient of ``½ Σ_n ‖generated_n − trained_n‖²`` into each parameter's ``.grad``.
+                            privacy: Privacy, *, num_sampled: int, seed: int, round: int, release: int = 0,
+                            rows: Optional[Mapping[str, Sequence[int]]] = None) -> List[float]:
+    """Write the DP gradient of ``½ Σ_i ‖generated_i − trained_i‖²`` into each parameter's ``.grad``.
 
-    ``g_n = ∇_φ ½‖generated_n − trained_n‖²`` (one backward per client through the shared graph of ``generated``),
-    each clipped jointly over every parameter of ``params`` to C, then ``.grad = (Σ_n g_n + σ C z) / m`` with m =
-    ``num_sampled`` (the clients the round was sent to). Every parameter gets noise, also the descriptor rows of
-    clients not in the round (the release must not reveal who took part). Returns the norms ‖g_n‖ before clipping.
+    ``g_i = ∇_φ ½‖generated_i − trained_i‖²``, each clipped jointly over every parameter of ``params`` to C, then
+    ``.grad = (Σ_i g_i + σ C z) / m`` with m = ``num_sampled`` (the clients the round was sent to). Every parameter
+    gets noise, also the descriptor rows of clients not in the round (the release must not reveal who took part).
+    Returns the norms ‖g_i‖ before clipping.
+
+    Per-client gradients: one ``torch.autograd.grad`` per client through the shared graph of ``generated``, over the
+    parameters shared by all clients; a parameter named in ``rows`` is *row-separable* — client i's gradient lives
+    in its row ``rows[name][i]`` only (pFedPG's descriptor bank: gen(n) reads row n) — so one batched backward gives
+    every client's part of it at once, and the loop never touches the (C, T, D) bank.
 
     Args:
         generated: ``gen(ids)`` with its graph, ``(n, ...)``; row i is client i's.
         trained: the clients' trained prompts, the same shape.
         params: ``(name, parameter)`` of the generator, in a fixed order (the noise is drawn in this order).
+        rows: ``{name: [row of client i for i in range(n)]}`` for row-separable parameters (distinct rows).
     """
     if generated.shape != trained.shape:
         raise ValueError(f"generated {tuple(generated.shape)} and trained {tuple(trained.shape)} differ in shape")
-    names, tensors = [n for n, _ in params], [p for _, p in params]
-    total = {n: torch.zeros(p.shape, dtype=torch.float64, device=p.device) for n, p in params}
+    rows = dict(rows or {})
+    n = generated.shape[0]
+    for name, r in rows.items():
+        if len(r) != n or len(set(r)) != n:
+            raise ValueError(f"rows[{name!r}] must give {n} distinct rows, one per client, got {list(r)}")
+    shared = [(k, p) for k, p in params if k not in rows]
+    separable = [(k, p) for k, p in params if k in rows]
+    total = {k: torch.zeros(p.shape, dtype=torch.float64, device=p.device) for k, p in params}
     diff = (generated.detach() - trained.detach().to(generated.dtype)).contiguous()
-    norms: List[float] = []
-    rows = generated.shape[0]
-    for i in range(rows):  # g_i = J_iᵀ (generated_i − trained_i)
-        grads = torch.autograd.grad(generated[i], tensors, grad_outputs=diff[i], retain_graph=i < rows - 1,
+    sq = torch.zeros(n, dtype=torch.float64)
+    per_row: Dict[str, Tensor] = {}
+    if separable and n:  # one backward for every client's rows: (C, ...) gradient, row rows[k][i] is client i's
+        grads = torch.autograd.grad(generated, [p for _, p in separable], grad_outputs=diff, retain_graph=bool(shared),
                                     allow_unused=True)
-        g = {n: torch.zeros(p.shape, dtype=torch.float64, device=p.device) if gi is None else gi.to(torch.float64)
-             for n, p, gi in zip(names, tensors, grads)}
-        clipped, norm = clip_update(g, privacy.clip_norm)
-        norms.append(norm)
-        for n in names:
-            total[n] += clipped[n]
+        for (k, p), g in zip(separable, grads):
+            idx = torch.as_tensor(list(rows[k]), dtype=torch.long, device=p.device)
+            per_row[k] = (torch.zeros((n, *p.shape[1:]), dtype=torch.float64, device=p.device) if g is None
+                          else g.index_select(0, idx).to(torch.float64))  # (n, ...)
+            sq += per_row[k].flatten(1).pow(2).sum(1).cpu()
+    own: List[Dict[str, Tensor]] = []
+    for i in range(n if shared else 0):  # g_i over the shared parameters = J_iᵀ (generated_i − trained_i)
+        grads = torch.autograd.grad(generated[i], [p for _, p in shared], grad_outputs=diff[i],
+                                    retain_graph=i < n - 1, allow_unused=True)
+        g = {k: torch.zeros(p.shape, dtype=torch.float64, device=p.device) if gi is None else gi.to(torch.float64)
+             for (k, p), gi in zip(shared, grads)}
+        sq[i] += sum(float(v.pow(2).sum()) for v in g.values())
+        own.append(g)
+    norms = sq.sqrt()
+    scale = torch.where(norms > privacy.clip_norm, privacy.clip_norm / norms.clamp_min(1e-300), torch.ones_like(norms))
+    for i, g in enumerate(own):
+        for k in g:
+            total[k] += g[k] * float(scale[i])
+    for k, part in per_row.items():
+        idx = torch.as_tensor(list(rows[k]), dtype=torch.long, device=part.device)
+        total[k].index_add_(0, idx, part * scale.to(part.device).view(-1, *[1] * (part.dim() - 1)))
     noisy = add_noise(total, privacy.noise_multiplier * privacy.clip_norm, seed=seed, round=round, release=release)
-    for n, p in params:
-        p.grad = (noisy[n] / num_sampled).to(p.dtype)
-    return norms
+    for k, p in params:
+        p.grad = (noisy[k] / num_sampled).to(p.dtype)
+    return norms.tolist()

@@ -88,10 +88,11 @@ class ServerPrivacy:
         return {k: (v.to(torch.float64) + noisy[k] / num_sampled).to(v.dtype) for k, v in shared.items()}
 
     def generator_grads(self, generated: Tensor, trained: Tensor, params: Sequence[Tuple[str, nn.Parameter]],
-                        num_sampled: int, round: int, release: int = 0) -> List[float]:
+                        num_sampled: int, round: int, release: int = 0,
+                        rows: Optional[Mapping[str, Sequence[int]]] = None) -> List[float]:
         """pFedPG's private gradient (:func:`~fedpeft.protocols.privacy.private_generator_grads`) into ``.grad``."""
         return private_generator_grads(generated, trained, params, self.privacy, num_sampled=num_sampled,
-                                       seed=self.seed, round=round, release=release)
+                                       seed=self.seed, round=round, release=release, rows=rows)
 
     def close_round(self, num_sampled: int, releases: int = 1) -> Dict[str, Any]:
         """Account for one round (``releases`` noisy steps on ``num_sampled`` clients); returns its summary."""

@@ -102,7 +102,8 @@ def _generator(seed=0, clients=5):
     return PromptGenerator(num_clients=clients, num_prompts=3, embed_dim=8, depth=2)
 
 
-def test_generator_grads_equal_the_clipped_sum_of_separate_per_client_backwards_over_m():
+@pytest.mark.parametrize("separable", [False, True], ids=["one backward per client", "descriptor rows at once"])
+def test_generator_grads_equal_the_clipped_sum_of_separate_per_client_backwards_over_m(separable):
     gen = _generator()
     ids, m, clip = [0, 2, 3], 4, 0.05  # one sampled client did not reply: the denominator stays m = 4
     torch.manual_seed(1)
@@ -120,7 +121,7 @@ def test_generator_grads_equal_the_clipped_sum_of_separate_per_client_backwards_
             expected[name] += g[name] * min(1.0, clip / norm)
     gen.zero_grad(set_to_none=True)
     got = private_generator_grads(gen(torch.tensor(ids)), trained, params, Privacy(clip, 0.0), num_sampled=m,
-                                  seed=0, round=0)
+                                  seed=0, round=0, rows={"descriptors": ids} if separable else None)
     assert got == pytest.approx(norms, rel=1e-5) and min(norms) > clip  # every contribution was clipped
     for name, p in params:
         torch.testing.assert_close(p.grad.double(), expected[name] / m, rtol=1e-5, atol=1e-9)
@@ -133,7 +134,7 @@ def test_generator_grads_noise_has_std_sigma_c_over_m_on_every_parameter():
     sigma, clip, m = 2.0, 0.25, 5
     params = list(gen.named_parameters())
     private_generator_grads(generated, generated.detach(), params, Privacy(clip, sigma), num_sampled=m, seed=3,
-                            round=0)  # trained == generated: zero contributions, the gradient is the noise alone
+                            round=0, rows={"descriptors": ids})  # trained == generated: zero contributions, the gradient is the noise alone
     z = torch.cat([p.grad.flatten() for _, p in params])
     assert z.numel() > 10_000  # relative standard error of the std < 0.71 %; tolerance 3 %
     assert abs(z.std().item() / (sigma * clip / m) - 1) < 0.03

@@ -11,11 +11,10 @@ import math
 
 import pytest
 import torch
+from protocol_models import client_data, model_for
 
 from fedpeft import protocols
 from fedpeft.protocols import AveragingServer, CheckpointError, Federation, PFedPG, Privacy, RoundLog
-
-from protocol_models import client_data, model_for
 
 pytest.importorskip("dp_accounting")
 
@@ -173,16 +172,16 @@ def test_epsilon_reaches_the_round_log_and_is_absent_without_privacy(tmp_path):
 
 def test_settings_a_method_cannot_honour_are_refused_naming_privacy():
     data, p = client_data(3, n=8), Privacy(0.1, 1.0)
-    with pytest.raises(ValueError, match="^privacy"):
+    with pytest.raises(ValueError, match=r"^privacy"):
         Federation("Local", model_for("Local"), data, privacy=p)
-    with pytest.raises(ValueError, match="^privacy"):
+    with pytest.raises(ValueError, match=r"^privacy"):
         PFedPG(normalize_delta=True).make_server(model_for("pFedPG"), num_clients=3, privacy=p)
     model = model_for("FedVPT")
-    with pytest.raises(ValueError, match="^privacy"):
+    with pytest.raises(ValueError, match=r"^privacy"):
         Federation("FedVPT", model, data, privacy=p, server=protocols.get("FedVPT").make_server(model, num_clients=3))
-    with pytest.raises(ValueError, match="^privacy"):
+    with pytest.raises(ValueError, match=r"^privacy"):
         AveragingServer({"w": torch.zeros(2)}, privacy=p)  # no num_clients: no sampling rate
     server = _server(p)
-    with pytest.raises(ValueError, match="^privacy"):
+    with pytest.raises(ValueError, match=r"^privacy"):
         server.update([])  # no payloads(): no denominator
     assert server.round == 0 and server.privacy.ledger.rounds == 0
