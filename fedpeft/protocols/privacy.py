@@ -174,15 +174,16 @@ def private_generator_grads(generated: Tensor, trained: Tensor, params: Sequence
                             rows: Optional[Mapping[str, Sequence[int]]] = None) -> List[float]:
     """Write the DP gradient of ``½ Σ_i ‖generated_i − trained_i‖²`` into each parameter's ``.grad``.
 
-    ``g_i = ∇_φ ½‖generated_i − trained_i‖²``, each clipped jointly over every parameter of ``params`` to C, then
-    ``.grad = (Σ_i g_i + σ C z) / m`` with m = ``num_sampled`` (the clients the round was sent to). Every parameter
-    gets noise, also the descriptor rows of clients not in the round (the release must not reveal who took part).
-    Returns the norms ‖g_i‖ before clipping.
+    ``g_i = ∇_φ ½‖generated_i − trained_i‖² = J_iᵀ (generated_i − trained_i)``, each clipped jointly over every
+    parameter of ``params`` to C, then ``.grad = (Σ_i s_i g_i + σ C z) / m`` with ``s_i = min(1, C / ‖g_i‖)`` and
+    m = ``num_sampled`` (the clients the round was sent to). Every parameter gets noise, also the descriptor rows of
+    clients not in the round (the release must not reveal who took part). Returns the norms ‖g_i‖ before clipping.
 
-    Per-client gradients: one ``torch.autograd.grad`` per client through the shared graph of ``generated``, over the
-    parameters shared by all clients; a parameter named in ``rows`` is *row-separable* — client i's gradient lives
-    in its row ``rows[name][i]`` only (pFedPG's descriptor bank: gen(n) reads row n) — so one batched backward gives
-    every client's part of it at once, and the loop never touches the (C, T, D) bank.
+    Two passes, memory O(|φ|): (1) the norms ‖g_i‖, by one ``torch.autograd.grad`` per client through the shared
+    graph of ``generated`` over the parameters every client shares (a parameter named in ``rows`` is
+    *row-separable*: client i's gradient lives in row ``rows[name][i]`` only — pFedPG's descriptor bank, gen(n) reads
+    row n — so one batched backward gives every client's part); (2) ``Σ_i s_i g_i = Jᵀ (s ⊙ (generated − trained))``,
+    one batched backward, since g_i is linear in its own row of the output gradient.
 
     Args:
         generated: ``gen(ids)`` with its graph, ``(n, ...)``; row i is client i's.
@@ -197,36 +198,30 @@ def private_generator_grads(generated: Tensor, trained: Tensor, params: Sequence
     for name, r in rows.items():
         if len(r) != n or len(set(r)) != n:
             raise ValueError(f"rows[{name!r}] must give {n} distinct rows, one per client, got {list(r)}")
-    shared = [(k, p) for k, p in params if k not in rows]
+    shared = [p for k, p in params if k not in rows]
     separable = [(k, p) for k, p in params if k in rows]
-    total = {k: torch.zeros(p.shape, dtype=torch.float64, device=p.device) for k, p in params}
+    tensors = [p for _, p in params]
     diff = (generated.detach() - trained.detach().to(generated.dtype)).contiguous()
     sq = torch.zeros(n, dtype=torch.float64)
-    per_row: Dict[str, Tensor] = {}
-    if separable and n:  # one backward for every client's rows: (C, ...) gradient, row rows[k][i] is client i's
-        grads = torch.autograd.grad(generated, [p for _, p in separable], grad_outputs=diff, retain_graph=bool(shared),
+    if separable and n:  # pass 1a: every client's rows at once
+        grads = torch.autograd.grad(generated, [p for _, p in separable], grad_outputs=diff, retain_graph=True,
                                     allow_unused=True)
         for (k, p), g in zip(separable, grads):
-            idx = torch.as_tensor(list(rows[k]), dtype=torch.long, device=p.device)
-            per_row[k] = (torch.zeros((n, *p.shape[1:]), dtype=torch.float64, device=p.device) if g is None
-                          else g.index_select(0, idx).to(torch.float64))  # (n, ...)
-            sq += per_row[k].flatten(1).pow(2).sum(1).cpu()
-    own: List[Dict[str, Tensor]] = []
-    for i in range(n if shared else 0):  # g_i over the shared parameters = J_iᵀ (generated_i − trained_i)
-        grads = torch.autograd.grad(generated[i], [p for _, p in shared], grad_outputs=diff[i],
-                                    retain_graph=i < n - 1, allow_unused=True)
-        g = {k: torch.zeros(p.shape, dtype=torch.float64, device=p.device) if gi is None else gi.to(torch.float64)
-             for (k, p), gi in zip(shared, grads)}
-        sq[i] += sum(float(v.pow(2).sum()) for v in g.values())
-        own.append(g)
+            if g is not None:
+                idx = torch.as_tensor(list(rows[k]), dtype=torch.long, device=p.device)
+                sq += g.index_select(0, idx).to(torch.float64).flatten(1).pow(2).sum(1).cpu()
+    for i in range(n if shared else 0):  # pass 1b: ‖g_i‖² over the shared parameters, one client at a time
+        grads = torch.autograd.grad(generated[i], shared, grad_outputs=diff[i], retain_graph=True, allow_unused=True)
+        sq[i] += sum(float(torch.linalg.vector_norm(g, dtype=torch.float64) ** 2) for g in grads if g is not None)
     norms = sq.sqrt()
     scale = torch.where(norms > privacy.clip_norm, privacy.clip_norm / norms.clamp_min(1e-300), torch.ones_like(norms))
-    for i, g in enumerate(own):
-        for k in g:
-            total[k] += g[k] * float(scale[i])
-    for k, part in per_row.items():
-        idx = torch.as_tensor(list(rows[k]), dtype=torch.long, device=part.device)
-        total[k].index_add_(0, idx, part * scale.to(part.device).view(-1, *[1] * (part.dim() - 1)))
+    total = {k: torch.zeros(p.shape, dtype=torch.float64, device=p.device) for k, p in params}
+    if n:  # pass 2: the clipped sum in one backward
+        weighted = diff * scale.to(diff.device, diff.dtype).view(-1, *[1] * (diff.dim() - 1))
+        grads = torch.autograd.grad(generated, tensors, grad_outputs=weighted, allow_unused=True)
+        for (k, _), g in zip(params, grads):
+            if g is not None:
+                total[k] += g.to(torch.float64)
     noisy = add_noise(total, privacy.noise_multiplier * privacy.clip_norm, seed=seed, round=round, release=release)
     for k, p in params:
         p.grad = (noisy[k] / num_sampled).to(p.dtype)
