@@ -225,8 +225,9 @@ class PFedPGServer:
         if self.normalize_delta:
             scale = before.mean() / before.clamp_min(1e-30)  # ‖P_n − P̃_n‖ → the round's mean norm
             target = selected.detach() - (selected.detach() - trained) * scale.view(-1, *[1] * (trained.dim() - 1))
+        norms: List[float] = []
         if self.privacy is not None:
-            self._private_step(selected, target, report.accepted, len(ids))
+            norms = self._private_step(selected, target, report.accepted, len(ids))
         else:
             self.optimizer.zero_grad(set_to_none=True)
             fed.delta_backward(selected, target)
@@ -246,6 +247,8 @@ class PFedPGServer:
                 "generated_norm": after_sel.flatten(1).norm(dim=1).tolist(),
                 "spread": float(spread),
             }
+            if self.privacy is not None:
+                report.diagnostics["gradient_norms"] = norms  # raw ‖g_n‖ before clipping: not covered by ε
         self.client_rounds += len(rows)
         self.ascended += int((after > before).sum())
         if not self._warned and self.round >= 3 and 2 * self.ascended > self.client_rounds:
@@ -257,13 +260,15 @@ class PFedPGServer:
         return report
 
     def _private_step(self, generated: Tensor, trained: Tensor, clients: List[int], num_sampled: int,
-                      release: int = 0) -> None:
+                      release: int = 0) -> List[float]:
         """One optimizer step on the DP gradient (:meth:`ServerPrivacy.generator_grads`) of round ``self.round − 1``
-        (``generated`` row i is client ``clients[i]``'s; its descriptor row is its own, so it is row-separable)."""
+        (``generated`` row i is client ``clients[i]``'s; its descriptor row is its own, so it is row-separable);
+        returns the clients' gradient norms before clipping."""
         self.optimizer.zero_grad(set_to_none=True)
-        self.privacy.generator_grads(generated, trained, list(self.generator.named_parameters()), num_sampled,
-                                     round=self.round - 1, release=release, rows={"descriptors": clients})
+        norms = self.privacy.generator_grads(generated, trained, list(self.generator.named_parameters()), num_sampled,
+                                             round=self.round - 1, release=release, rows={"descriptors": clients})
         self.optimizer.step()
+        return norms
 
     def state_dict(self) -> Tuple[Dict[str, Tensor], Dict[str, Any]]:
         """The generator (``"generator.<key>"``) and its optimizer's state (``"optimizer.<i>.<name>"``) as tensors;

@@ -74,18 +74,21 @@ class ServerPrivacy:
         return keep, refused
 
     def average(self, shared: Mapping[str, Tensor], accepted: Sequence[Reply], num_sampled: int,
-                round: int) -> Dict[str, Tensor]:
-        """``shared + (Σ_n clip(upload_n − shared) + σ C z) / m``, in float64, returned in each tensor's dtype.
+                round: int) -> Tuple[Dict[str, Tensor], List[float]]:
+        """``(shared + (Σ_n clip(upload_n − shared) + σ C z) / m, [‖upload_n − shared‖])``, in float64, returned
+        in each tensor's dtype.
 
         Every accepted reply weighs the same (a sample-count weight would let one client's share exceed C / m)."""
         total = {k: torch.zeros(v.shape, dtype=torch.float64, device=v.device) for k, v in shared.items()}
+        norms = []
         for r in accepted:
             delta = {k: r.upload[k].to(v.device, torch.float64) - v.to(torch.float64) for k, v in shared.items()}
-            clipped, _ = clip_update(delta, self.privacy.clip_norm)
+            clipped, norm = clip_update(delta, self.privacy.clip_norm)
+            norms.append(norm)
             for k in total:
                 total[k] += clipped[k]
         noisy = add_noise(total, self.noise_std, seed=self.seed, round=round)
-        return {k: (v.to(torch.float64) + noisy[k] / num_sampled).to(v.dtype) for k, v in shared.items()}
+        return {k: (v.to(torch.float64) + noisy[k] / num_sampled).to(v.dtype) for k, v in shared.items()}, norms
 
     def generator_grads(self, generated: Tensor, trained: Tensor, params: Sequence[Tuple[str, nn.Parameter]],
                         num_sampled: int, round: int, release: int = 0,
