@@ -210,10 +210,12 @@ class PFedPGServer:
         self._pending = None
         self.round += 1
         report = ServerReport(accepted=[r.client_id for r in accepted], rejected=rejected)
+        m = len(ids)
         if self.privacy is not None:
-            report.privacy = self.privacy.close_round(len(ids), releases=1)
+            m = self.privacy.sample_size(len(ids))
+            report.privacy = self.privacy.close_round(m, releases=1)
             if not accepted:  # a release every round, whoever replied: noise only
-                self._private_step(generated[:0], generated.detach()[:0], [], len(ids))
+                self._private_step(generated[:0], generated.detach()[:0], [], m)
                 report.updated = True
         if not accepted:
             return report
@@ -227,7 +229,7 @@ class PFedPGServer:
             target = selected.detach() - (selected.detach() - trained) * scale.view(-1, *[1] * (trained.dim() - 1))
         norms: List[float] = []
         if self.privacy is not None:
-            norms = self._private_step(selected, target, report.accepted, len(ids))
+            norms = self._private_step(selected, target, report.accepted, m)
         else:
             self.optimizer.zero_grad(set_to_none=True)
             fed.delta_backward(selected, target)

@@ -22,7 +22,7 @@ from .accountant import PrivacyLedger
 from .privacy import Privacy, add_noise, clip_update, global_norm, private_generator_grads, upload_norm_bound
 from .records import Rejection, Reply
 
-__all__ = ["ServerPrivacy", "load_privacy"]
+__all__ = ["ServerPrivacy", "client_clip", "load_privacy", "make_private_server", "note_sample"]
 
 log = logging.getLogger("fedpeft.protocols")
 
@@ -47,6 +47,7 @@ class ServerPrivacy:
         self.ledger = PrivacyLedger(privacy, num_clients)
         self.seed = int(seed) if seed is not None else int(torch.randint(0, 1 << 62, (1,)))
         self.last: Optional[Dict[str, Any]] = None  # the latest round's summary
+        self.sampled: Optional[int] = None  # the round's drawn sample size, when an engine sent to fewer (note_sample)
 
     @property
     def noise_std(self) -> float:
@@ -96,6 +97,12 @@ class ServerPrivacy:
         """pFedPG's private gradient (:func:`~fedpeft.protocols.privacy.private_generator_grads`) into ``.grad``."""
         return private_generator_grads(generated, trained, params, self.privacy, num_sampled=num_sampled,
                                        seed=self.seed, round=round, release=release, rows=rows)
+
+    def sample_size(self, sent: int) -> int:
+        """m of the round in flight: the clients it was sent to, or the drawn sample an engine noted when some had no
+        node (they add 0: the fixed denominator). Resets the note."""
+        m, self.sampled = max(int(sent), self.sampled or 0), None
+        return m
 
     def close_round(self, num_sampled: int, releases: int = 1) -> Dict[str, Any]:
         """Account for one round (``releases`` noisy steps on ``num_sampled`` clients); returns its summary."""
@@ -167,3 +174,11 @@ def client_clip(server: Any) -> Dict[str, float]:
     arguments an engine adds to ``protocol.client_update``)."""
     clip = getattr(server, "client_clip_norm", None)
     return {} if clip is None else {"clip_norm": clip}
+
+
+def note_sample(server: Any, sampled: int) -> None:
+    """Tell a private ``server`` how many clients this round drew (an engine that sends to fewer, because some drawn
+    clients have no live node, calls it before ``payloads``); no-op for a server without privacy."""
+    dp = getattr(server, "privacy", None)
+    if isinstance(dp, ServerPrivacy):
+        dp.sampled = int(sampled)

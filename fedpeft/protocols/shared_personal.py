@@ -115,9 +115,10 @@ class AveragingServer:
         report = ServerReport(accepted=[r.client_id for r in accepted], rejected=rejected)
         report.diagnostics["total_weight"] = float(sum(r.weight for r in accepted))
         if self.privacy is not None:  # a release every round, whoever replied: the noise hides who took part
-            self._shared, norms = self.privacy.average(self._shared, accepted, self._sent, self.round)
+            m = self.privacy.sample_size(self._sent)
+            self._shared, norms = self.privacy.average(self._shared, accepted, m, self.round)
             report.diagnostics["update_norms"] = norms  # raw ‖upload − download‖: not covered by ε
-            report.updated, report.privacy = True, self.privacy.close_round(self._sent)
+            report.updated, report.privacy = True, self.privacy.close_round(m)
             self.round, self._sent = self.round + 1, None
             return report
         self.round += 1

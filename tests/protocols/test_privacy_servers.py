@@ -185,3 +185,16 @@ def test_settings_a_method_cannot_honour_are_refused_naming_privacy():
     with pytest.raises(ValueError, match=r"^privacy"):
         server.update([])  # no payloads(): no denominator
     assert server.round == 0 and server.privacy.ledger.rounds == 0
+
+
+def test_a_drawn_client_without_a_node_keeps_the_denominator_and_the_sampling_rate():
+    from fedpeft.protocols.server_privacy import note_sample
+
+    server = _server(Privacy(100.0, 0.0))
+    note_sample(server, 4)  # the engine drew 4 clients; 2 had no live node and were not sent anything
+    server.payloads([0, 1])
+    report = server.update([(0, {"w": torch.ones(6)}, 1), (1, {"w": torch.ones(6)}, 1)])
+    torch.testing.assert_close(server.shared["w"], torch.full((6,), 0.5))  # (1 + 1) / 4
+    assert report.privacy["sampling_rate"] == 0.4
+    server.payloads([0, 1])  # the note is per round
+    assert server.update([]).privacy["sampling_rate"] == 0.2
