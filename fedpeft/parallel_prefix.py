@@ -119,8 +119,12 @@ class ParallelPrefix(SummaryMixin, AttentionWrapper):
         blocks: indices of the adapted blocks (negative ones count from the end); ``None`` = all.
         init: ``"fedperfix"`` (nn.Linear defaults, as the FedPerfix code) or ``"zero"`` (``up`` zeroed, so the
             wrapped model starts exactly at the plain model's output).
-        train_backbone: train the whole backbone too (FedPerfix does; shared and averaged in its federated split).
-            ``False`` freezes it (prefix tuning), or, around a wrapper, keeps that wrapper's choices.
+        train_backbone: train the whole backbone too. **FedPerfix trains the whole ViT** (the backbone is shared and
+            averaged in its federated split, adapters and head stay personal): for the paper's method pass
+            ``train_backbone=True``, as ``protocols.method("FedPerfix").build(vit)`` does. The default ``False``
+            freezes the backbone (prefix tuning: only adapters and head train, 3,589,732 of 25,255,396 parameters
+            on ``vit_small_patch16_224`` with 100 classes), or, around a wrapper, keeps that wrapper's choices;
+            ``summary()`` says so in a ``note:`` line.
         train_head: classifier(s) trainable. ``None``: ``True`` for a plain ViT, the wrapper's choice around one.
 
     Attributes:
@@ -189,6 +193,16 @@ class ParallelPrefix(SummaryMixin, AttentionWrapper):
             if _timm.uses_adapter_slots(attn):  # Eva: the adapter sits in the attention's offset slot (_attach.py)
                 set_adapter_slot(attn, "offset", self.adapters[str(i)])
         self._configure_training()
+
+    def summary_notes(self) -> List[str]:
+        """The ``note:`` line of ``summary()``: FedPerfix trains the whole ViT, this wrapper does not."""
+        if self.train_backbone:
+            return []
+        return [
+            "this ParallelPrefix trains its adapters (and head) on a frozen backbone (prefix tuning); FedPerfix "
+            "(Sun et al., 2023) trains the whole ViT: ParallelPrefix(vit, train_backbone=True), as "
+            "protocols.method('FedPerfix').build(vit) builds it"
+        ]
 
     def reset_parameters(self) -> None:
         """Re-draw every adapter with this wrapper's ``init``."""
