@@ -112,7 +112,8 @@ class ParallelPrefix(SummaryMixin, AttentionWrapper):
     Args:
         vit_or_wrapper: a timm ``VisionTransformer`` (``Block`` + ``timm.layers.Attention`` with a fused ``qkv``),
             or ``Eva`` (``EvaAttention`` / ``AttentionRope``: offsets after the K/V projections, before RoPE),
-            or a fedpeft wrapper of one such as ``VPT`` (then ``forward(*args, **kwargs)`` is the wrapper's:
+            a ``transformers`` ViT / DeiT / DINOv2 model (``fedpeft._hf``: the adapter enters after its
+            separate K/V projections), or a fedpeft wrapper of one such as ``VPT`` (then ``forward(*args, **kwargs)`` is the wrapper's:
             ``ParallelPrefix(VPT(vit))(x, prompts=P)``). Held as ``self.model``.
         bottleneck: m, the adapter's hidden width (FedPerfix: 256).
         scale: s, the factor on A (FedPerfix: 1.5); fixed at construction (each ``KVAdapter`` keeps it).

@@ -47,13 +47,15 @@ def _check_images(x: object) -> None:
 
 
 class VPT(SummaryMixin, nn.Module):
-    """Visual Prompt Tuning around a timm ``VisionTransformer`` or ``Eva``; the backbone is frozen, prompts (and head)
-    train. On an Eva (DINOv3, EVA-02, PE, RoPE ViTs) the prompts get no rotary embedding either: every attention
+    """Visual Prompt Tuning around a timm ``VisionTransformer`` or ``Eva``, or a ``transformers`` ViT / DeiT / DINOv2
+    model; the backbone is frozen, prompts (and head) train. On an Eva (DINOv3, EVA-02, PE, RoPE ViTs) the prompts get no rotary embedding either: every attention
     treats them as K more prefix tokens (``_timm_eva.skip_rope``).
 
     Args:
-        vit: a timm ``VisionTransformer`` (any of the family, see ``fedpeft._timm.SUPPORTED_MODELS``). It is kept as
-            ``self.model`` with its structure and state-dict keys untouched; ``unwrap()`` returns it.
+        vit: a timm ``VisionTransformer`` (any of the family, see ``fedpeft._timm.SUPPORTED_MODELS``) or a supported
+            ``transformers`` model (``fedpeft._hf.SUPPORTED_CLASSES``; ``forward`` then returns its logits, or the
+            pooled output of a bare ``*Model``, as a tensor). It is kept as ``self.model`` with its structure and
+            state-dict keys untouched; ``unwrap()`` returns it.
         num_prompts: K, prompt tokens per layer (0 gives exactly the plain model).
         deep: one prompt set per block (VPT-deep) instead of one set before block 0 (VPT-shallow).
         dropout: dropout on the prompt tokens (VPT uses 0.1 on some tasks; 0 by default).

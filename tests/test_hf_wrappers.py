@@ -128,3 +128,21 @@ def test_a_federated_round_equals_the_timm_twins(method):
     for c in (0, 1):
         assert hf_rec.train_loss[c] == pytest.approx(timm_rec.train_loss[c], rel=1e-4, abs=1e-5)
     assert hf_rec.deployed == timm_rec.deployed
+
+
+@pytest.mark.parametrize("train_backbone", [True, False])
+def test_transformers_gradient_checkpointing_gives_the_same_gradients(train_backbone):
+    """``gradient_checkpointing_enable()``: the layers checkpoint themselves (training mode only); same gradients."""
+    grads = []
+    for checkpointed in (False, True):
+        _, hf = pair("vit", "ViTForImageClassification")
+        if checkpointed:
+            hf.gradient_checkpointing_enable()
+        torch.manual_seed(0)
+        model = ParallelPrefix(VPT(hf, num_prompts=2, deep=True), bottleneck=4, train_backbone=train_backbone).train()
+        model(torch.randn(2, 3, IMG, IMG, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+              ).square().sum().backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > (20 if train_backbone else 5)
+    for k in grads[0]:
+        torch.testing.assert_close(grads[1][k], grads[0][k], rtol=1e-12, atol=1e-14)

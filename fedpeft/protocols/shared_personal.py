@@ -54,7 +54,10 @@ class AveragingServer:
         seed: the noise seed under ``privacy`` (``None``: drawn from torch's global RNG; docs/privacy.md).
 
     ``update`` screens the replies (:func:`~fedpeft.protocols.screening.screen_replies`), then streams the accepted
-    ones through ``fed.Averager`` in client-id order; with no accepted reply the shared state stays as it was.
+    ones through ``fed.Averager`` in client-id order; with no accepted reply the shared state stays as it was. Once
+    :meth:`payloads` has opened a round, ``update`` accepts only the clients it was sent to, and refuses every reply
+    when no round is in flight (its round closed), as ``PFedPGServer`` does; a server never asked for payloads (a
+    sub-server fed replies directly) screens every call as a round of its own.
     Under ``privacy`` it refuses updates above the clip bound and takes DP-FedAvg's step instead (equal weights, the
     fixed denominator m = the clients :meth:`payloads` was called with, Gaussian noise; every round is a release).
     """
@@ -69,9 +72,10 @@ class AveragingServer:
             raise ValueError("privacy: this method shares nothing (every trainable key is personal), so there is no "
                              "release to protect; use privacy=None")
         self.privacy = None if privacy is None else ServerPrivacy(privacy, num_clients, seed)
-        self._sent: Optional[int] = None  # clients of the round in flight (the DP denominator m)
         self._shared: Dict[str, Tensor] = {k: v.detach().clone() for k, v in initial.items()}
         self.round = 0  # update() calls so far
+        self._in_flight: Optional[List[int]] = None  # the ids payloads() sent this round; None: no round open
+        self._driven = False  # payloads() was called at least once: update() then needs a round in flight
 
     @property
     def shared(self) -> Dict[str, Tensor]:
@@ -94,34 +98,38 @@ class AveragingServer:
         return None if self.privacy is None else self.privacy.privacy.clip_norm
 
     def payloads(self, client_ids: Iterable[int]) -> Dict[int, Dict[str, Tensor]]:
-        """``{client_id: shared state}`` for this round's clients (one dict, the same for all of them)."""
-        out = self.deployment(client_ids)
-        self._sent = len(out)
+        """``{client_id: shared state}`` for this round's clients (one dict, the same for all of them); opens the
+        round, or adds the clients to the round in flight."""
+        out = {cid: self._shared for cid in _check_ids(client_ids, self.num_clients)}
+        self._in_flight, self._driven = sorted(set(self._in_flight or ()) | set(out)), True
         return out
 
     def deployment(self, client_ids: Iterable[int]) -> Dict[int, Dict[str, Tensor]]:
-        """What each client deploys with: the latest shared state."""
+        """What each client deploys with: the latest shared state (no side effect)."""
         return {cid: self._shared for cid in _check_ids(client_ids, self.num_clients)}
 
     def update(self, replies: Iterable[Any]) -> ServerReport:
         """Screen ``replies`` (``(client_id, upload, weight)``) and average the accepted ones into the shared state."""
-        if self.privacy is not None and not self._sent:
+        if self._driven and self._in_flight is None:  # its round closed: refuse everything, change nothing
+            return ServerReport(rejected=screen_replies(replies, self._shared, num_clients=self.num_clients,
+                                                        allowed=(), round=self.round, max_weight=self.max_weight)[1])
+        if self.privacy is not None and self._in_flight is None:
             raise ValueError("privacy: update() needs payloads() first (the DP denominator m is the number of "
                              "clients the round was sent to)")
         accepted, rejected = screen_replies(replies, self._shared, num_clients=self.num_clients, round=self.round,
-                                            max_weight=self.max_weight)
+                                            allowed=self._in_flight, max_weight=self.max_weight)
+        sent, round_ = len(self._in_flight or ()), self.round
+        self.round, self._in_flight = self.round + 1, None
         if self.privacy is not None:
             accepted, rejected = self.privacy.screen(accepted, rejected, self._shared)
         report = ServerReport(accepted=[r.client_id for r in accepted], rejected=rejected)
         report.diagnostics["total_weight"] = float(sum(r.weight for r in accepted))
         if self.privacy is not None:  # a release every round, whoever replied: the noise hides who took part
-            m = self.privacy.sample_size(self._sent)
-            self._shared, norms = self.privacy.average(self._shared, accepted, m, self.round)
+            m = self.privacy.sample_size(sent)
+            self._shared, norms = self.privacy.average(self._shared, accepted, m, round_)
             report.diagnostics["update_norms"] = norms  # raw ‖upload − download‖: not covered by ε
             report.updated, report.privacy = True, self.privacy.close_round(m)
-            self.round, self._sent = self.round + 1, None
             return report
-        self.round += 1
         if accepted and self._shared:
             acc = fed.Averager()
             for r in accepted:
@@ -153,7 +161,7 @@ class AveragingServer:
                 raise ValueError(f"tensors['shared.{k}']: expected dtype {self._shared[k].dtype}, got {v.dtype}")
         load_privacy(self.privacy, meta)
         self._shared = {k: v.detach().to(self._shared[k].device).clone() for k, v in state.items()}
-        self.round = round_
+        self.round, self._in_flight = round_, None
 
 
 class SharedPersonal(Protocol):
