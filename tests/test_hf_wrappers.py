@@ -132,12 +132,13 @@ def test_a_federated_round_equals_the_timm_twins(method):
 
 @pytest.mark.parametrize("train_backbone", [True, False])
 def test_transformers_gradient_checkpointing_gives_the_same_gradients(train_backbone):
-    """``gradient_checkpointing_enable()``: the layers checkpoint themselves (training mode only); same gradients."""
+    """``activation_checkpointing_enable()`` (4.x: ``gradient_checkpointing_enable()``): the layers checkpoint
+    themselves (training mode only); the same gradients."""
     grads = []
     for checkpointed in (False, True):
         _, hf = pair("vit", "ViTForImageClassification")
-        if checkpointed:
-            hf.gradient_checkpointing_enable()
+        if checkpointed:  # transformers 5.x's name, 4.x's
+            (getattr(hf, "activation_checkpointing_enable", None) or hf.gradient_checkpointing_enable)()
         torch.manual_seed(0)
         model = ParallelPrefix(VPT(hf, num_prompts=2, deep=True), bottleneck=4, train_backbone=train_backbone).train()
         model(torch.randn(2, 3, IMG, IMG, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
