@@ -81,14 +81,14 @@ def test_a_round_without_replies_is_still_a_noisy_release_and_is_accounted():
 
 def _pfedpg_pair(lr, m, clip=1e9, sigma=0.0):
     model = model_for("pFedPG")
-    plain = PFedPG(server_optimizer="SGD", server_lr=lr).make_server(model, num_clients=5, seed=3)
-    private = PFedPG(server_optimizer="SGD", server_lr=lr * m).make_server(model, num_clients=5, seed=3,
-                                                                           privacy=Privacy(clip, sigma))
+    plain = PFedPG(server_optimizer="SGD", server_lr=lr, server_steps=2).make_server(model, num_clients=5, seed=3)
+    private = PFedPG(server_optimizer="SGD", server_lr=lr * m, server_steps=2).make_server(
+        model, num_clients=5, seed=3, privacy=Privacy(clip, sigma))
     return plain, private
 
 
 def test_pfedpg_private_step_without_clipping_or_noise_is_the_plain_step_over_m():
-    ids, lr = [0, 2, 4], 0.05
+    ids, lr = [0, 2, 4], 0.01
     plain, private = _pfedpg_pair(lr, len(ids))
     for s in (plain, private):
         sent = s.payloads(ids)
@@ -198,3 +198,21 @@ def test_a_drawn_client_without_a_node_keeps_the_denominator_and_the_sampling_ra
     assert report.privacy["sampling_rate"] == 0.4
     server.payloads([0, 1])  # the note is per round
     assert server.update([]).privacy["sampling_rate"] == 0.2
+
+
+def test_every_pfedpg_server_step_is_a_release_and_a_data_dependent_stop_is_refused():
+    import dp_accounting as dpa
+
+    model, p = model_for("pFedPG"), Privacy(0.1, 1.5)
+    server = PFedPG(server_steps=3).make_server(model, num_clients=5, seed=3, privacy=p)
+    for _ in range(2):
+        sent = server.payloads([0, 2])
+        report = server.update([(n, {k: v + 0.1 for k, v in sent[n].items()}, 1) for n in (0, 2)])
+    assert report.diagnostics["steps"] == 3 and report.privacy["releases"] == 3
+    assert report.privacy["total_releases"] == 6 and report.privacy["rounds"] == 2
+    acc = dpa.rdp.RdpAccountant(neighboring_relation=dpa.NeighboringRelation.REPLACE_ONE)
+    inner = dpa.dp_event.SelfComposedDpEvent(dpa.dp_event.GaussianDpEvent(1.5 / 2), 3)  # 3 steps on one sample
+    acc.compose(dpa.dp_event.SampledWithoutReplacementDpEvent(5, 2, inner), 2)
+    assert report.privacy["epsilon"] == pytest.approx(acc.get_epsilon(1e-5), rel=1e-12)
+    with pytest.raises(ValueError, match=r"^privacy"):
+        PFedPG(server_steps=3, server_tol=1e-3).make_server(model, num_clients=5, privacy=p)
