@@ -15,6 +15,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Callable, List, Optional, Sequence, Tuple
 
+from fedpeft.protocols.pfedpg import DEFAULT_SERVER_STEPS
+
 from .config import BackboneConfig, Budget, DataConfig, RunConfig, quick, smoke
 from .methods import METHODS, select
 
@@ -116,9 +118,11 @@ def build_parser() -> argparse.ArgumentParser:
     add("--last-rounds", type=_positive, default=RunConfig.last_rounds, metavar="N",
         help=f"report each client's mean accuracy over the last N rounds (default: {RunConfig.last_rounds})")
     add("--pfedpg-server", default=b.generator_optimizer, metavar="default|paper|OPT:LR",
-        help="pFedPG's server: 'default' (the library's: Adam, 1e-2 on the descriptors and 1e-3 elsewhere, "
-        "unit-logit generator init), 'paper' (Eq. 5 literally: SGD 0.001 on the VPT-like init of fedpeft 0.1), or "
-        "SGD:LR / Adam:LR, one rate on the unit-logit init (default: default; see docs/protocols.md, pFedPG)")
+        help=f"pFedPG's server: 'default' (the library's: a fit of {DEFAULT_SERVER_STEPS} Adam steps per round, 1e-2 "
+        "on the descriptors "
+        "and 1e-3 elsewhere, gcd(D, 16) heads, unit-logit generator init), 'paper' (Eq. 5 literally: one SGD step "
+        "0.001 on the VPT-like init of fedpeft 0.1), or SGD:LR / Adam:LR, one rate, the default's steps and heads "
+        "(default: default; see docs/federated.md, 'The server step')")
     add("--split", choices=["domain", "dirichlet"], default=None,
         help="how the MNIST digits go to clients: shift families (each client its own strength and 5 of the 10 "
         "classes), or clean images with Dirichlet label skew (default: domain)")

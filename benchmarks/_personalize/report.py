@@ -50,6 +50,10 @@ __all__ = [
     "write_json",
 ]
 
+#: pFedPG's claims are testable once its server keeps this share of each round (mean retention over rounds and
+#: seeds); below it, a pFedPG client restarts every round from an almost untouched gen(n) (issue 24)
+TESTABLE_RETENTION = 0.1
+
 #: record key → column title
 PROTOCOLS: Dict[str, str] = {"deployed": "Deployed", "local": "After local training"}
 
@@ -111,6 +115,14 @@ class Summary:
         }
         # the primary claims: deployed accuracy, Holm-corrected
         self.claims: List[Claim] = holm_claims(self.per_seed["deployed"], self.methods)
+        self.pfedpg = pfedpg_server(records, self.seeds)
+
+    def verdict(self, a: str, b: str, verdict: str) -> str:
+        """``verdict``, or "not testable at this budget (retention x%)" for a comparison with pFedPG while its
+        server keeps less than :data:`TESTABLE_RETENTION` of each round."""
+        if "pFedPG" in (a, b) and self.pfedpg is not None and self.pfedpg["retention"] < TESTABLE_RETENTION:
+            return f"not testable at this budget (retention {100 * self.pfedpg['retention']:.2g}%)"
+        return verdict
 
     def identical(self, protocol: str, a: str, b: str) -> bool:
         """Whether ``a`` and ``b`` are the same runs under ``protocol``: the same per-client, per-round training losses
@@ -192,7 +204,8 @@ def format_verdicts(s: Summary) -> str:
                 + [len(f"{q.a} > {q.b}") for p in s.protocols for q in s.pairs[p]] + [10])
     for c in s.claims:
         lines.append(f"  {c.pair.a + ' > ' + c.pair.b:<{width}}  {_pct(c.pair.diff):>14}  p {c.p:<7.3g} "
-                     f"Holm p {c.p_holm:<7.3g} MDD {100 * c.mdd:4.1f}  {c.verdict:<28}  ({c.pair.claim})")
+                     f"Holm p {c.p_holm:<7.3g} MDD {100 * c.mdd:4.1f}  {s.verdict(c.pair.a, c.pair.b, c.verdict):<28}  "
+                     f"({c.pair.claim})")
     if not s.claims:
         lines.append("  none (the compared methods were not all run)")
     margin = oracle_margin(s)
@@ -202,7 +215,8 @@ def format_verdicts(s: Summary) -> str:
     for p in s.protocols:
         lines.append(f"  {PROTOCOLS[p]}:")
         for q in s.pairs[p]:
-            lines.append(f"    {q.a + ' > ' + q.b:<{width}}  {_pct(q.diff):>14}  {q.hint:<14}  ({q.claim})")
+            lines.append(f"    {q.a + ' > ' + q.b:<{width}}  {_pct(q.diff):>14}  {s.verdict(q.a, q.b, q.hint):<14}  "
+                         f"({q.claim})")
         for a, b in s.identical_pairs[p]:
             lines.append(f"    {a + ' > ' + b:<{width}}  (not compared: identical runs under this protocol)")
     return "\n".join(lines)
@@ -263,13 +277,15 @@ def pfedpg_server(records: Records, seeds: Sequence[int]) -> Optional[Dict[str, 
     (``descending``: their share); ``trained_norm``: mean ‖P̃ₙ‖ over clients in the first and the last round (mean
     over seeds); ``spread``: the mean distance of the clients' generated prompts to their mean, relative to the
     mean's norm, first and last round; ``spread_rounds``: the rounds (1-based) of ``spread_at``, the spread at the
-    first, middle and last round (mean over seeds). ``None`` when pFedPG was not run.
+    first, middle and last round (mean over seeds); ``retention``: the share of the way to P̃ₙ each round's fit kept,
+    mean over rounds and seeds (``retention_at``: at the same three rounds); ``residual``: ‖gen(n) − P̃ₙ‖/‖P̃ₙ‖
+    after the last round's fit; ``steps``: server steps per round (mean). ``None`` when pFedPG was not run.
     """
     logs = [records[(s, "pFedPG")]["server"] for s in seeds if (s, "pFedPG") in records]
     if not logs:
         return None
     closer = total = 0
-    first_norm, last_norm, at = [], [], []
+    first_norm, last_norm, at, kept, kept_at, residual, steps = [], [], [], [], [], [], []
     for log in logs:
         diags = [r["diagnostics"] for r in log if r.get("diagnostics")]
         for d in diags:
@@ -278,7 +294,16 @@ def pfedpg_server(records: Records, seeds: Sequence[int]) -> Optional[Dict[str, 
         if diags:
             first_norm.append(statistics.fmean(diags[0]["trained_norm"]))
             last_norm.append(statistics.fmean(diags[-1]["trained_norm"]))
-            at.append([diags[i]["spread"] for i in (0, (len(diags) + 1) // 2 - 1, len(diags) - 1)])
+            rounds3 = (0, (len(diags) + 1) // 2 - 1, len(diags) - 1)
+            at.append([diags[i]["spread"] for i in rounds3])
+            # records of fedpeft ≤ 0.2 have no retention: from the distances (the same definition)
+            ret = [d.get("retention", statistics.fmean(1 - a / b for a, b in zip(d["dist_after"], d["dist_before"])))
+                   for d in diags]
+            kept.append(statistics.fmean(ret))
+            kept_at.append([ret[i] for i in rounds3])
+            residual.append(statistics.fmean(a / n for a, n in zip(diags[-1]["dist_after"],
+                                                                  diags[-1]["trained_norm"])))
+            steps.append(statistics.fmean(d.get("steps", 1) for d in diags))
     if not total:
         return None
     rounds = min(len([r for r in log if r.get("diagnostics")]) for log in logs)
@@ -286,16 +311,22 @@ def pfedpg_server(records: Records, seeds: Sequence[int]) -> Optional[Dict[str, 
     return {"closer": closer, "client_rounds": total, "descending": closer / total,
             "trained_norm": [statistics.fmean(first_norm), statistics.fmean(last_norm)],
             "spread": [spread_at[0], spread_at[2]], "spread_rounds": [1, (rounds + 1) // 2, rounds],
-            "spread_at": spread_at}
+            "spread_at": spread_at, "retention": statistics.fmean(kept),
+            "retention_at": [statistics.fmean(a[i] for a in kept_at) for i in range(3)],
+            "residual": statistics.fmean(residual), "steps": statistics.fmean(steps)}
 
 
 def format_pfedpg(diag: Optional[Dict[str, Any]], optimizer: str, lr: float) -> str:
     if diag is None:
         return ""
     r, s = diag["spread_rounds"], diag["spread_at"]
-    server = {"paper": "paper: SGD lr 0.001, VPT init",
-              "default": "default: Adam, lr 1e-2 descriptors / 1e-3 rest"}.get(optimizer, f"{optimizer}, lr {lr:g}")
-    return (f"pFedPG server ({server}): descending steps {100 * diag['descending']:.0f}% "
+    server = {"paper": "paper: one SGD step lr 0.001, VPT init",
+              "default": "default: Adam fit, lr 1e-2 descriptors / 1e-3 rest"}.get(optimizer, f"{optimizer}, lr {lr:g}")
+    k = diag["retention_at"]
+    return (f"pFedPG server ({server}, {diag['steps']:.3g} steps per round): retention {100 * diag['retention']:.3g}% "
+            f"(the share of the way to P̃ₙ the generator kept, mean over rounds; rounds {r[0]}/{r[1]}/{r[2]}: "
+            f"{100 * k[0]:.3g}% / {100 * k[1]:.3g}% / {100 * k[2]:.3g}%), residual ‖gen(n) − P̃ₙ‖/‖P̃ₙ‖ "
+            f"{diag['residual']:.3g} after the last round; descending {100 * diag['descending']:.0f}% "
             f"({diag['closer']}/{diag['client_rounds']} client-rounds where gen(n) moved closer to P̃ₙ); "
             f"spread of gen(ids) across clients at rounds {r[0]}/{r[1]}/{r[2]}: "
             f"{100 * s[0]:.3g}% / {100 * s[1]:.3g}% / {100 * s[2]:.3g}% of their mean's norm; mean ‖P̃ₙ‖ "
@@ -333,10 +364,11 @@ def summary_json(s: Summary) -> Dict[str, Any]:
                         "curve_mean": [c.mean for c in s.curve(p, m)], "curve_ci95": [c.half for c in s.curve(p, m)]}
         methods.append(entry)
     hints = [{"protocol": p, "a": q.a, "b": q.b, "claim": q.claim, "diff": q.diff.mean, "ci95": q.diff.half,
-              "per_seed": list(q.per_seed), "hint": q.hint} for p in s.protocols for q in s.pairs[p]]
+              "per_seed": list(q.per_seed), "hint": s.verdict(q.a, q.b, q.hint)}
+             for p in s.protocols for q in s.pairs[p]]
     claims = [{"a": c.pair.a, "b": c.pair.b, "claim": c.pair.claim, "diff": c.pair.diff.mean,
                "ci95": c.pair.diff.half, "per_seed": list(c.pair.per_seed), "p": c.p, "p_holm": c.p_holm,
-               "mdd": c.mdd, "verdict": c.verdict} for c in s.claims]
+               "mdd": c.mdd, "verdict": s.verdict(c.pair.a, c.pair.b, c.verdict)} for c in s.claims]
     margin = oracle_margin(s)
     return {"last_rounds": s.last, "seeds": s.seeds, "methods": methods, "primary": claims,
             "oracle_margin": None if margin is None else {"mean": margin.mean, "ci95": margin.half},

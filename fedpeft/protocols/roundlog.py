@@ -4,22 +4,24 @@
     log.append(record)                                 # a RoundRecord (or any JSON-able mapping)
     RoundLog.read("results/run/rounds.jsonl")          # -> [dict, ...], one per finished round
 
-Each :meth:`RoundLog.append` rewrites the file through :mod:`fedpeft._atomic`: the old lines plus the new one go to a
-temporary file beside it, which is fsync'ed and renamed over the log (then the folder is fsync'ed). A reader, or a
-run killed at any instant (``kill -9``, a power loss), therefore finds the file as it was after some round: every
-line complete, never half a line. Rewriting costs O(size of the log) per round — kilobytes per round, negligible
-next to a round's training. Watch a long run with ``tail -f``.
+Each :meth:`RoundLog.append` appends one line to the file (opened for append) in one ``write`` and fsyncs it: O(1)
+per round, and ``tail -f`` follows it. A run killed in the middle of a write can leave half a line at the end; the
+next ``RoundLog(path, append=True)`` (a resumed run) cuts it off, and :meth:`RoundLog.keep` drops the lines of rounds
+a resumed run will run again, so the log holds every round exactly once (:class:`~fedpeft.protocols.RoundBook`).
 
 TensorBoard: when the ``tensorboard`` package is installed (``pip install "fedpeft[tensorboard]"``) and
 ``tensorboard`` is not ``False``, every round also goes to ``torch.utils.tensorboard.SummaryWriter`` in
 ``<log path>.tb/`` (or the folder given): ``accuracy/mean``, ``accuracy/worst``, ``accuracy/client_<n>``,
-``train_loss/mean``, ``replies/accepted``, ``replies/rejected``, ``wall_s``, at step = the round (0-based).
+``train_loss/mean``, ``replies/accepted``, ``replies/rejected``, ``wall_s``, and ``server/<name>`` for every number
+in the server's diagnostics (pFedPG: ``server/retention``, ``server/residual``, ``server/drift``, ``server/steps``,
+``server/spread``), at step = the round (0-based).
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Union
 
@@ -60,9 +62,12 @@ class RoundLog:
             raise TypeError(f"path must be a str or Path, got {type(path).__name__}")
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        _atomic.remove_stale(self.path.parent, self.path.name)
         if not append or not self.path.exists():
-            self._write(b"")
+            self._rewrite(b"")
+        else:
+            data = self.path.read_bytes()
+            if data and not data.endswith(b"\n"):  # half a line from a writer killed mid-way
+                self._rewrite(data[:data.rfind(b"\n") + 1])
         self.writer: Any = None
         if tensorboard is not False:
             logdir = Path(f"{self.path}.tb") if tensorboard in (None, True) else Path(tensorboard)  # type: ignore[arg-type]
@@ -70,24 +75,34 @@ class RoundLog:
             if self.writer is None and tensorboard is not None:
                 raise ImportError('tensorboard=True needs the tensorboard package: pip install "fedpeft[tensorboard]"')
 
-    def _write(self, data: bytes) -> None:
+    def _rewrite(self, data: bytes) -> None:
         def fill(tmp: str) -> None:
             with open(tmp, "wb") as f:
                 f.write(data)
 
+        _atomic.remove_stale(self.path.parent, self.path.name)
         _atomic.replace(_atomic.write_temp(self.path, fill), self.path)
 
     def append(self, record: Union[RoundRecord, Mapping[str, Any]]) -> Dict[str, Any]:
-        """Add one round (a :class:`RoundRecord`, or a JSON-able mapping) as one line; returns the line's dict."""
+        """Add one round (a :class:`RoundRecord`, or a JSON-able mapping) as one fsync'ed line; returns its dict."""
         row = record.as_dict() if isinstance(record, RoundRecord) else dict(record)
         line = json.dumps(row, allow_nan=True, default=str, separators=(",", ":")) + "\n"
-        old = self.path.read_bytes() if self.path.exists() else b""
-        if old and not old.endswith(b"\n"):  # never glue onto a line written by someone else
-            old += b"\n"
-        self._write(old + line.encode())
+        with open(self.path, "ab") as f:
+            f.write(line.encode())
+            f.flush()
+            os.fsync(f.fileno())
         if self.writer is not None:
             self._tensorboard(row)
         return row
+
+    def keep(self, rounds: int) -> None:
+        """Drop the lines of rounds ``>= rounds`` (a resumed run runs them again); the file is rewritten atomically
+        only when there is something to drop."""
+        data = self.path.read_bytes() if self.path.exists() else b""
+        lines = [ln for ln in data.splitlines(keepends=True) if ln.strip()]
+        kept = [ln for ln in lines if int(json.loads(ln).get("round", 0)) < rounds]
+        if len(kept) != len(lines):
+            self._rewrite(b"".join(kept))
 
     def _tensorboard(self, row: Mapping[str, Any]) -> None:
         step = int(row.get("round", 0))
@@ -103,6 +118,8 @@ class RoundLog:
         scalars["train_loss/mean"] = sum(losses) / len(losses) if losses else None
         for n, a in enumerate(row.get("deployed") or []):
             scalars[f"accuracy/client_{n}"] = _number(a)
+        for name, v in (row.get("diagnostics") or {}).items():  # the server's scalar diagnostics, lists left out
+            scalars[f"server/{name}"] = _number(v)
         for tag, value in scalars.items():
             if value is not None:
                 self.writer.add_scalar(tag, value, step)
