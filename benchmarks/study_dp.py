@@ -37,8 +37,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _personalize.cli import DEFAULT_CACHE
 from _personalize.config import Budget, DataConfig, RunConfig
-from _personalize.jobs import configure_process, prepare_seed
 from _personalize.methods import Context, build_model, make_protocol
+from _personalize.run import configure_process, prepare_seed
 from _personalize.train import make_trainer
 
 from fedpeft.protocols import Federation, Privacy
