@@ -115,7 +115,7 @@ def test_damaged_or_foreign_files_are_refused(tmp_path):
     doc = json.loads((tmp_path / "checkpoint.json").read_text())
     for change, match in [({"version": 2}, "version 2 is unknown"), ({"format": "x"}, "format 'x'"),
                           ({"round": -1}, "'round' must be an int"), ({"tensors": "../x"}, "file name in the same"),
-                          ({"tensors": "nope.safetensors"}, "is missing"), ({"round": 4}, "stamped round '3'")]:
+                          ({"tensors": "nope.safetensors"}, "is missing"), ({"round": 4}, "stamped round is '3'")]:
         (tmp_path / "checkpoint.json").write_text(json.dumps({**doc, **change}))
         with pytest.raises(CheckpointError, match=match):
             load_checkpoint(tmp_path)
