@@ -3,7 +3,7 @@
 Both servers hold one (``AveragingServer(..., privacy=)``, ``PFedPGServer(..., privacy=)``) and call it at fixed
 points, so the maths lives here once (:mod:`~fedpeft.protocols.privacy`, :mod:`~fedpeft.protocols.accountant`):
 
-- ``screen(accepted, reference)``: refuses a reply whose update exceeds the clip bound (the client clips; a hostile
+- ``screen(accepted, rejected, reference)``: refuses a reply whose update exceeds the clip bound (the client clips; a hostile
   one cannot buy influence by skipping it);
 - ``average(shared, accepted, num_sampled)``: DP-FedAvg's step, equal weights and the fixed denominator m;
 - ``generator_grads(...)``: pFedPG's clipped, noised generator gradient, one call per server step (release);
@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from .accountant import PrivacyLedger
 from .privacy import Privacy, add_noise, clip_update, global_norm, private_generator_grads, upload_norm_bound
-from .records import Rejection, Reply
+from .records import Rejection, Reply, rejection_order
 
 __all__ = ["ServerPrivacy", "client_clip", "load_privacy", "make_private_server", "note_sample"]
 
@@ -70,8 +70,7 @@ class ServerPrivacy:
                 refused.append(Rejection(r.client_id, reason))
             else:
                 keep.append(r)
-        refused.sort(key=lambda r: (not isinstance(r.client_id, int), r.client_id if isinstance(r.client_id, int)
-                                    else 0))
+        refused.sort(key=rejection_order)
         return keep, refused
 
     def average(self, shared: Mapping[str, Tensor], accepted: Sequence[Reply], num_sampled: int,
