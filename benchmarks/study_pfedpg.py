@@ -180,10 +180,10 @@ def main_job(seeds: List[int], settings: List[str], client_recipe: str, fedvpt: 
     from pathlib import Path
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from _personalize import runner
+    from _personalize import run as runner
     from _personalize.cli import parse_args
-    from _personalize.jobs import run_job
     from _personalize.methods import make_protocol
+    from _personalize.run import run_job
 
     from fedpeft.protocols import LocalTrainer, PFedPG
 

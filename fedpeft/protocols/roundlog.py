@@ -4,11 +4,10 @@
     log.append(record)                                 # a RoundRecord (or any JSON-able mapping)
     RoundLog.read("results/run/rounds.jsonl")          # -> [dict, ...], one per finished round
 
-Each :meth:`RoundLog.append` rewrites the file through :mod:`fedpeft._atomic`: the old lines plus the new one go to a
-temporary file beside it, which is fsync'ed and renamed over the log (then the folder is fsync'ed). A reader, or a
-run killed at any instant (``kill -9``, a power loss), therefore finds the file as it was after some round: every
-line complete, never half a line. Rewriting costs O(size of the log) per round — kilobytes per round, negligible
-next to a round's training. Watch a long run with ``tail -f``.
+Each :meth:`RoundLog.append` appends one line to the file (opened for append) in one ``write`` and fsyncs it: O(1)
+per round, and ``tail -f`` follows it. A run killed in the middle of a write can leave half a line at the end; the
+next ``RoundLog(path, append=True)`` (a resumed run) cuts it off, and :meth:`RoundLog.keep` drops the lines of rounds
+a resumed run will run again, so the log holds every round exactly once (:class:`~fedpeft.protocols.RoundBook`).
 
 TensorBoard: when the ``tensorboard`` package is installed (``pip install "fedpeft[tensorboard]"``) and
 ``tensorboard`` is not ``False``, every round also goes to ``torch.utils.tensorboard.SummaryWriter`` in
@@ -22,6 +21,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Union
 
@@ -62,9 +62,12 @@ class RoundLog:
             raise TypeError(f"path must be a str or Path, got {type(path).__name__}")
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        _atomic.remove_stale(self.path.parent, self.path.name)
         if not append or not self.path.exists():
-            self._write(b"")
+            self._rewrite(b"")
+        else:
+            data = self.path.read_bytes()
+            if data and not data.endswith(b"\n"):  # half a line from a writer killed mid-way
+                self._rewrite(data[:data.rfind(b"\n") + 1])
         self.writer: Any = None
         if tensorboard is not False:
             logdir = Path(f"{self.path}.tb") if tensorboard in (None, True) else Path(tensorboard)  # type: ignore[arg-type]
@@ -72,24 +75,34 @@ class RoundLog:
             if self.writer is None and tensorboard is not None:
                 raise ImportError('tensorboard=True needs the tensorboard package: pip install "fedpeft[tensorboard]"')
 
-    def _write(self, data: bytes) -> None:
+    def _rewrite(self, data: bytes) -> None:
         def fill(tmp: str) -> None:
             with open(tmp, "wb") as f:
                 f.write(data)
 
+        _atomic.remove_stale(self.path.parent, self.path.name)
         _atomic.replace(_atomic.write_temp(self.path, fill), self.path)
 
     def append(self, record: Union[RoundRecord, Mapping[str, Any]]) -> Dict[str, Any]:
-        """Add one round (a :class:`RoundRecord`, or a JSON-able mapping) as one line; returns the line's dict."""
+        """Add one round (a :class:`RoundRecord`, or a JSON-able mapping) as one fsync'ed line; returns its dict."""
         row = record.as_dict() if isinstance(record, RoundRecord) else dict(record)
         line = json.dumps(row, allow_nan=True, default=str, separators=(",", ":")) + "\n"
-        old = self.path.read_bytes() if self.path.exists() else b""
-        if old and not old.endswith(b"\n"):  # never glue onto a line written by someone else
-            old += b"\n"
-        self._write(old + line.encode())
+        with open(self.path, "ab") as f:
+            f.write(line.encode())
+            f.flush()
+            os.fsync(f.fileno())
         if self.writer is not None:
             self._tensorboard(row)
         return row
+
+    def keep(self, rounds: int) -> None:
+        """Drop the lines of rounds ``>= rounds`` (a resumed run runs them again); the file is rewritten atomically
+        only when there is something to drop."""
+        data = self.path.read_bytes() if self.path.exists() else b""
+        lines = [ln for ln in data.splitlines(keepends=True) if ln.strip()]
+        kept = [ln for ln in lines if int(json.loads(ln).get("round", 0)) < rounds]
+        if len(kept) != len(lines):
+            self._rewrite(b"".join(kept))
 
     def _tensorboard(self, row: Mapping[str, Any]) -> None:
         step = int(row.get("round", 0))

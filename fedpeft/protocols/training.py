@@ -23,8 +23,9 @@ everything else that trains (classifier, prompts, adapters, low-rank factors) ``
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
-from typing import Any, Callable, List, Mapping, Optional, Tuple, Union
+from typing import Any, Callable, Iterator, List, Mapping, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -43,6 +44,7 @@ __all__ = [
     "batch_seed",
     "cross_entropy_loss",
     "evaluate",
+    "kept",
 ]
 
 #: ``(model, inputs, labels) -> scalar loss``
@@ -52,9 +54,17 @@ LossFn = Callable[[nn.Module, Tensor, Tensor], Tensor]
 PHASES: Tuple[str, ...] = ("local", "personal", "shared", "finetune")
 
 
+def logits(model: nn.Module, x: Tensor) -> Tensor:
+    """``model(x)`` as a tensor: a bare transformers model (FedAvg, FedRep, … train the backbone itself) returns a
+    ``ModelOutput``, so it goes through the backbone interface; a timm model or a fedpeft wrapper is called as is."""
+    from .. import _timm  # imported on first use: ``import fedpeft.protocols`` stays free of timm
+
+    return _timm.forward(model, x)
+
+
 def cross_entropy_loss(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
-    """``F.cross_entropy(model(x), y)``: the default objective."""
-    return F.cross_entropy(model(x), y)
+    """``F.cross_entropy(logits(model, x), y)``: the default objective."""
+    return F.cross_entropy(logits(model, x), y)
 
 
 def batch_seed(seed: int, round: int, client_id: int, phase: str = "local") -> int:
@@ -86,6 +96,25 @@ class LocalTask:
 Trainer = Callable[[nn.Module, Any, LocalTask], Union[float, Mapping[str, float]]]
 
 
+@contextlib.contextmanager
+def kept(model: nn.Module) -> Iterator[nn.Module]:
+    """Run a block on ``model`` and put back what it may change: the trainable parameters, the buffers, the
+    ``requires_grad`` flags and torch's RNG (frozen parameters are not copied: nothing trains them). One message per
+    round evaluates the previous round's deployment this way before training (``fedpeft.flower``)."""
+    keep = {n for n, p in model.named_parameters(remove_duplicate=False) if p.requires_grad}
+    keep |= {n for n, _ in model.named_buffers()}
+    snapshot = {k: v.detach().clone() for k, v in model.state_dict(keep_vars=True).items() if k in keep}
+    flags = {k: p.requires_grad for k, p in model.named_parameters()}
+    rng = torch.random.get_rng_state()
+    try:
+        yield model
+    finally:
+        model.load_state_dict(snapshot, strict=False)
+        for k, p in model.named_parameters():
+            p.requires_grad_(flags[k])
+        torch.random.set_rng_state(rng)
+
+
 def _loader(data: Any, batch_size: int, seed: Optional[int]) -> DataLoader:
     # an explicit generator also for the unshuffled loader: DataLoader would otherwise draw its base seed from the
     # global RNG, and evaluation must not move anything else's randomness
@@ -113,7 +142,7 @@ def evaluate(
     correct = total = 0
     for x, y in _loader(data, batch_size, None):
         x, y = x.to(dev), y.to(dev)
-        correct += int((model(pre(x)).argmax(-1) == y).sum())
+        correct += int((logits(model, pre(x)).argmax(-1) == y).sum())
         total += len(y)
     return correct / max(total, 1)
 

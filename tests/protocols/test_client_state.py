@@ -1,4 +1,4 @@
-"""``fedpeft.flower.node_state``: one client's personal state on the node's disk, checked against the raw file.
+"""``fedpeft.protocols.client_state``: one client's personal state on the node's disk, checked against the raw file.
 
 The oracle is the file itself, read with ``safetensors`` directly (tensors by name, the metadata stamp), and
 hand-written expectations of which version (``current`` / ``previous``) a round must start from.
@@ -13,8 +13,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from fedpeft.flower.node import StaleMessage
-from fedpeft.flower.node_state import NodeState, NodeStateError, run_folder_name, state_dir_of
+from fedpeft.protocols import ClientStateError as NodeStateError
+from fedpeft.protocols import ClientStateFile as NodeState
+from fedpeft.protocols import StaleMessage
+from fedpeft.protocols.client_state import run_folder_name
 
 LIKE = {"head.weight": torch.zeros(3, 4), "head.bias": torch.zeros(3)}
 
@@ -147,7 +149,7 @@ def test_non_finite_personal_state_is_not_written(tmp_path):
 
 
 def test_a_write_killed_midway_leaves_the_old_file(tmp_path, monkeypatch):
-    import fedpeft.flower.node_state as ns
+    import fedpeft._stamped as ns
 
     s = _store(tmp_path)
     s.save(0, _state(1.0), LIKE)
@@ -170,9 +172,5 @@ def test_run_folder_names_and_state_dir():
     assert name.startswith("run-") and "/" not in name and len(name) == 20
     with pytest.raises(TypeError, match="run must be a non-empty str"):
         run_folder_name("")
-    assert state_dir_of({"state-dir": "/x"}) is not None and str(state_dir_of({"state-dir": "/x"})) == "/x"
-    assert state_dir_of({}) is None and str(state_dir_of({}, "/d")) == "/d"
-    with pytest.raises(TypeError, match="state-dir"):
-        state_dir_of({"state-dir": 3})
     with pytest.raises(ValueError, match="partition must be an int >= 0"):
         NodeState("/tmp", run="r", partition=-1, method="m", fingerprint="f")
