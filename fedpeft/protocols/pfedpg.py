@@ -48,10 +48,12 @@ from .._checks import check_positive_int, check_state
 from .._wrapping import innermost, wrapper_chain
 from ..generator import INITS, PromptGenerator
 from ..vpt import VPT
+from .privacy import Privacy
 from .protocol import Protocol
 from .records import ServerReport
 from .screening import check_max_weight, screen_replies
 from .server import flatten_optimizer, unflatten_optimizer
+from .server_privacy import ServerPrivacy, load_privacy
 from .shared_personal import _check_ids
 from .training import LossFn
 
@@ -149,6 +151,11 @@ class PFedPGServer:
             on the graph of :meth:`payloads`, each later one on a fresh ``gen(accepted)``). 1: Eq. 5.
         server_tol: stop the fit before a step once ``‖gen − P̃‖_F / ‖P̃‖_F`` over the accepted clients (the fitted
             target with ``normalize_delta``) is ≤ this; ``None`` (default): always S steps.
+        privacy: user-level DP on the generator steps (:class:`~fedpeft.protocols.Privacy`): in every step each
+            accepted client's gradient contribution is clipped over all of φ, summed, noised (std σ·C) and divided by
+            the round's number of clients; every step is a release (S per round). Not with ``normalize_delta`` (it
+            couples the clients) nor ``server_tol`` (a stop that depends on the replies).
+        seed: the noise seed under ``privacy`` (``None``: drawn from torch's global RNG; docs/privacy.md).
 
     Over a run the server counts the client-rounds whose fit *ascended* (``dist_after > dist_before``) and warns
     (``RuntimeWarning``, once) as soon as they are more than half of all client-rounds after at least 3 rounds: the
@@ -164,7 +171,8 @@ class PFedPGServer:
     def __init__(self, generator: PromptGenerator, optimizer: torch.optim.Optimizer,
                  expected: Dict[str, Tensor], *, normalize_delta: bool = False,
                  max_weight: Optional[float] = None, server_steps: int = 1,
-                 server_tol: Optional[float] = None) -> None:
+                 server_tol: Optional[float] = None, privacy: Optional[Privacy] = None,
+                 seed: Optional[int] = None) -> None:
         if not isinstance(generator, PromptGenerator):
             raise TypeError(f"generator must be a fedpeft.PromptGenerator, got {type(generator).__name__}")
         (self.key, ref), = expected.items()
@@ -182,6 +190,13 @@ class PFedPGServer:
         self.normalize_delta = normalize_delta
         self.server_steps = check_positive_int("server_steps", server_steps)
         self.server_tol = None if server_tol is None else _check_rate("server_tol", server_tol)
+        if privacy is not None and normalize_delta:
+            raise ValueError("privacy: normalize_delta rescales each client's update by the round's mean norm, so one "
+                             "client moves every other's contribution and no clip bounds it; use normalize_delta=False")
+        if privacy is not None and server_tol is not None:
+            raise ValueError("privacy: server_tol stops the fit when gen is near the replies, a stop no clip bounds "
+                             "(and the accountant needs the number of steps in advance); use server_tol=None")
+        self.privacy = None if privacy is None else ServerPrivacy(privacy, self.num_clients, seed)
         self.initial = copy.deepcopy(generator).requires_grad_(False)  # gen_0, the reference of ``drift``
         self.steps_taken = 0  # optimizer steps over the run
         self.client_rounds = 0  # accepted client-rounds fitted so far
@@ -221,24 +236,30 @@ class PFedPGServer:
         dtype = self.expected_upload[self.key].dtype
         return {cid: {self.key: generated[i].to(dtype).clone()} for i, cid in enumerate(ids)}
 
-    def _fit(self, ids: Tensor, generated: Tensor, target: Tensor) -> int:
+    def _fit(self, ids: Tensor, generated: Tensor, target: Tensor, num_sampled: int = 0) -> Tuple[int, List[float]]:
         """Up to ``server_steps`` optimizer steps on ``½ Σ_n ‖gen(n) − target_n‖²`` over the clients ``ids``.
 
         ``generated``: ``gen(ids)`` with its graph (the first step's). Each step is one ``fed.delta_backward`` of
         ``gen(ids) − target`` and one ``optimizer.step()``: the generator after every step is a release of what
-        the replies taught it. Returns the steps taken.
+        the replies taught it. Under privacy each step is DP's (:meth:`_private_step`, release = the step) over
+        ``num_sampled`` clients, always S of them. Returns the steps taken and, under privacy, the first step's
+        per-client gradient norms.
         """
         scale = float(target.norm()) if self.server_tol is not None else 0.0
-        taken = 0
+        taken, norms = 0, []
         for step in range(self.server_steps):
             P = generated if step == 0 else self.generator(ids)  # (n, L, K, D), with graph
             if self.server_tol is not None and float((P.detach() - target).norm()) <= self.server_tol * scale:
                 break
-            self.optimizer.zero_grad(set_to_none=True)
-            fed.delta_backward(P, target)
-            self.optimizer.step()
+            if self.privacy is not None:
+                got = self._private_step(P, target, ids.tolist(), num_sampled, release=step)
+                norms = got if step == 0 else norms
+            else:
+                self.optimizer.zero_grad(set_to_none=True)
+                fed.delta_backward(P, target)
+                self.optimizer.step()
             taken += 1
-        return taken
+        return taken, norms
 
     def update(self, replies: Iterable[Any]) -> ServerReport:
         """Screen the replies, then fit the generator to the accepted ones (nothing moves if none is accepted)."""
@@ -253,6 +274,14 @@ class PFedPGServer:
         self._pending = None
         self.round += 1
         report = ServerReport(accepted=[r.client_id for r in accepted], rejected=rejected)
+        m = len(ids)
+        if self.privacy is not None:
+            m = self.privacy.sample_size(len(ids))
+            report.privacy = self.privacy.close_round(m, releases=self.server_steps)
+            if not accepted:  # a release every step, whoever replied: noise only
+                for step in range(self.server_steps):
+                    self._private_step(generated[:0], generated.detach()[:0], [], m, release=step)
+                report.updated = True
         if not accepted:
             return report
         rows = [ids.index(r.client_id) for r in accepted]
@@ -265,10 +294,12 @@ class PFedPGServer:
             scale = before.mean() / before.clamp_min(1e-30)  # ‖P_n − P̃_n‖ → the round's mean norm
             target = start - (start - trained) * scale.view(-1, *[1] * (trained.dim() - 1))
         acc_ids = self._ids_tensor(report.accepted)
-        steps = self._fit(acc_ids, selected, target)
+        steps, norms = self._fit(acc_ids, selected, target, m)
         self.steps_taken += steps
         report.updated = steps > 0
         report.diagnostics = self._diagnostics(report.accepted, acc_ids, trained, before, steps)
+        if self.privacy is not None:
+            report.diagnostics["gradient_norms"] = norms  # raw ‖g_n‖ of the first step: not covered by ε
         d = report.diagnostics
         self._watch(d["dist_before"], d["dist_after"], d["retention"])
         return report
@@ -316,6 +347,17 @@ class PFedPGServer:
                 f"they restart from it; raise server_steps (now {self.server_steps}) or the server rate, or use "
                 f"the default server (docs/federated.md)", RuntimeWarning, stacklevel=3)
 
+    def _private_step(self, generated: Tensor, trained: Tensor, clients: List[int], num_sampled: int,
+                      release: int = 0) -> List[float]:
+        """One optimizer step on the DP gradient (:meth:`ServerPrivacy.generator_grads`) of round ``self.round − 1``
+        (``generated`` row i is client ``clients[i]``'s; its descriptor row is its own, so it is row-separable);
+        returns the clients' gradient norms before clipping."""
+        self.optimizer.zero_grad(set_to_none=True)
+        norms = self.privacy.generator_grads(generated, trained, list(self.generator.named_parameters()), num_sampled,
+                                             round=self.round - 1, release=release, rows={"descriptors": clients})
+        self.optimizer.step()
+        return norms
+
     def state_dict(self) -> Tuple[Dict[str, Tensor], Dict[str, Any]]:
         """The generator (``"generator.<key>"``), the initial generator gen_0 (``"initial.<key>"``) and the optimizer's
         state (``"optimizer.<i>.<name>"``) as tensors; the round, the prompt key, the optimizer's class and
@@ -330,7 +372,8 @@ class PFedPGServer:
                          "steps_taken": self.steps_taken,
                          "ascent": {"client_rounds": self.client_rounds, "ascended": self.ascended,
                                     "warned": self._warned},
-                         "retention": {"low_rounds": self.low_retention_rounds, "warned": self._warned_retention}}
+                         "retention": {"low_rounds": self.low_retention_rounds, "warned": self._warned_retention},
+                         **({} if self.privacy is None else {"privacy": self.privacy.state_dict()})}
 
     def load_state_dict(self, tensors: Mapping[str, Tensor], meta: Mapping[str, Any]) -> None:
         """Restore :meth:`state_dict`'s output; ``ValueError`` (server untouched) on another kind, prompt key,
@@ -359,6 +402,11 @@ class PFedPGServer:
         except (KeyError, TypeError, ValueError) as e:
             self.optimizer.load_state_dict(backup)
             raise ValueError(f"tensors/meta: the optimizer state does not fit this server's optimizer ({e})") from None
+        try:
+            load_privacy(self.privacy, meta)
+        except ValueError:
+            self.optimizer.load_state_dict(backup)
+            raise
         self.generator.load_state_dict(gen)
         self.initial.load_state_dict(initial)
         self._pending = None
@@ -451,8 +499,8 @@ class PFedPG(Protocol):
     def upload_keys(self, model: nn.Module) -> List[str]:
         return [_prompt_key(model)]
 
-    def make_server(self, model: nn.Module, *, num_clients: Optional[int] = None,
-                    seed: Optional[int] = None) -> PFedPGServer:
+    def make_server(self, model: nn.Module, *, num_clients: Optional[int] = None, seed: Optional[int] = None,
+                    privacy: Optional[Privacy] = None) -> PFedPGServer:
         """A generator shaped like ``model``'s prompts for ``num_clients`` clients, and its optimizer.
 
         Args:
@@ -460,7 +508,8 @@ class PFedPG(Protocol):
             num_clients: C, required.
             seed: if given, the generator is initialised from ``torch.manual_seed(seed)`` without touching the
                 global RNG (so a server in another process builds the same generator); ``None`` draws from the
-                global RNG.
+                global RNG. It also seeds the DP noise under ``privacy``.
+            privacy: user-level DP on the generator step (see :class:`PFedPGServer`).
         """
         if num_clients is None:
             raise ValueError("pFedPG's server needs num_clients (one descriptor row per client)")
@@ -478,4 +527,4 @@ class PFedPG(Protocol):
             )
         opt = _make_optimizer(self.server_optimizer, gen, self.server_lr)
         return PFedPGServer(gen, opt, {_prompt_key(model): ref.detach()}, normalize_delta=self.normalize_delta,
-                            server_steps=self.server_steps, server_tol=self.server_tol)
+                            server_steps=self.server_steps, server_tol=self.server_tol, privacy=privacy, seed=seed)
