@@ -8,7 +8,7 @@ split, C = ``attn_dim``). They are put in front of the layer's keys and values i
     k' = k_norm([K_p ; k]),  v' = [V_p ; v]             (B, H, P + N, d)   K_p, V_p split into heads like k, v
     out = proj(SDPA(q_norm(q), k', v'))                 (B, N, C): queries stay the N tokens, no mask needed
 
-Mechanism: each adapted ``attn`` gets an instance-level ``forward`` that calls ``_timm.attention_forward`` with the
+Mechanism: each adapted timm ``attn`` gets an instance-level ``forward`` that calls ``_timm.attention_forward`` with the
 prefix (so hooks on ``attn.qkv``, e.g. a ``ParallelPrefix``, still apply); ``eject()`` deletes it.
 """
 
@@ -20,7 +20,13 @@ import torch
 from torch import Tensor, nn
 
 from . import _timm
-from ._attach import AttentionWrapper, clear_eva_slot, eva_slot, has_forward_override, set_eva_slot
+from ._attach import (
+    AttentionWrapper,
+    adapter_slot,
+    clear_adapter_slot,
+    has_forward_override,
+    set_adapter_slot,
+)
 from ._checks import check_positive_int
 from .summary import SummaryMixin
 
@@ -80,12 +86,14 @@ class _PrefixTokens:
 
 
 class Prefix(SummaryMixin, AttentionWrapper):
-    """Vanilla prefix tuning for a timm ViT (or a fedpeft wrapper of one): ``length`` key and value tokens per layer.
+    """Vanilla prefix tuning for a timm or transformers ViT (or a fedpeft wrapper of one): ``length`` key and value
+    tokens per layer.
 
     Args:
         vit_or_wrapper: a timm ``VisionTransformer`` (``Block`` + ``timm.layers.Attention`` with a fused ``qkv``), an
             ``Eva`` (``EvaAttention`` / ``AttentionRope``; the prefix keys get ``k_norm`` and no RoPE), or
-            a fedpeft wrapper of one such as ``VPT`` (``Prefix(VPT(vit))(x, prompts=P)``). Held as ``self.model``.
+            a ``transformers`` ViT / DeiT / DINOv2 model (``fedpeft._hf``), or a fedpeft wrapper of one such as
+            ``VPT`` (``Prefix(VPT(vit))(x, prompts=P)``). Held as ``self.model``.
         length: P, the prefix tokens per layer.
         train_backbone: train the whole backbone too. ``False`` freezes it, or, around a wrapper, keeps that
             wrapper's choices.
@@ -116,8 +124,8 @@ class Prefix(SummaryMixin, AttentionWrapper):
         super().__init__(vit_or_wrapper, train_backbone=train_backbone, train_head=train_head)
         layers = self._attention_layers(range(self.depth))
         for i, attn in layers.items():
-            if _timm.is_eva_attention(attn):
-                if eva_slot(attn, "prefix") is not None:  # (raises for someone else's forward)
+            if _timm.uses_adapter_slots(attn):
+                if adapter_slot(attn, "prefix") is not None:  # (raises for someone else's forward)
                     raise ValueError(
                         f"blocks.{i}.attn already has a Prefix attached; eject() it first (the model is unchanged)"
                     )
@@ -137,8 +145,8 @@ class Prefix(SummaryMixin, AttentionWrapper):
         self.values = nn.Parameter(torch.empty(shape, device=ref.device, dtype=ref.dtype))
         self.reset_parameters()
         for i, attn in layers.items():
-            if _timm.is_eva_attention(attn):  # Eva: the tokens sit in the attention's prefix slot (_attach.py)
-                set_eva_slot(attn, "prefix", _PrefixTokens(self, i))
+            if _timm.uses_adapter_slots(attn):  # Eva: the tokens sit in the attention's prefix slot (_attach.py)
+                set_adapter_slot(attn, "prefix", _PrefixTokens(self, i))
             else:
                 attn.forward = _PrefixForward(self, attn, i)
         self._configure_training()
@@ -152,10 +160,10 @@ class Prefix(SummaryMixin, AttentionWrapper):
     def _detach(self) -> None:
         for i in range(self.depth):
             attn = _timm.attention_layer(self._vit(), i)
-            if _timm.is_eva_attention(attn):
-                slot = eva_slot(attn, "prefix")
+            if _timm.uses_adapter_slots(attn):
+                slot = adapter_slot(attn, "prefix")
                 if isinstance(slot, _PrefixTokens) and slot.owner is self:
-                    clear_eva_slot(attn, "prefix", slot)
+                    clear_adapter_slot(attn, "prefix", slot)
             elif isinstance(vars(attn).get("forward"), _PrefixForward) and vars(attn)["forward"].owner is self:
                 del attn.forward
 

@@ -15,7 +15,7 @@ from flower_harness import LocalGrid, node_context
 from torch.utils.data import TensorDataset
 
 from fedpeft.flower import ProtocolStrategy, client_app
-from fedpeft.protocols import Federation, LocalTrainer
+from fedpeft.protocols import Federation, LocalTrainer, Privacy
 from fedpeft.protocols import get as get_protocol
 from fedpeft.protocols import method as method_entry
 
@@ -70,7 +70,7 @@ class World:
 def world(method: str, num_clients: int = 3, *, fraction: float = 1.0, nan_client: Optional[int] = None,
           dtype: torch.dtype = torch.float32, load_data: Optional[Callable] = None,
           node_configs: Optional[List[Dict]] = None, backbone_seed: Optional[Dict[int, int]] = None,
-          check_frozen: bool = True) -> World:
+          check_frozen: bool = True, privacy: Optional[Privacy] = None) -> World:
     data = client_data(num_clients, nan_client=nan_client, dtype=dtype)
     protocol = get_protocol(method)
     seeds = backbone_seed or {}
@@ -94,14 +94,14 @@ def world(method: str, num_clients: int = 3, *, fraction: float = 1.0, nan_clien
     model = build(method, SEED, dtype)
     strategy = ProtocolStrategy(protocol, model, num_partitions=num_clients, seed=SEED, fraction_train=fraction,
                    registration_timeout=1.0, check_frozen=check_frozen,
-                   min_nodes=min(num_clients, len(configs)))
+                   min_nodes=min(num_clients, len(configs)), privacy=privacy)
     return World(grid, strategy, data, method)
 
 
 def oracle(method: str, num_clients: int = 3, *, fraction: float = 1.0, nan_client: Optional[int] = None,
-           dtype: torch.dtype = torch.float32) -> Federation:
+           dtype: torch.dtype = torch.float32, privacy: Optional[Privacy] = None) -> Federation:
     data = client_data(num_clients, nan_client=nan_client, dtype=dtype)
     torch.manual_seed(SEED)
     model = build(method, SEED, dtype)
     return Federation(get_protocol(method), model, [d[0] for d in data], test_data=[d[1] for d in data],
-                      trainer=trainer(), seed=SEED, fraction=fraction)
+                      trainer=trainer(), seed=SEED, fraction=fraction, privacy=privacy)

@@ -9,7 +9,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ["README.md", "docs/index.md", "docs/api.md", "docs/concepts.md", "docs/prompts.md", "docs/prefix.md", "docs/fed.md",
-        "docs/federated.md", "docs/protocols.md", "docs/flower.md"]
+        "docs/federated.md", "docs/protocols.md", "docs/flower.md", "docs/privacy.md"]
 
 
 def _blocks(path: Path) -> list[str]:

@@ -159,7 +159,8 @@ class ClientHandlers:
         extra = {} if evaluation is None else {wire.EVALUATION: evaluation}
         result = self.method.client_update(model, shared=self._shared(msg, model), personal=personal, data=data[0],
                                            round=task.round, client_id=pid, seed=task.seed, trainer=self.trainer,
-                                           eval_data=data[1] if self.after_local_eval else None)
+                                           eval_data=data[1] if self.after_local_eval else None,
+                                           **wire.read_clip(task))  # DP: clip the update before it leaves
         why = result.diverged()
         if why is not None:  # keep the previous personal state, send nothing trained, say why
             metrics = MetricRecord({"partition-id": pid, "round": task.round, "diverged": 1,

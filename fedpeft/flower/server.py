@@ -6,8 +6,9 @@
 state), runs a :class:`~fedpeft.flower.ProtocolStrategy` and rewrites the report after every round (atomic, fsync'ed;
 ``"status"``: ``running``, ``completed`` or ``failed`` with the error). The run config (``[tool.flwr.app.config]`` or
 ``flwr run --run-config``) overrides the arguments; its keys are :data:`RUN_CONFIG`. Replies are pulled every 0.2 s
-(:class:`FastGrid`; Flower's own loop sleeps 3 s between pulls). The report: :mod:`fedpeft.protocols.report`. See
-docs/flower.md.
+(:class:`FastGrid`; Flower's own loop sleeps 3 s between pulls). ``dp-clip-norm`` and ``dp-noise-multiplier`` (and
+optionally ``dp-delta``) turn on user-level DP (``privacy=Privacy(...)``, docs/privacy.md). The report:
+:mod:`fedpeft.protocols.report`. See docs/flower.md.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 from torch import nn
 
+from ..protocols import Privacy
 from ..protocols import get as get_protocol
 from ..protocols.report import failure_report, method_report, report_path, write_report
 from .registry import discover_partitions
@@ -37,6 +39,8 @@ RUN_CONFIG: Dict[str, tuple] = {
     "registration-timeout": ("registration_timeout", float), "report-path": ("report", str),
     "round-log-path": ("round_log", str), "checkpoint-dir": ("checkpoint_dir", str), "run-name": ("run_name", str),
     "probe-timeout": ("probe_timeout", float), "one-message": ("one_message", bool),
+    "dp-clip-norm": ("dp_clip_norm", float), "dp-noise-multiplier": ("dp_noise_multiplier", float),
+    "dp-delta": ("dp_delta", float),
 }
 
 
@@ -76,6 +80,23 @@ def _options(run_config: Dict[str, Any], defaults: Dict[str, Any]) -> Dict[str, 
     return {**defaults, **given}
 
 
+def _privacy(opt: Dict[str, Any]) -> None:
+    """Turn the ``dp-*`` run-config keys in ``opt`` into ``opt["privacy"]`` (a :class:`Privacy`; docs/privacy.md).
+
+    Raises:
+        ValueError: only one of ``dp-clip-norm`` / ``dp-noise-multiplier`` is set, or a value is out of range.
+    """
+    clip, sigma, delta = (opt.pop(k, None) for k in ("dp_clip_norm", "dp_noise_multiplier", "dp_delta"))
+    if clip is None and sigma is None:
+        if delta is not None:
+            raise ValueError("dp-delta: set dp-clip-norm and dp-noise-multiplier too (privacy is off without them)")
+        return
+    if clip is None or sigma is None:
+        missing = "dp-clip-norm" if clip is None else "dp-noise-multiplier"
+        raise ValueError(f"{missing}: privacy needs both dp-clip-norm and dp-noise-multiplier")
+    opt["privacy"] = Privacy(clip, sigma, **({} if delta is None else {"delta": delta}))
+
+
 def server_app(method: Any, build_model: Callable[[Context], nn.Module], *, num_partitions: Optional[int] = None,
                num_rounds: int = 3, fraction_train: float = 1.0, fraction_evaluate: float = 1.0, seed: int = 0,
                round_timeout: float = 3600.0, registration_timeout: float = 600.0,
@@ -113,6 +134,7 @@ def server_app(method: Any, build_model: Callable[[Context], nn.Module], *, num_
         path = report_path(opt["report"].format(run_id=context.run_id), context.run_id) if opt["report"] else None
         strategy, model, t0 = None, None, time.perf_counter()
         try:
+            _privacy(opt)  # dp-clip-norm, dp-noise-multiplier, dp-delta → privacy=Privacy(...)
             answered: list = []  # the discovery's replies register those nodes (no second query)
             parts = opt.pop("num_partitions") or discover_partitions(grid, timeout=opt["registration_timeout"],
                                                                      replies=answered)

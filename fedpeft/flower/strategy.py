@@ -28,10 +28,21 @@ from torch import Tensor, nn
 
 from .. import fed
 from .._checks import check_positive_int
-from ..protocols import Protocol, Rejection, Reply, RoundBook, RoundLog, RoundRecord, Server, sample_clients
+from ..protocols import (
+    Privacy,
+    Protocol,
+    Rejection,
+    Reply,
+    RoundBook,
+    RoundLog,
+    RoundRecord,
+    Server,
+    sample_clients,
+)
 from ..protocols import get as get_protocol
 from ..protocols.sampling import check_fraction
 from ..protocols.screening import check_max_weight
+from ..protocols.server_privacy import make_private_server, note_sample
 from . import wire
 from .registry import Registry
 
@@ -88,6 +99,8 @@ class ProtocolStrategy(Strategy):
         max_weight: the largest ``num-examples`` a reply may claim (the registered count always caps it).
         probe_timeout: seconds a node holding a partition has to answer before a newcomer may take it over.
         one_message: one message per node per round (default); ``False``: a train and an evaluate exchange.
+        privacy: user-level DP (:class:`~fedpeft.protocols.Privacy`, docs/privacy.md): passed to ``make_server``;
+            every train message asks the node to clip its update; each record carries ε.
     """
 
     def __init__(self, method: Any, model: nn.Module, *, num_partitions: int, server: Optional[Server] = None,
@@ -96,7 +109,7 @@ class ProtocolStrategy(Strategy):
                  check_frozen: bool = True, on_round: Optional[Callable[[RoundRecord], None]] = None,
                  round_log: Union[str, Path, RoundLog, None] = None, checkpoint_dir: Union[str, Path, None] = None,
                  run_name: Optional[str] = None, max_weight: Optional[float] = None, probe_timeout: float = 60.0,
-                 one_message: bool = True) -> None:
+                 one_message: bool = True, privacy: Optional[Privacy] = None) -> None:
         self.method: Protocol = get_protocol(method)
         self.num_partitions, self.seed = check_positive_int("num_partitions", num_partitions), int(seed)
         self.fraction_train = check_fraction(fraction_train, "fraction_train")
@@ -105,8 +118,11 @@ class ProtocolStrategy(Strategy):
         if not 1 <= self.min_nodes <= num_partitions:
             raise ValueError(f"min_nodes must be in [1, {num_partitions}], got {min_nodes!r}")
         self.registration_timeout, self.probe_timeout = float(registration_timeout), float(probe_timeout)
-        self.server: Server = server if server is not None else self.method.make_server(
-            model, num_clients=num_partitions, seed=server_seed)
+        if server is not None and privacy is not None:
+            raise ValueError("privacy: pass it to the server you built (protocol.make_server(..., privacy=)) and leave "
+                             "ProtocolStrategy's privacy=None")
+        self.server: Server = server if server is not None else make_private_server(
+            self.method, model, num_partitions, privacy, seed=server_seed)
         if max_weight is not None:
             self.server.max_weight = check_max_weight(max_weight)
         fingerprint = fed.frozen_fingerprint(model) if check_frozen else None
@@ -154,8 +170,10 @@ class ProtocolStrategy(Strategy):
 
     def _messages(self, states: Dict[int, Dict[str, Tensor]], kind: str, round_: int,
                   config: Optional[ConfigRecord]) -> Sent:
+        c = getattr(self.server, "client_clip_norm", None)
+        clip = {} if c is None else {wire.CLIP_NORM: c}  # DP: the node clips its update before sending it
         cfg = ConfigRecord({**dict(config or {}), "server-round": round_ + 1, wire.ROUND: round_,
-                            wire.SEED: self.seed, wire.METHOD: self.method.name, wire.RUN: self.run_id()})
+                            wire.SEED: self.seed, wire.METHOD: self.method.name, wire.RUN: self.run_id(), **clip})
         records = _records(states)
         return [(Message(RecordDict({wire.ARRAYS: records[pid], wire.CONFIG: cfg}), self.registry.node_of[pid], kind,
                          group_id=str(round_ + 1)), pid) for pid in sorted(states)]
@@ -173,6 +191,7 @@ class ProtocolStrategy(Strategy):
         """Sample, open the record, one train message per node with its payload."""
         ids, absent = self._sample(self.fraction_train, round_)
         record = self.book.open_round(round_, ids, absent=absent, **flags)
+        note_sample(self.server, len(ids) + len(absent))  # DP: absent clients add 0, they do not shrink m
         if not ids:
             log.warning("round %d: no registered client to train", round_ + 1)
         return record, self._messages(self.server.payloads(ids), MessageType.TRAIN, round_, config) if ids else []

@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Dict, Mapping, NamedTuple, Optional, Tuple, Union
 
 import numpy as np
@@ -22,13 +23,14 @@ from torch import Tensor
 from .. import fed
 from ..protocols import Diverged, Rejection, Reply
 
-__all__ = ["ARRAYS", "CONFIG", "DEPLOY", "EVALUATION", "EVAL_ROUND", "INFO", "METHOD", "METRICS", "ROUND", "RUN",
+__all__ = ["ARRAYS", "CLIP_NORM", "CONFIG", "DEPLOY", "EVALUATION", "EVAL_ROUND", "INFO", "METHOD", "METRICS", "ROUND", "RUN",
            "SEED", "Task", "from_record", "parse_evaluation", "parse_reply", "partition",
-           "payload_bytes", "read_run", "read_task", "to_record"]
+           "payload_bytes", "read_clip", "read_run", "read_task", "to_record"]
 
 ARRAYS, CONFIG, METRICS, INFO = "arrays", "config", "metrics", "info"
 ROUND, SEED, METHOD, RUN = "fedpeft.round", "fedpeft.seed", "fedpeft.method", "fedpeft.run"
 DEPLOY, EVAL_ROUND, EVALUATION = "fedpeft.deploy", "fedpeft.eval-round", "evaluation"
+CLIP_NORM = "fedpeft.dp-clip-norm"  # user-level DP: the L2 bound a client clips its update to (docs/privacy.md)
 PARTITION_ID, NUM_PARTITIONS = "partition-id", "num-partitions"  # node_config keys (state-dir: protocols.node_cache)
 
 #: message id of each message sent this round → the partition it went to
@@ -100,6 +102,21 @@ def read_task(msg: Message) -> Task:
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise ValueError(f"config[{SEED!r}] must be an integer, got {seed!r}")
     return Task(cfg, round_, seed, cfg.get(METHOD), read_run(msg))
+
+
+def read_clip(task: Task) -> Dict[str, float]:
+    """``{"clip_norm": C}`` when the server asks the client to clip its update (DP), else ``{}``: the keyword
+    arguments for ``protocol.client_update``.
+
+    Raises:
+        ValueError: a clip norm that is not a finite number > 0.
+    """
+    clip = task.config.get(CLIP_NORM)
+    if clip is None:
+        return {}
+    if isinstance(clip, bool) or not isinstance(clip, (int, float)) or not (math.isfinite(clip) and clip > 0):
+        raise ValueError(f"config[{CLIP_NORM!r}] must be a finite number > 0, got {clip!r}")
+    return {"clip_norm": float(clip)}
 
 
 def read_run(msg: Message) -> Optional[str]:

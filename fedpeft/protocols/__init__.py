@@ -35,10 +35,12 @@ Public names::
     ClientStateFile, ClientStateError, StaleMessage (a client's personal state on disk)
     LocalTask, LocalTrainer, Trainer, LossFn, batch_seed, cross_entropy_loss, evaluate, fedpgp_loss
     sample_clients, Federation, RoundRecord, RoundLog, Server
+    Privacy, PrivacyLedger (user-level DP: docs/privacy.md)
 
 See docs/protocols.md.
 """
 
+from .accountant import PrivacyLedger
 from .checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
 from .client_state import ClientStateError, ClientStateFile, StaleMessage
 from .inprocess import Federation
@@ -54,6 +56,7 @@ from .methods import (
     upload_state,
 )
 from .pfedpg import PFedPG, PFedPGServer
+from .privacy import Privacy
 from .protocol import Phase, Protocol
 from .records import ClientResult, Diverged, Rejection, Reply, RoundRecord, ServerReport, diverged
 from .roundlog import RoundLog
@@ -83,6 +86,8 @@ __all__ = [
     "PFedPG",
     "PFedPGServer",
     "Phase",
+    "Privacy",
+    "PrivacyLedger",
     "Protocol",
     "Rejection",
     "Reply",

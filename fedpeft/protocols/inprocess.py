@@ -26,6 +26,7 @@ from torch import nn
 from .._checks import check_positive_int
 from .checkpoint import CheckpointError
 from .methods import get
+from .privacy import Privacy
 from .protocol import Protocol, _evaluator
 from .records import Diverged, RoundRecord
 from .roundlog import RoundLog
@@ -33,6 +34,7 @@ from .rounds import RoundBook
 from .sampling import sample_clients
 from .screening import check_max_weight
 from .server import Server
+from .server_privacy import client_clip, make_private_server
 from .training import LocalTrainer, Trainer
 
 __all__ = ["Federation", "RoundRecord"]
@@ -57,6 +59,8 @@ class Federation:
             :meth:`run` continues with the next round: bit-identical to a run that was never interrupted.
         run: the run id stamped in the checkpoint (default: the checkpoint's, or ``"inprocess"``).
         max_weight: the largest ``num_examples`` a reply may claim (the server refuses heavier ones).
+        privacy: user-level DP (:class:`~fedpeft.protocols.Privacy`): passed to ``protocol.make_server``; clients clip
+            their update to ``server.client_clip_norm`` before it leaves them; each record carries ε (docs/privacy.md).
     """
 
     def __init__(
@@ -74,6 +78,7 @@ class Federation:
         checkpoint_dir: Union[str, Path, None] = None,
         run: Optional[str] = None,
         max_weight: Optional[float] = None,
+        privacy: Optional[Privacy] = None,
     ) -> None:
         self.protocol: Protocol = get(protocol)
         self.model = model
@@ -87,7 +92,11 @@ class Federation:
         sample_clients(self.num_clients, fraction, seed=self.seed, round=0)  # validates fraction now
         initial = self.protocol.initial_personal(model)
         self.personal = [{k: v.clone() for k, v in initial.items()} for _ in range(self.num_clients)]
-        self.server = server if server is not None else self.protocol.make_server(model, num_clients=self.num_clients)
+        if server is not None and privacy is not None:
+            raise ValueError("privacy: pass it to the server you built (protocol.make_server(..., privacy=)) and leave "
+                             "Federation's privacy=None")
+        self.server = server if server is not None else make_private_server(self.protocol, model, self.num_clients,
+                                                                            privacy)
         if max_weight is not None:
             self.server.max_weight = check_max_weight(max_weight)
         config = {"method": self.protocol.name, "seed": self.seed, "fraction": float(self.fraction),
@@ -147,7 +156,7 @@ class Federation:
             result = self.protocol.client_update(
                 self.model, shared=payloads[n], personal=self.personal[n], data=self.train_data[n], round=round,
                 client_id=n, seed=self.seed, trainer=self.trainer,
-                eval_data=None if self.test_data is None else self.test_data[n],
+                eval_data=None if self.test_data is None else self.test_data[n], **client_clip(self.server),
             )
             why = result.diverged()
             if why is not None:  # keep the previous personal state

@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from .. import fed
 from .._checks import check_state, format_keys
+from .privacy import Privacy, clip_upload
 from .records import ClientResult
 from .server import Server
 from .training import LocalTask, LocalTrainer, LossFn, Trainer, batch_seed, cross_entropy_loss, evaluate
@@ -158,6 +159,7 @@ class Protocol:
         trainer: Optional[Trainer] = None,
         eval_data: Any = None,
         num_examples: Optional[int] = None,
+        clip_norm: Optional[float] = None,
     ) -> ClientResult:
         """One client's round: load, train, return the upload and the new personal state.
 
@@ -172,6 +174,9 @@ class Protocol:
             eval_data: if given, ``metrics["accuracy"]`` is the accuracy of the model right after local training
                 (``trainer.evaluate(model, eval_data)`` when the trainer has it, else :func:`evaluate`).
             num_examples: the aggregation weight; default ``len(data)``.
+            clip_norm: under user-level DP (``server.client_clip_norm``), the update ``upload − shared`` is clipped
+                to this L2 norm over all uploaded tensors jointly before it leaves the client
+                (:func:`~fedpeft.protocols.privacy.clip_upload`); the personal state keeps the unclipped values.
 
         Returns:
             :class:`ClientResult` with ``upload`` (keys :meth:`upload_keys`), ``num_examples``, ``personal`` (keys
@@ -186,6 +191,8 @@ class Protocol:
         metrics = self.train(model, data, round=round, client_id=client_id, seed=seed, trainer=trainer)
         state = fed.trainable_state(model)  # detached copies
         upload, new_personal = _subset(state, self.upload_keys(model)), _subset(state, self.personal_keys(model))
+        if clip_norm is not None:
+            upload = clip_upload(upload, shared, clip_norm)
         metrics["num_examples"] = float(num_examples)
         if eval_data is not None:
             metrics["accuracy"] = _evaluator(trainer)(model, eval_data)
@@ -221,11 +228,13 @@ class Protocol:
 
     # ---- server ------------------------------------------------------------------------------------------------
 
-    def make_server(self, model: nn.Module, *, num_clients: Optional[int] = None, seed: Optional[int] = None) -> Server:
+    def make_server(self, model: nn.Module, *, num_clients: Optional[int] = None, seed: Optional[int] = None,
+                    privacy: Optional[Privacy] = None) -> Server:
         """The server for this protocol, initialised from ``model`` (a model built like the clients').
 
         One signature for every protocol: ``num_clients`` C (client ids lie in ``[0, C)``; required by pFedPG),
-        ``seed`` for a server that draws random values (pFedPG's generator; ``None``: the global RNG)."""
+        ``seed`` for a server that draws random values (pFedPG's generator, the DP noise; ``None``: the global
+        RNG), ``privacy`` for user-level DP (:class:`~fedpeft.protocols.Privacy`; docs/privacy.md)."""
         raise NotImplementedError
 
 

@@ -107,12 +107,15 @@ class ServerReport:
         diagnostics: method-specific numbers (JSON-ready: str keys, floats and lists), e.g. pFedPG's distances
             ``‖gen(n) − P̃_n‖`` before and after the generator step.
         updated: whether the server state changed (False when no reply was accepted or nothing is shared).
+        privacy: under DP, ``{epsilon, delta, noise_multiplier, clip_norm, sampling_rate, releases, ...}`` after this
+            round (:meth:`~fedpeft.protocols.accountant.PrivacyLedger.summary`); ``None`` without.
     """
 
     accepted: List[int] = field(default_factory=list)
     rejected: List[Rejection] = field(default_factory=list)
     diagnostics: Dict[str, Any] = field(default_factory=dict)
     updated: bool = False
+    privacy: Optional[Dict[str, Any]] = None
 
     def as_dict(self) -> Dict[str, Any]:
         """JSON-ready: ``{"accepted": [...], "rejected": [{"client_id", "reason"}], "diagnostics": {...}, ...}``."""
@@ -121,6 +124,7 @@ class ServerReport:
             "rejected": [{"client_id": _who(r.client_id), "reason": r.reason} for r in self.rejected],
             "diagnostics": self.diagnostics,
             "updated": self.updated,
+            **({} if self.privacy is None else {"privacy": dict(self.privacy)}),
         }
 
 
@@ -206,7 +210,8 @@ class RoundRecord:
             round=int(d["round"]), participants=list(d["participants"]), train_loss=ints(d.get("train_loss", {})),
             after_local=ints(d.get("after_local", {})), deployed=d.get("deployed"),
             server=ServerReport(accepted=list(d.get("accepted", [])), rejected=rejections(d.get("rejected", [])),
-                                diagnostics=dict(d.get("diagnostics", {})), updated=bool(d.get("updated", False))),
+                                diagnostics=dict(d.get("diagnostics", {})), updated=bool(d.get("updated", False)),
+                                privacy=d.get("privacy")),
             upload_bytes=ints(d.get("upload_bytes", {})), without_personal=list(d.get("without_personal", [])),
             eval_dropped=rejections(d.get("eval_dropped", [])), wall_s=d.get("wall_s"),
             absent=list(d.get("absent", [])), rejoined=list(d.get("rejoined", [])),

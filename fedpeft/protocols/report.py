@@ -45,7 +45,8 @@ def method_report(method: Protocol, server: Server, history: List[RoundRecord], 
                   engine: Dict[str, Any]) -> Dict[str, Any]:
     """The benchmark's per-method record (``name``, ``accuracy`` per client after the last round, ``curve``,
     ``curve_clients``, ``trainable``, ``communicated``, ``server``, ``wall_s``, ``personal_keys``) plus ``rounds``
-    (``RoundRecord.as_dict()`` of every round) and ``engine``. A client missing from an evaluation is ``null``."""
+    (``RoundRecord.as_dict()`` of every round) and ``engine``; under DP, ``privacy``: the last round's ε and settings
+    (docs/privacy.md). A client missing from an evaluation is ``null``."""
     curve_clients = [list(r.deployed or []) for r in history]
     trainable = fed.trainable_state(model)
     upload = {k: v for k, v in trainable.items() if k in set(method.upload_keys(model))}
@@ -54,7 +55,8 @@ def method_report(method: Protocol, server: Server, history: List[RoundRecord], 
             "trainable": fed.num_params(trainable), "communicated": fed.num_params(upload),
             "communicated_bytes": fed.num_bytes(upload), "server": server.own_params, "wall_s": wall_s,
             "personal_keys": list(method.personal_keys(model)), "rounds": [r.as_dict() for r in history],
-            "engine": dict(engine)}
+            "engine": dict(engine),
+            **({"privacy": dict(history[-1].server.privacy)} if history and history[-1].server.privacy else {})}
 
 
 def write_report(path: Union[str, Path], report: Dict[str, Any]) -> Path:

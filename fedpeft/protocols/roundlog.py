@@ -12,7 +12,9 @@ a resumed run will run again, so the log holds every round exactly once (:class:
 TensorBoard: when the ``tensorboard`` package is installed (``pip install "fedpeft[tensorboard]"``) and
 ``tensorboard`` is not ``False``, every round also goes to ``torch.utils.tensorboard.SummaryWriter`` in
 ``<log path>.tb/`` (or the folder given): ``accuracy/mean``, ``accuracy/worst``, ``accuracy/client_<n>``,
-``train_loss/mean``, ``replies/accepted``, ``replies/rejected``, ``wall_s``, at step = the round (0-based).
+``train_loss/mean``, ``replies/accepted``, ``replies/rejected``, ``wall_s``, ``server/<name>`` for every number
+in the server's diagnostics (pFedPG: ``server/retention``, ``server/residual``, ``server/drift``, ``server/steps``,
+``server/spread``), and ``privacy/epsilon`` under DP (a finite ε only), at step = the round (0-based).
 """
 
 from __future__ import annotations
@@ -112,10 +114,14 @@ class RoundLog:
             "replies/rejected": float(len(row.get("rejected", []))),
             "wall_s": _number(row.get("wall_s")),
         }
+        if isinstance(row.get("privacy"), Mapping):
+            scalars["privacy/epsilon"] = _number(row["privacy"].get("epsilon"))
         losses = [v for v in (row.get("train_loss") or {}).values() if _number(v) is not None]
         scalars["train_loss/mean"] = sum(losses) / len(losses) if losses else None
         for n, a in enumerate(row.get("deployed") or []):
             scalars[f"accuracy/client_{n}"] = _number(a)
+        for name, v in (row.get("diagnostics") or {}).items():  # the server's scalar diagnostics, lists left out
+            scalars[f"server/{name}"] = _number(v)
         for tag, value in scalars.items():
             if value is not None:
                 self.writer.add_scalar(tag, value, step)

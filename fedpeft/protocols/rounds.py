@@ -124,7 +124,8 @@ class RoundBook:
         accepted = set(report.accepted)
         record.server = ServerReport(accepted=list(report.accepted),
                                      rejected=sorted([*refused, *report.rejected], key=rejection_order),
-                                     diagnostics=report.diagnostics, updated=report.updated)
+                                     diagnostics=report.diagnostics, updated=report.updated,
+                                     privacy=report.privacy)
         record.diverged = sorted(r.client_id for r in refused if isinstance(r, Diverged))
         record.train_loss = {n: float(v) for n, v in sorted(train_loss.items()) if n in accepted}
         record.after_local = {n: float(v) for n, v in sorted(after_local.items())}

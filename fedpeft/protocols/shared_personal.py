@@ -21,9 +21,11 @@ from torch import Tensor, nn
 
 from .. import fed
 from .._checks import check_positive_int, check_state
+from .privacy import Privacy
 from .protocol import Phase, Protocol
 from .records import ServerReport
 from .screening import check_max_weight, screen_replies
+from .server_privacy import ServerPrivacy, load_privacy
 from .training import LossFn
 
 __all__ = ["AveragingServer", "FedAvgFT", "SharedPersonal"]
@@ -48,19 +50,28 @@ class AveragingServer:
         initial: the starting shared state (``protocol.initial_shared(model)``); its keys, shapes and dtypes are
             what every upload must have. ``{}`` (nothing shared: Local, SingleSet-VPT) accepts only empty uploads.
         num_clients: if given, client ids must lie in ``[0, num_clients)``.
+        privacy: user-level DP-FedAvg (:class:`~fedpeft.protocols.Privacy`; needs ``num_clients`` and shared keys).
+        seed: the noise seed under ``privacy`` (``None``: drawn from torch's global RNG; docs/privacy.md).
 
     ``update`` screens the replies (:func:`~fedpeft.protocols.screening.screen_replies`), then streams the accepted
     ones through ``fed.Averager`` in client-id order; with no accepted reply the shared state stays as it was. Once
     :meth:`payloads` has opened a round, ``update`` accepts only the clients it was sent to, and refuses every reply
     when no round is in flight (its round closed), as ``PFedPGServer`` does; a server never asked for payloads (a
     sub-server fed replies directly) screens every call as a round of its own.
+    Under ``privacy`` it refuses updates above the clip bound and takes DP-FedAvg's step instead (equal weights, the
+    fixed denominator m = the clients :meth:`payloads` was called with, Gaussian noise; every round is a release).
     """
 
     def __init__(self, initial: Mapping[str, Tensor], *, num_clients: Optional[int] = None,
-                 max_weight: Optional[float] = None) -> None:
+                 max_weight: Optional[float] = None, privacy: Optional[Privacy] = None,
+                 seed: Optional[int] = None) -> None:
         check_state(initial, name="initial")
         self.num_clients = None if num_clients is None else check_positive_int("num_clients", num_clients)
         self.max_weight = check_max_weight(max_weight)
+        if privacy is not None and not initial:
+            raise ValueError("privacy: this method shares nothing (every trainable key is personal), so there is no "
+                             "release to protect; use privacy=None")
+        self.privacy = None if privacy is None else ServerPrivacy(privacy, num_clients, seed)
         self._shared: Dict[str, Tensor] = {k: v.detach().clone() for k, v in initial.items()}
         self.round = 0  # update() calls so far
         self._in_flight: Optional[List[int]] = None  # the ids payloads() sent this round; None: no round open
@@ -81,6 +92,11 @@ class AveragingServer:
         """0: an averaging server trains no parameters of its own."""
         return 0
 
+    @property
+    def client_clip_norm(self) -> Optional[float]:
+        """The L2 bound clients must clip their update to before sending (``None`` without privacy)."""
+        return None if self.privacy is None else self.privacy.privacy.clip_norm
+
     def payloads(self, client_ids: Iterable[int]) -> Dict[int, Dict[str, Tensor]]:
         """``{client_id: shared state}`` for this round's clients (one dict, the same for all of them); opens the
         round, or adds the clients to the round in flight."""
@@ -97,11 +113,23 @@ class AveragingServer:
         if self._driven and self._in_flight is None:  # its round closed: refuse everything, change nothing
             return ServerReport(rejected=screen_replies(replies, self._shared, num_clients=self.num_clients,
                                                         allowed=(), round=self.round, max_weight=self.max_weight)[1])
+        if self.privacy is not None and self._in_flight is None:
+            raise ValueError("privacy: update() needs payloads() first (the DP denominator m is the number of "
+                             "clients the round was sent to)")
         accepted, rejected = screen_replies(replies, self._shared, num_clients=self.num_clients, round=self.round,
                                             allowed=self._in_flight, max_weight=self.max_weight)
+        sent, round_ = len(self._in_flight or ()), self.round
         self.round, self._in_flight = self.round + 1, None
+        if self.privacy is not None:
+            accepted, rejected = self.privacy.screen(accepted, rejected, self._shared)
         report = ServerReport(accepted=[r.client_id for r in accepted], rejected=rejected)
         report.diagnostics["total_weight"] = float(sum(r.weight for r in accepted))
+        if self.privacy is not None:  # a release every round, whoever replied: the noise hides who took part
+            m = self.privacy.sample_size(sent)
+            self._shared, norms = self.privacy.average(self._shared, accepted, m, round_)
+            report.diagnostics["update_norms"] = norms  # raw ‖upload − download‖: not covered by ε
+            report.updated, report.privacy = True, self.privacy.close_round(m)
+            return report
         if accepted and self._shared:
             acc = fed.Averager()
             for r in accepted:
@@ -113,7 +141,10 @@ class AveragingServer:
     def state_dict(self) -> Tuple[Dict[str, Tensor], Dict[str, Any]]:
         """``({"shared.<key>": tensor}, {"kind": "averaging", "round": r})`` (see :mod:`.server`)."""
         tensors = {f"shared.{k}": v.detach().to("cpu").clone().contiguous() for k, v in self._shared.items()}
-        return tensors, {"kind": "averaging", "round": self.round}
+        meta: Dict[str, Any] = {"kind": "averaging", "round": self.round}
+        if self.privacy is not None:
+            meta["privacy"] = self.privacy.state_dict()
+        return tensors, meta
 
     def load_state_dict(self, tensors: Mapping[str, Tensor], meta: Mapping[str, Any]) -> None:
         """Restore :meth:`state_dict`'s output; ``ValueError`` (server untouched) on another kind, keys or shapes."""
@@ -128,6 +159,7 @@ class AveragingServer:
         for k, v in state.items():
             if v.dtype != self._shared[k].dtype:
                 raise ValueError(f"tensors['shared.{k}']: expected dtype {self._shared[k].dtype}, got {v.dtype}")
+        load_privacy(self.privacy, meta)
         self._shared = {k: v.detach().to(self._shared[k].device).clone() for k, v in state.items()}
         self.round, self._in_flight = round_, None
 
@@ -179,11 +211,11 @@ class SharedPersonal(Protocol):
         return [("personal", tuple(self.personal_keys(model)), self.personal_epochs),
                 ("shared", tuple(self.upload_keys(model)), self.shared_epochs)]
 
-    def make_server(self, model: nn.Module, *, num_clients: Optional[int] = None,
-                    seed: Optional[int] = None) -> AveragingServer:
-        """An :class:`AveragingServer` starting from ``model``'s current shared values (``seed`` is accepted for the
-        common signature; averaging draws nothing at random)."""
-        return AveragingServer(self.initial_shared(model), num_clients=num_clients)
+    def make_server(self, model: nn.Module, *, num_clients: Optional[int] = None, seed: Optional[int] = None,
+                    privacy: Optional[Privacy] = None) -> AveragingServer:
+        """An :class:`AveragingServer` starting from ``model``'s current shared values (``seed`` seeds the DP noise
+        under ``privacy``; plain averaging draws nothing at random)."""
+        return AveragingServer(self.initial_shared(model), num_clients=num_clients, privacy=privacy, seed=seed)
 
 
 class FedAvgFT(SharedPersonal):

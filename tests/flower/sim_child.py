@@ -1,4 +1,5 @@
-"""Flower's simulation (Ray) in its own process, for the kill test: ``python sim_child.py METHOD OUT ROUNDS``.
+"""Flower's simulation (Ray) in its own process, for the kill test: ``python sim_child.py METHOD OUT ROUNDS [C,SIGMA]``
+(the optional last argument runs it with ``privacy=Privacy(C, SIGMA)``).
 
 The ServerApp checkpoints into ``OUT/ckpt``, appends to ``OUT/rounds.jsonl`` and writes ``OUT/report.json`` after every
 round; the
@@ -23,10 +24,12 @@ from flower_worlds import build, client_data, trainer  # noqa: E402
 from flwr.simulation import run_simulation  # noqa: E402
 
 from fedpeft.flower import client_app, server_app  # noqa: E402
+from fedpeft.protocols import Privacy  # noqa: E402
 from fedpeft.protocols import get as get_protocol  # noqa: E402
 
 if __name__ == "__main__":
     method, out, rounds = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3])
+    dp = {"privacy": Privacy(*map(float, sys.argv[4].split(",")))} if len(sys.argv) > 4 else {}
     data = client_data(3)
 
     def build_model(context):
@@ -38,7 +41,7 @@ if __name__ == "__main__":
     client = client_app(get_protocol(method), build_model, load_data, trainer=trainer(), state_dir=str(out / "nodes"))
     server = server_app(get_protocol(method), build_model, num_partitions=3, num_rounds=rounds, seed=0,
                         registration_timeout=120.0, report=str(out / "report.json"), checkpoint_dir=str(out / "ckpt"),
-                        round_log=str(out / "rounds.jsonl"))
+                        round_log=str(out / "rounds.jsonl"), **dp)
     backend = {"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
                "init_args": {"num_cpus": 2, "include_dashboard": False}}
     os.environ["PYTHONPATH"] = os.pathsep.join([str(HERE.parent), os.environ.get("PYTHONPATH", "")])
