@@ -6,13 +6,16 @@ model (``build_model``: for a pre-trained backbone, reading a checkpoint). When 
 (``--node-config "... state-dir='/var/lib/fedpeft/node0'"``), :class:`NodeCache` keeps both under
 ``<state-dir>/cache/``:
 
-    data-<fingerprint>.pt     the (train, test) TensorDatasets' tensors   (``torch.load(weights_only=True)``)
-    frozen-<fingerprint>.pt   the SHA-256 of the built model's frozen state (what registration compares)
+    data-p<partition>-<fingerprint>.pt     the (train, test) TensorDatasets' tensors  (``torch.load(weights_only=True)``)
+    frozen-p<partition>-<fingerprint>.pt   the SHA-256 of the built model's frozen state (what registration compares)
+                                           and a :func:`sketch` of the weights it was computed from
 
 The fingerprint is a SHA-256 over everything the two functions are given or made of: the bytes of the source file
 that defines ``load_data`` (or ``build_model``) and its qualified name, the node's ``node_config`` (without
 ``state-dir``) and the run's ``run_config``, and the fedpeft and torch versions. Change any of them and the cache
-misses and is rewritten; files of other fingerprints are removed then, so the folder holds one entry of each kind.
+misses and is rewritten; that partition's files of other fingerprints are removed then, so the folder holds one
+entry of each kind per partition (partitions sharing a state folder keep theirs). The cache is optional: a cache
+that cannot be written (a file in the way, a full disk) is logged and the message goes on.
 
 What the fingerprint cannot see: files that ``load_data`` reads. If your data changes under the same code and
 configuration, delete ``<state-dir>/cache`` (or put a data version into the run config).
@@ -30,13 +33,14 @@ import hashlib
 import inspect
 import logging
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Tuple
 
 import torch
 
-__all__ = ["STATE_DIR", "NodeCache", "fingerprint"]
+from .. import _atomic
+
+__all__ = ["STATE_DIR", "NodeCache", "fingerprint", "sketch"]
 
 log = logging.getLogger("fedpeft.flower")
 
@@ -79,18 +83,22 @@ def _tensors_of(split: Any) -> Optional[Tuple[torch.Tensor, ...]]:
     raise TypeError(f"only TensorDataset data is cached, got {type(split).__name__}")
 
 
-def _atomic_save(obj: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+def sketch(model: torch.nn.Module) -> str:
+    """A cheap check that ``model``'s state is the one a cached frozen hash was computed from: SHA-256 of every
+    entry's name, dtype and shape, its float64 sum and sum of squares, and 64 evenly strided values. Any other
+    checkpoint (retrained, fine-tuned, another seed) changes it; it is no defence against a crafted state, and need
+    not be: a node reports its own fingerprint at registration either way."""
+    h = hashlib.sha256()
+    with torch.no_grad():
+        for k, t in sorted(model.state_dict().items()):
+            flat = t.detach().reshape(-1)
+            h.update(f"{k}|{t.dtype}|{tuple(t.shape)}|".encode())
+            if flat.numel():
+                x = flat.double()
+                sample = flat[:: max(1, flat.numel() // 64)].to("cpu").contiguous()
+                h.update(f"{float(x.sum())!r}|{float((x * x).sum())!r}|".encode())
+                h.update(sample.view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 class NodeCache:
@@ -107,29 +115,35 @@ class NodeCache:
     def of(cls, context: Any, fallback: Any = None) -> Optional[NodeCache]:
         """The cache of the node ``context`` runs on: ``<state-dir>/cache`` of its ``node_config`` (else of
         ``fallback``, the ClientApp's own ``state_dir``), or ``None`` when it has no state folder."""
-        state_dir = context.node_config.get(STATE_DIR) or (None if fallback is None else str(fallback))
-        if not state_dir:
-            return None
-        if not isinstance(state_dir, str):
-            raise TypeError(f"node_config[{STATE_DIR!r}] must be a path string, got {type(state_dir).__name__}")
-        return cls(Path(state_dir).expanduser() / "cache")
+        from .node_state import state_dir_of  # the one parser of state-dir
 
-    def _path(self, kind: str, key: str) -> Path:
-        return self.folder / f"{kind}-{key}.pt"
+        state_dir = state_dir_of(context.node_config, fallback)
+        return None if state_dir is None else cls(state_dir / "cache")
 
-    def _replace(self, kind: str, key: str, obj: Any) -> None:
-        _atomic_save(obj, self._path(kind, key))
-        for old in self.folder.glob(f"{kind}-*.pt"):
-            if old.name != self._path(kind, key).name:
-                old.unlink(missing_ok=True)
+    def _path(self, kind: str, context: Any, key: str = "*") -> Path:
+        """``<kind>-p<partition>-<key>.pt``: partitions sharing a state folder keep their own entries."""
+        return self.folder / f"{kind}-p{context.node_config.get('partition-id')}-{key}.pt"
+
+    def _replace(self, kind: str, context: Any, key: str, obj: Any) -> None:
+        """Write one entry (optional: a failure is logged, never raised) and drop this partition's older ones."""
+        path = self._path(kind, context, key)
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            _atomic.remove_stale(self.folder, path.name)
+            _atomic.replace(_atomic.write_temp(path, lambda p: torch.save(obj, p)), path)
+            for old in self.folder.glob(self._path(kind, context).name):
+                if old.name != path.name:
+                    old.unlink(missing_ok=True)
+        except (OSError, RuntimeError) as e:  # a file in the way, a full disk, a read-only folder
+            log.warning("node cache %s not written (%s); going on without it", path, e)
 
     def data(self, context: Any, load_data: Callable[[Any], Tuple[Any, Any]]) -> Tuple[Any, Any]:
         """``load_data(context)``, or its cached ``(train, test)`` when the fingerprint matches."""
         from torch.utils.data import TensorDataset
 
         key = fingerprint(load_data, context.node_config, context.run_config)
-        path = self._path("data", key)
-        if path.exists():
+        path = self._path("data", context, key)
+        if path.is_file():
             try:
                 saved = torch.load(path, weights_only=True)
                 return tuple(None if t is None else TensorDataset(*t) for t in saved)  # type: ignore[return-value]
@@ -137,21 +151,27 @@ class NodeCache:
                 log.warning("data cache %s unreadable (%s); reloading", path, e)
         train, test = load_data(context)
         try:
-            self._replace("data", key, [_tensors_of(train), _tensors_of(test)])
+            entry = [_tensors_of(train), _tensors_of(test)]
         except TypeError as e:
             log.info("not caching this node's data: %s", e)
+        else:
+            self._replace("data", context, key, entry)
         return train, test
 
     def frozen_hash(self, context: Any, build_model: Callable, model: torch.nn.Module,
                     compute: Callable[[torch.nn.Module], str]) -> str:
-        """``compute(model)`` (the frozen-state SHA-256 of ``build_model(context)``), cached by fingerprint."""
+        """``compute(model)`` (the frozen-state SHA-256 of ``build_model(context)``), cached by fingerprint and
+        recomputed when ``model``'s :func:`sketch` differs from the cached one (``build_model``'s weights changed)."""
         key = fingerprint(build_model, context.node_config, context.run_config)
-        path = self._path("frozen", key)
-        if path.exists():
+        path, now = self._path("frozen", context, key), sketch(model)
+        if path.is_file():
             try:
-                return str(torch.load(path, weights_only=True)["sha256"])
+                saved = torch.load(path, weights_only=True)
+                if saved.get("sketch") == now:
+                    return str(saved["sha256"])
+                log.info("frozen-hash cache %s: the model's weights changed; recomputing", path)
             except Exception as e:
                 log.warning("frozen-hash cache %s unreadable (%s); recomputing", path, e)
         value = compute(model)
-        self._replace("frozen", key, {"sha256": value})
+        self._replace("frozen", context, key, {"sha256": value, "sketch": now})
         return value

@@ -33,23 +33,24 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Mapping, Optional, Tuple, Union
 
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from torch import Tensor
 
-from .. import _atomic
 from .._checks import check_state
+from .._integrity import FolderLock, content_digest, remove_leftovers, write_safetensors
 from .node import StaleMessage
 
 __all__ = ["NodeState", "NodeStateError", "StoredState", "run_folder_name", "state_dir_of"]
 
 FORMAT = "fedpeft.node-state"
-VERSION = "1"
+VERSION = "2"  # 2: the header carries "sha256" over header and tensors; version 1 (0.2.0) is read with a warning
+log = logging.getLogger("fedpeft.flower")
 CURRENT, PREVIOUS = "current/", "previous/"
 _SAFE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
@@ -143,10 +144,18 @@ class NodeState:
                                  "client afresh") from None
         if meta.get("format") != FORMAT:
             raise NodeStateError(f"{self.path}: format {meta.get('format')!r} is not {FORMAT!r}")
-        if meta.get("version") != VERSION:
+        if meta.get("version") not in (VERSION, "1"):
             raise NodeStateError(f"{self.path}: format version {meta.get('version')!r} is unknown (this fedpeft "
                                  f"reads version {VERSION})")
+        if meta.get("version") == "1" and "sha256" not in meta:
+            log.warning("%s: a version-1 state file (fedpeft 0.2.0) has no sha256; its content is not verified",
+                        self.path)
+        elif content_digest({k: v for k, v in meta.items() if k != "sha256"}, tensors) != meta.get("sha256"):
+            raise NodeStateError(f"{self.path}: its tensors or header do not match its sha256 (edited or damaged); "
+                                 "move it away to start this client afresh")
         for field, want in self._stamp().items():
+            if field == "version":
+                continue
             if meta.get(field) != want:
                 got = meta.get(field)
                 what = "frozen backbone" if field == "frozen-sha256" else field
@@ -176,6 +185,10 @@ class NodeState:
                 check_state(state, like=like, finite=True, name=f"{self.path} [{name}]")
             except (TypeError, ValueError) as e:
                 raise NodeStateError(str(e)) from None
+            for k, v in state.items():
+                if v.is_floating_point() != like[k].is_floating_point():
+                    raise NodeStateError(f"{self.path} [{name}][{k!r}]: stored as {v.dtype}, the model's is "
+                                         f"{like[k].dtype}")
             out[name] = {k: v.to(dtype=like[k].dtype, device=like[k].device) if v.is_floating_point() else v
                          for k, v in state.items()}
         return StoredState(round_, out["current"], out["previous"], prev_round)
@@ -213,7 +226,7 @@ class NodeState:
         except (SafetensorError, OSError, ValueError) as e:
             raise NodeStateError(f"{self.path}: not a readable safetensors file ({e})") from None
         for field, want in self._stamp().items():
-            if meta.get(field) != want:
+            if meta.get(field) != want and field != "version":
                 raise NodeStateError(f"{self.path}: the file's {field} is {meta.get(field)!r}, this client's {want!r}")
         return _round_field(meta.get("round"), "round", self.path)
 
@@ -230,6 +243,11 @@ class NodeState:
         if isinstance(round_, bool) or not isinstance(round_, int) or round_ < 0:
             raise ValueError(f"round must be an int >= 0, got {round_!r}")
         check_state(personal, like=like, finite=True, name="personal")
+        # one writer at a time per client file (two node processes on one state-dir wait for each other)
+        with FolderLock(self.path.parent, what="client state folder", name=None, wait=True):
+            self._save_locked(round_, personal, like)
+
+    def _save_locked(self, round_: int, personal: Mapping[str, Tensor], like: Mapping[str, Tensor]) -> None:
         stored = self.load(like)
         previous: Optional[Mapping[str, Tensor]] = None
         prev_round: Optional[int] = None
@@ -245,10 +263,9 @@ class NodeState:
         if previous is not None:
             tensors.update({PREVIOUS + k: v.detach().to("cpu").contiguous().clone() for k, v in previous.items()})
         meta = {**self._stamp(), "round": str(round_), "previous-round": "" if prev_round is None else str(prev_round)}
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        _atomic.remove_stale(self.path.parent, self.path.name)
-        tmp = _atomic.write_temp(self.path, lambda p: save_file(tensors, p, metadata=meta))
-        _atomic.replace(tmp, self.path)
+        meta["sha256"] = content_digest(meta, tensors)
+        remove_leftovers(self.path.parent, self.path.name)  # what a killed writer of this file left
+        write_safetensors(self.path, tensors, meta)
 
     def describe(self) -> str:
         """A one-line JSON description of the stamp (for logs)."""
@@ -263,7 +280,7 @@ def state_dir_of(node_config: Mapping[str, object], default: Optional[Union[str,
     """
     value = node_config.get("state-dir") if isinstance(node_config, Mapping) else None
     if value is None or value == "":
-        return None if default is None or str(default) == "" else Path(default)
+        return None if default is None or str(default) == "" else Path(default).expanduser()
     if not isinstance(value, str):
         raise TypeError(f"node_config['state-dir'] must be a path string, got {type(value).__name__} {value!r}")
-    return Path(value)
+    return Path(value).expanduser()

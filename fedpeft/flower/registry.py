@@ -18,6 +18,7 @@ Refused nodes are logged with the reason and never asked again in this run.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections import Counter
 from typing import Dict, List, Optional, Tuple
@@ -31,6 +32,13 @@ from .records import INFO, METRICS
 __all__ = ["Registry", "discover_partitions"]
 
 log = logging.getLogger("fedpeft.flower")
+
+
+def _count(value: object) -> Optional[int]:
+    """``value`` as an int when it is an integer (an integral finite float too), else ``None``."""
+    if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+        return int(value)
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 class Registry:
@@ -71,7 +79,10 @@ class Registry:
             return pid, f"the node runs method {info.get('method')!r}, the server {self.method!r}", 0
         if self.fingerprint is not None and info.get("frozen-sha256") != self.fingerprint:
             return pid, "its frozen parameters (backbone) differ from the server's model", 0
-        return pid, None, int(n)
+        count = _count(n)
+        if count is None or count < 1:  # it would cap nothing: its replies' weights could be anything
+            return pid, f"num-examples {n!r} is not an integer >= 1 (its training examples)", 0
+        return pid, None, count
 
     def add(self, replies: List[Message]) -> None:
         """Register the nodes of ``replies`` (query replies) by the rules in the module docstring."""
@@ -191,9 +202,16 @@ def discover_partitions(grid: Grid, *, timeout: float, poll: float = 1.0, replie
             got = list(grid.send_and_receive(msgs, timeout=max(1.0, deadline - time.monotonic())))
             if replies is not None:
                 replies.extend(got)
-            seen = {int(r.content[METRICS]["num-partitions"]) for r in got
-                    if r.has_content() and METRICS in r.content.metric_records}
-            seen.discard(-1)
+            seen = set()
+            for r in got:
+                value = r.content[METRICS].get("num-partitions") if r.has_content() and \
+                    METRICS in r.content.metric_records else -1
+                count = _count(value)
+                if count is None or (count < 1 and count != -1):
+                    log.warning("node %d reported num-partitions %r (not an integer >= 1); ignored",
+                                r.metadata.src_node_id, value)
+                elif count != -1:
+                    seen.add(count)
             if len(seen) > 1:
                 raise RuntimeError(f"the nodes disagree on num-partitions: {sorted(seen)}")
             if seen:

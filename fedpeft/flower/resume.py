@@ -15,10 +15,11 @@ run that was never interrupted.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Dict, List, Union
+from typing import TYPE_CHECKING, Dict, List, Optional, Union
 
-from ..protocols import Rejection, Reply, RoundRecord, sample_clients
+from ..protocols import Rejection, Reply, sample_clients
 from ..protocols.checkpoint import Checkpoint, CheckpointError, check_matches
+from ..protocols.resume import checked_history
 from .registry import Registry
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -29,7 +30,8 @@ __all__ = ["absent", "cap_registered", "restore_strategy", "resumed_flags", "str
 
 def _config(s: ProtocolStrategy) -> Dict[str, object]:
     return {"method": s.method.name, "seed": s.seed, "fraction_train": s.fraction_train,
-            "fraction_evaluate": s.fraction_evaluate, "num_partitions": s.num_partitions, "engine": "flower"}
+            "fraction_evaluate": s.fraction_evaluate, "num_partitions": s.num_partitions, "engine": "flower",
+            "frozen-sha256": s.fingerprint}
 
 
 def strategy_checkpoint(s: ProtocolStrategy) -> Checkpoint:
@@ -54,20 +56,31 @@ def restore_strategy(s: ProtocolStrategy, ckpt: Checkpoint) -> None:
     check_matches(ckpt, **_config(s))
     if s.run_name is not None and s.run_name != ckpt.run:
         raise CheckpointError(f"the checkpoint is of run {ckpt.run!r}, this strategy's run_name is {s.run_name!r}")
-    history = ckpt.meta.get("history")
-    if not isinstance(history, list) or len(history) != ckpt.round:
-        raise CheckpointError(f"checkpoint of round {ckpt.round}: its history has "
-                              f"{len(history) if isinstance(history, list) else history!r} rounds")
-    records = [RoundRecord.from_dict(d) for d in history]
-    partitions = ckpt.meta.get("registry", {})
+    records = checked_history(ckpt)
+    last_trained = _registry(ckpt, s.num_partitions)
     server_tensors = {k[len("server."):]: v for k, v in ckpt.tensors.items() if k.startswith("server.")}
     try:
         s.server.load_state_dict(server_tensors, ckpt.meta.get("server", {}))
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"checkpoint: the server refused its state ({e})") from None
     s.history, s._offset, s.run_name = records, ckpt.round, ckpt.run
+    s.registry.last_trained.update(last_trained)
+
+
+def _registry(ckpt: Checkpoint, num_partitions: int) -> Dict[int, Optional[int]]:
+    """``{partition: last round its upload was accepted}`` from ``ckpt``'s registry, every entry checked."""
+    partitions = ckpt.meta.get("registry", {})
+    if not isinstance(partitions, dict):
+        raise CheckpointError(f"checkpoint: 'registry' must be a JSON object, got {type(partitions).__name__}")
+    out: Dict[int, Optional[int]] = {}
     for p, info in partitions.items():
-        s.registry.last_trained[int(p)] = info.get("last-trained")
+        last = info.get("last-trained") if isinstance(info, dict) else info
+        if not (p.isdigit() and int(p) < num_partitions) or not (last is None or (
+                isinstance(last, int) and not isinstance(last, bool) and 0 <= last < ckpt.round)):
+            raise CheckpointError(f"checkpoint: registry[{p!r}] = {info!r} is not a partition in "
+                                  f"[0, {num_partitions}) with a 'last-trained' round in [0, {ckpt.round}) or null")
+        out[int(p)] = last
+    return out
 
 
 def resumed_flags(reg: Registry) -> Dict[str, List[int]]:
@@ -88,7 +101,10 @@ def cap_registered(reply: Union[Reply, Rejection], reg: Registry) -> Union[Reply
         return reply
     n = reg.num_examples.get(reply.client_id)
     w = reply.weight
-    if n is not None and n > 0 and isinstance(w, (int, float)) and not isinstance(w, bool) and w > n:
+    if n is None or n < 1:  # the registry refuses such nodes; a reply with no registered size is never trusted
+        return Rejection(reply.client_id, f"the node registered no training examples ({n!r}); its weight cannot be "
+                                          "capped")
+    if isinstance(w, (int, float)) and not isinstance(w, bool) and w > n:
         return Rejection(reply.client_id, f"num-examples {w!r} is more than the {n} training examples the node "
                                           "registered with")
     return reply

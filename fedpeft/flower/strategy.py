@@ -52,7 +52,8 @@ from ..protocols import (
     save_checkpoint,
 )
 from ..protocols import get as get_protocol
-from ..protocols.screening import check_max_weight
+from ..protocols.checkpoint import claim_folder
+from ..protocols.screening import check_max_weight, screen_metric
 from .client import frozen_fingerprint
 from .durable import RUN
 from .records import (
@@ -163,7 +164,8 @@ class ProtocolStrategy(Strategy):
         self.registration_timeout = float(registration_timeout)
         self.server: Server = server if server is not None else self.method.make_server(
             model, num_clients=num_partitions, seed=server_seed)
-        self.registry = Registry(num_partitions, self.method.name, frozen_fingerprint(model) if check_frozen else None)
+        self.fingerprint = frozen_fingerprint(model)  # also stamped in the checkpoint: a resume needs the same backbone
+        self.registry = Registry(num_partitions, self.method.name, self.fingerprint if check_frozen else None)
         self.round_log = round_log if isinstance(round_log, RoundLog) or round_log is None else RoundLog(round_log)
         self.history: List[RoundRecord] = []
         self._record = RoundRecord(round=-1, participants=[])
@@ -314,8 +316,9 @@ class ProtocolStrategy(Strategy):
                 metrics = msg.content.metric_records[METRICS]
                 rec.upload_bytes[p.client_id] = payload_bytes(msg.content.array_records.get(ARRAYS, ArrayRecord()))
                 for key, into in (("loss", rec.train_loss), ("accuracy", rec.after_local)):
-                    if isinstance(metrics.get(key), (int, float)):
-                        into[p.client_id] = float(metrics[key])
+                    value = screen_metric(key, metrics.get(key), p.client_id)
+                    if value is not None:
+                        into[p.client_id] = value
         rec.train_loss = {p: v for p, v in rec.train_loss.items() if p in set(report.accepted)}
         rec.diverged = sorted(p.client_id for p in parsed
                               if isinstance(p, Rejection) and p.reason.startswith(DIVERGED))
@@ -437,18 +440,25 @@ class ProtocolStrategy(Strategy):
                                  "initial_arrays=None")
             meta = self.server.state_dict()[1]
             self.server.load_state_dict(from_record(initial_arrays, like=self.server.shared), meta)
-        ckpt = None if self.checkpoint_dir is None else load_checkpoint(self.checkpoint_dir)
-        if ckpt is not None:
-            restore_strategy(self, ckpt)  # the server, the history, the partitions' past; _offset = rounds done
-            log.info("resuming run %s after round %d of %d", ckpt.run, ckpt.round, num_rounds)
-        self._ensure_registered(grid)
-        self._num_rounds = int(num_rounds) if self.one_message and self.checkpoint_dir is None else None
-        left = num_rounds - self._offset
-        if left < 1:
-            log.info("the checkpoint already holds all %d rounds", num_rounds)
-            return Result()
-        return super().start(grid, self.server_arrays(), num_rounds=left, timeout=timeout,
-                             train_config=train_config, evaluate_config=evaluate_config)
+        lock = None if self.checkpoint_dir is None else claim_folder(self.checkpoint_dir)  # one writer per folder
+        try:
+            ckpt = None if self.checkpoint_dir is None else load_checkpoint(self.checkpoint_dir)
+            if ckpt is not None:
+                restore_strategy(self, ckpt)  # the server, the history, the partitions' past; _offset = rounds done
+                log.info("resuming run %s after round %d of %d", ckpt.run, ckpt.round, num_rounds)
+                if self.round_log is not None:  # every round in the log exactly once, wherever the run was killed
+                    self.round_log.reset(self.history)
+            self._ensure_registered(grid)
+            self._num_rounds = int(num_rounds) if self.one_message and self.checkpoint_dir is None else None
+            left = num_rounds - self._offset
+            if left < 1:
+                log.info("the checkpoint already holds all %d rounds", num_rounds)
+                return Result()
+            return super().start(grid, self.server_arrays(), num_rounds=left, timeout=timeout,
+                                 train_config=train_config, evaluate_config=evaluate_config)
+        finally:
+            if lock is not None:
+                lock.close()
 
 
 class PersonalizedFedAvg(ProtocolStrategy):

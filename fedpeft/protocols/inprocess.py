@@ -23,15 +23,17 @@ from typing import Any, List, Optional, Sequence, Union
 
 from torch import nn
 
+from .. import fed
 from .._checks import check_positive_int
-from .checkpoint import load_checkpoint, save_checkpoint
+from .._integrity import FolderLock, tensor_digest
+from .checkpoint import CheckpointError, claim_folder, load_checkpoint, save_checkpoint
 from .methods import get
 from .protocol import Protocol, _evaluator
 from .records import Rejection, RoundRecord
 from .resume import diverged, federation_checkpoint, restore_federation
 from .roundlog import RoundLog
 from .sampling import sample_clients
-from .screening import check_max_weight
+from .screening import check_max_weight, screen_metric
 from .server import Server
 from .training import LocalTrainer, Trainer
 
@@ -97,11 +99,19 @@ class Federation:
         if max_weight is not None:
             self.server.max_weight = check_max_weight(max_weight)  # type: ignore[attr-defined]
         self.history: List[RoundRecord] = []
-        self.checkpoint_dir = None if checkpoint_dir is None else Path(checkpoint_dir)
+        self.checkpoint_dir = None if checkpoint_dir is None else Path(checkpoint_dir).expanduser()
+        self._lock: Optional[FolderLock] = None  # taken at the first checkpoint this engine writes
+        self.fingerprint = None if self.checkpoint_dir is None else tensor_digest(
+            {k: v for k, v in model.state_dict().items() if k not in set(fed.trainable_keys(model))})
         ckpt = None if self.checkpoint_dir is None else load_checkpoint(self.checkpoint_dir)
+        if ckpt is not None and run is not None and run != ckpt.run:
+            raise CheckpointError(f"{self.checkpoint_dir} holds run {ckpt.run!r}, this federation's run is {run!r}; "
+                                  "use another checkpoint folder (or run=None to resume it)")
         self.run_id = run if run is not None else (ckpt.run if ckpt is not None else "inprocess")
         if ckpt is not None:
             restore_federation(self, ckpt)
+            if self.round_log is not None:  # every round in the log exactly once, wherever the last run was killed
+                self.round_log.reset(self.history)
 
     def run_round(self, round: int) -> RoundRecord:
         """Sample, train the participants, update the server, evaluate every client's deployed model.
@@ -129,9 +139,10 @@ class Federation:
                 refused.append(Rejection(n, why))
                 continue
             self.personal[n] = result.personal
-            record.train_loss[n] = result.metrics["loss"]
-            if "accuracy" in result.metrics:
-                record.after_local[n] = result.metrics["accuracy"]
+            for key, into in (("loss", record.train_loss), ("accuracy", record.after_local)):
+                value = screen_metric(key, result.metrics.get(key), n)
+                if value is not None:
+                    into[n] = value
             replies.append(result.reply(n, round))
         record.server = self.server.update(replies)
         record.server.rejected = sorted(record.server.rejected + refused, key=_order)
@@ -140,11 +151,29 @@ class Federation:
             record.deployed = self.evaluate(round)
         record.wall_s = time.perf_counter() - started
         self.history.append(record)
+        if self.checkpoint_dir is not None:  # the checkpoint first: a resume rewrites the log from its history
+            self._save()
         if self.round_log is not None:
             self.round_log.append(record)
-        if self.checkpoint_dir is not None:
-            save_checkpoint(self.checkpoint_dir, federation_checkpoint(self, self.run_id))
         return record
+
+    def _save(self) -> None:
+        """Write the checkpoint, holding the folder's lock from the first write on (a second writer is refused)."""
+        if self._lock is None:
+            self._lock = claim_folder(self.checkpoint_dir)
+            on_disk = load_checkpoint(self.checkpoint_dir)
+            if on_disk is not None and on_disk.round != len(self.history) - 1:
+                self.close()
+                raise CheckpointError(f"{self.checkpoint_dir} holds round {on_disk.round} now, this federation "
+                                      f"resumed at round {len(self.history) - 1}: another writer used the folder")
+        save_checkpoint(self.checkpoint_dir, federation_checkpoint(self, self.run_id))
+
+    def close(self) -> None:
+        """Release the checkpoint folder's lock (another federation may then write it); the log needs no closing."""
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
+
     def evaluate(self, round: int = 0) -> List[float]:
         """Every client's deployed-model accuracy on its test set (FedAvg-FT fine-tunes here, seeded by ``round``)."""
         if self.test_data is None:

@@ -264,8 +264,16 @@ class PFedPGServer:
             raise ValueError(f"meta['optimizer']: this server steps with {type(self.optimizer).__name__}, the "
                              f"checkpoint's {opt.get('class') if isinstance(opt, Mapping) else opt!r}")
         gen = {k[len("generator."):]: v for k, v in tensors.items() if k.startswith("generator.")}
-        check_state(gen, like=self.generator.state_dict(), finite=True, name="tensors (generator)")
-        opt_state = unflatten_optimizer(tensors, opt)
+        own = self.generator.state_dict()
+        check_state(gen, like=own, finite=True, name="tensors (generator)")
+        for k, v in gen.items():
+            if v.dtype != own[k].dtype:
+                raise ValueError(f"tensors['generator.{k}']: expected dtype {own[k].dtype}, got {v.dtype}")
+        try:
+            opt_state = unflatten_optimizer(tensors, opt)
+        except (AttributeError, KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"tensors/meta: a malformed optimizer state ({type(e).__name__}: {e})") from None
+        self._check_moments(opt_state)
         backup = copy.deepcopy(self.optimizer.state_dict())
         try:
             self.optimizer.load_state_dict(opt_state)
@@ -279,6 +287,24 @@ class PFedPGServer:
         self.client_rounds = int(ascent.get("client_rounds", 0))
         self.ascended = int(ascent.get("ascended", 0))
         self._warned = bool(ascent.get("warned", False))
+
+
+    def _check_moments(self, opt_state: Mapping[str, Any]) -> None:
+        """Every optimizer tensor that is per-parameter (shape not ()) has its parameter's shape and dtype, and every
+        floating one is finite: a wrong shape would crash the first step, a NaN would turn the generator NaN."""
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        for idx, entries in opt_state["state"].items():
+            if not 0 <= idx < len(params):
+                raise ValueError(f"optimizer state for parameter #{idx}; the generator's optimizer has {len(params)}")
+            for name, t in entries.items():
+                if not isinstance(t, Tensor):
+                    continue
+                where = f"tensors['optimizer.{idx}.{name}']"
+                if t.dim() and (t.shape != params[idx].shape or t.dtype != params[idx].dtype):
+                    raise ValueError(f"{where}: expected {tuple(params[idx].shape)} {params[idx].dtype}, got "
+                                     f"{tuple(t.shape)} {t.dtype}")
+                if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                    raise ValueError(f"{where} holds NaN/Inf")
 
 
 class PFedPG(Protocol):

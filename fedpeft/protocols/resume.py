@@ -11,7 +11,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Dict, Mapping, Optional
+from typing import TYPE_CHECKING, Dict, List, Mapping, Optional
 
 import torch
 from torch import Tensor
@@ -22,7 +22,7 @@ from .records import ClientResult, RoundRecord
 if TYPE_CHECKING:  # pragma: no cover
     from .inprocess import Federation
 
-__all__ = ["diverged", "federation_checkpoint", "restore_federation"]
+__all__ = ["checked_history", "diverged", "federation_checkpoint", "restore_federation"]
 
 
 def _nonfinite(state: Mapping[str, Tensor]) -> Optional[str]:
@@ -44,7 +44,34 @@ def diverged(result: ClientResult) -> Optional[str]:
 
 def _config(fed: Federation) -> Dict[str, object]:
     return {"method": fed.protocol.name, "seed": fed.seed, "fraction": float(fed.fraction),
-            "num_clients": fed.num_clients, "engine": "inprocess"}
+            "num_clients": fed.num_clients, "engine": "inprocess", "frozen-sha256": fed.fingerprint}
+
+
+def checked_history(ckpt: Checkpoint) -> List[RoundRecord]:
+    """The round records of ``ckpt``'s history, checked against its round (one record per round, numbered 0, 1, ...)
+    and against the server meta's round.
+
+    Raises:
+        CheckpointError: names the record or field that does not fit.
+    """
+    history, where = ckpt.meta.get("history"), f"checkpoint of round {ckpt.round}"
+    if not isinstance(history, list) or len(history) != ckpt.round:
+        raise CheckpointError(f"{where}: its history has "
+                              f"{len(history) if isinstance(history, list) else history!r} rounds")
+    records = []
+    for i, d in enumerate(history):
+        try:
+            records.append(RoundRecord.from_dict(d))
+        except (AttributeError, KeyError, TypeError, ValueError) as e:
+            raise CheckpointError(f"{where}: history[{i}] is not a round record ({type(e).__name__}: {e})") from None
+        if records[-1].round != i:
+            raise CheckpointError(f"{where}: history[{i}] is the record of round {records[-1].round!r}")
+    server = ckpt.meta.get("server")
+    got = server.get("round") if isinstance(server, Mapping) else server
+    if got != ckpt.round:
+        raise CheckpointError(f"{where}: meta['server']['round'] is {got!r}; a server that ran {ckpt.round} rounds "
+                              "would refuse every later reply")
+    return records
 
 
 def federation_checkpoint(fed: Federation, run: str) -> Checkpoint:
@@ -65,10 +92,7 @@ def restore_federation(fed: Federation, ckpt: Checkpoint) -> None:
             round; personal states that do not fit the model; a server state the server refuses.
     """
     check_matches(ckpt, **_config(fed))
-    history = ckpt.meta.get("history")
-    if not isinstance(history, list) or len(history) != ckpt.round:
-        raise CheckpointError(f"checkpoint of round {ckpt.round}: its history has "
-                              f"{len(history) if isinstance(history, list) else history!r} rounds")
+    records = checked_history(ckpt)
     like = fed.protocol.initial_personal(fed.model)
     personal = []
     for n in range(fed.num_clients):
@@ -78,8 +102,10 @@ def restore_federation(fed: Federation, ckpt: Checkpoint) -> None:
                                           for k in like):
             raise CheckpointError(f"checkpoint: client {n}'s personal state does not fit the model (keys "
                                   f"{sorted(state)[:4]}..., expected {sorted(like)[:4]}...)")
+        bad = _nonfinite(state)
+        if bad is not None:
+            raise CheckpointError(f"checkpoint: client {n}'s personal state [{bad!r}] holds NaN/Inf")
         personal.append({k: v.to(like[k].device) for k, v in state.items()})
-    records = [RoundRecord.from_dict(d) for d in history]
     server_tensors = {k[len("server."):]: v for k, v in ckpt.tensors.items() if k.startswith("server.")}
     try:
         fed.server.load_state_dict(server_tensors, ckpt.meta.get("server", {}))

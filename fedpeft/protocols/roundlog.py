@@ -19,9 +19,10 @@ TensorBoard: when the ``tensorboard`` package is installed (``pip install "fedpe
 from __future__ import annotations
 
 import json
+import logging
 import math
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
 from .. import _atomic
 from .records import RoundRecord
@@ -29,6 +30,7 @@ from .records import RoundRecord
 __all__ = ["RoundLog"]
 
 PathLike = Union[str, Path]
+log = logging.getLogger("fedpeft.protocols")
 
 
 def _summary_writer(logdir: Path) -> Any:
@@ -38,6 +40,10 @@ def _summary_writer(logdir: Path) -> Any:
     except ImportError:
         return None
     return SummaryWriter(log_dir=str(logdir))
+
+
+def _line(row: Mapping[str, Any]) -> bytes:
+    return (json.dumps(row, allow_nan=True, default=str, separators=(",", ":")) + "\n").encode()
 
 
 def _number(v: Any) -> Optional[float]:
@@ -80,14 +86,22 @@ class RoundLog:
     def append(self, record: Union[RoundRecord, Mapping[str, Any]]) -> Dict[str, Any]:
         """Add one round (a :class:`RoundRecord`, or a JSON-able mapping) as one line; returns the line's dict."""
         row = record.as_dict() if isinstance(record, RoundRecord) else dict(record)
-        line = json.dumps(row, allow_nan=True, default=str, separators=(",", ":")) + "\n"
         old = self.path.read_bytes() if self.path.exists() else b""
-        if old and not old.endswith(b"\n"):  # never glue onto a line written by someone else
-            old += b"\n"
-        self._write(old + line.encode())
+        if old and not old.endswith(b"\n"):  # a torn last line (someone else's write): never glue onto it
+            keep = old[:old.rfind(b"\n") + 1]
+            log.warning("%s: dropped a torn last line (%d bytes, no newline) before appending", self.path,
+                        len(old) - len(keep))
+            old = keep
+        self._write(old + _line(row))
         if self.writer is not None:
             self._tensorboard(row)
         return row
+
+    def reset(self, records: Sequence[Union[RoundRecord, Mapping[str, Any]]]) -> None:
+        """Rewrite the log (atomically) to hold exactly ``records``, one line each: what a resumed engine does with
+        its checkpoint's history, so every round is in the log exactly once whenever the last run was killed."""
+        rows = [r.as_dict() if isinstance(r, RoundRecord) else dict(r) for r in records]
+        self._write(b"".join(_line(row) for row in rows))
 
     def _tensorboard(self, row: Mapping[str, Any]) -> None:
         step = int(row.get("round", 0))
@@ -116,5 +130,20 @@ class RoundLog:
 
     @staticmethod
     def read(path: PathLike) -> List[Dict[str, Any]]:
-        """Every round in the log at ``path``, in order (``json.loads`` of each line)."""
-        return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+        """Every round in the log at ``path``, in order (``json.loads`` of each line).
+
+        Raises:
+            ValueError: a line is not a JSON object; names the file and the line.
+        """
+        rows = []
+        for n, line in enumerate(Path(path).read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{n}: not a JSON line of the round log ({e.msg})") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{path}:{n}: expected a JSON object, got {type(row).__name__}")
+            rows.append(row)
+        return rows

@@ -13,6 +13,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from fedpeft._integrity import content_digest
 from fedpeft.flower.node import StaleMessage
 from fedpeft.flower.node_state import NodeState, NodeStateError, run_folder_name, state_dir_of
 
@@ -40,8 +41,10 @@ def test_layout_stamp_and_tensors_as_written(tmp_path):
     assert s.load(LIKE) is None and s.start_state(0, LIKE) == (None, False)
     s.save(0, _state(1.0), LIKE)
     meta, tensors = _raw(s.path)
-    assert meta == {"format": "fedpeft.node-state", "version": "1", "run": "run-1", "partition": "2",
+    digest = meta.pop("sha256")
+    assert meta == {"format": "fedpeft.node-state", "version": "2", "run": "run-1", "partition": "2",
                     "method": "FedVPT", "frozen-sha256": "abc123", "round": "0", "previous-round": ""}
+    assert digest == content_digest(meta, tensors)
     assert set(tensors) == {"current/head.weight", "current/head.bias"}
     assert torch.equal(tensors["current/head.bias"], torch.tensor([1.0, 2.0, 3.0]))
     s.save(3, _state(2.0), LIKE)
@@ -147,18 +150,23 @@ def test_non_finite_personal_state_is_not_written(tmp_path):
 
 
 def test_a_write_killed_midway_leaves_the_old_file(tmp_path, monkeypatch):
-    import fedpeft.flower.node_state as ns
+    import fedpeft._atomic as ns_atomic
 
     s = _store(tmp_path)
     s.save(0, _state(1.0), LIKE)
     before = s.path.read_bytes()
 
-    def dies(tensors, path, metadata=None):
-        with open(path, "wb") as f:
-            f.write(b"half a fi")
-        raise KeyboardInterrupt  # the process is interrupted mid-write
+    real = ns_atomic.write_temp
 
-    monkeypatch.setattr(ns, "save_file", dies)
+    def dies(final, write):
+        def half(path):
+            with open(path, "wb") as f:
+                f.write(b"half a fi")
+            raise KeyboardInterrupt  # the process is interrupted mid-write
+
+        return real(final, half)
+
+    monkeypatch.setattr(ns_atomic, "write_temp", dies)
     with pytest.raises(KeyboardInterrupt):
         s.save(1, _state(2.0), LIKE)
     assert s.path.read_bytes() == before and os.listdir(s.path.parent) == ["partition-2.safetensors"]
