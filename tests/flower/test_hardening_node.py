@@ -13,7 +13,6 @@ from __future__ import annotations
 import os
 import threading
 
-import pytest
 import torch
 from flower_harness import flower_task, node_context  # noqa: F401  (autouse fixture)
 from flower_worlds import NODE_IDS, SEED, build, world

@@ -45,7 +45,7 @@ def test_a_bad_num_examples_at_registration_refuses_that_node_and_the_run_goes_o
     w = world("FedVPT")
     _registration(w, value)
     w.strategy.start(w.grid, num_rounds=1, timeout=10)  # main: int(nan) raised out of start()
-    hostile = [n for n in NODE_IDS[:3] if w.partition_of(n) == HOSTILE][0]
+    hostile = next(n for n in NODE_IDS[:3] if w.partition_of(n) == HOSTILE)
     assert "num-examples" in w.strategy.registry.refused[hostile]
     assert w.strategy.history[0].server.accepted == [0, 2]
 
