@@ -6,10 +6,12 @@ structure and timm's state-dict keys:
 
 - ``ParallelPrefix`` registers a forward hook on each adapted ``attn.qkv`` (``RemovableHandle`` kept);
 - ``Prefix`` puts an instance-level ``forward`` on each adapted ``attn`` (the class's forward is untouched).
-- On timm's Eva attention (``EvaAttention``, ``AttentionRope``) both use one instance-level ``forward``,
-  ``EvaAdapterSlots``, with one slot per adapter (``offset`` for ParallelPrefix, ``prefix`` for Prefix): the fused
-  projection there is often ``F.linear`` on ``qkv.weight`` (no module call a hook could see), and RoPE must skip the
-  prefix keys. The slots compose in either wrapping order; the ``forward`` is deleted once both are empty.
+- On timm's Eva attention (``EvaAttention``, ``AttentionRope``) and on a transformers attention (separate
+  q/k/v projections, ``_hf.py``) both use one instance-level ``forward``, ``AdapterSlots``, with one slot per adapter
+  (``offset`` for ParallelPrefix, ``prefix`` for Prefix): Eva's fused projection is often ``F.linear`` on
+  ``qkv.weight`` (no module call a hook could see) and RoPE must skip the prefix keys; a transformers attention needs
+  one A for both K and V, and SDPA whatever its ``attn_implementation``. The slots compose in either wrapping order;
+  the ``forward`` is deleted once both are empty.
 
 ``AttentionWrapper.eject()`` undoes exactly that and returns the user's model plain.
 """
@@ -27,14 +29,14 @@ from ._checks import check_flag
 from ._wrapping import innermost, is_wrapper
 
 __all__ = [
+    "AdapterSlots",
     "AttentionWrapper",
-    "EvaAdapterSlots",
-    "clear_eva_slot",
-    "eva_slot",
+    "adapter_slot",
+    "clear_adapter_slot",
     "has_forward_override",
     "remove_handles",
     "resolve_blocks",
-    "set_eva_slot",
+    "set_adapter_slot",
 ]
 
 
@@ -86,22 +88,33 @@ class _GradThroughReentrantCheckpoint:
         return None
 
 
-class EvaAdapterSlots:
-    """Instance-level ``forward`` of an adapted Eva attention: ``_timm.eva_attention_forward`` with the adapters in
-    its slots. ``offset``: a ``KVAdapter`` (ParallelPrefix); ``prefix``: an object with ``tokens() -> (K_p, V_p)``
-    and ``mask(attn_mask, is_causal, n, p, device)`` (Prefix). Deep-copyable like the adapters' other hooks."""
+class AdapterSlots:
+    """Instance-level ``forward`` of an adapted Eva or transformers attention: ``_timm.eva_attention_forward`` or
+    ``_timm.hf_attention_forward`` with the adapters in its slots. ``offset``: a ``KVAdapter`` (ParallelPrefix);
+    ``prefix``: an object with ``tokens() -> (K_p, V_p)`` and ``mask(attn_mask, is_causal, n, p, device)`` (Prefix).
+    Deep-copyable like the adapters' other hooks."""
 
     def __init__(self, attn: nn.Module) -> None:
         self.attn = attn
         self.offset: Optional[Any] = None
         self.prefix: Optional[Any] = None
 
-    def __call__(
-        self, x: Tensor, rope: Optional[Tensor] = None, attn_mask: Optional[Tensor] = None, is_causal: bool = False
+    def __call__(self, x: Tensor, *args: Any, **kwargs: Any) -> Any:
+        kv_prefix = self.prefix.tokens() if self.prefix is not None else None
+        if not _timm.is_eva_attention(self.attn):  # transformers: (hidden_states, mask, **kwargs) → (out, None)
+            return _timm.hf_attention_forward(self.attn, x, *args, kv_offset=self.offset, kv_prefix=kv_prefix, **kwargs)
+        return self._eva(x, *args, kv_prefix=kv_prefix, **kwargs)
+
+    def _eva(
+        self,
+        x: Tensor,
+        rope: Optional[Tensor] = None,
+        attn_mask: Optional[Tensor] = None,
+        is_causal: bool = False,
+        *,
+        kv_prefix: Optional[Tuple[Tensor, Tensor]],
     ) -> Tensor:
-        kv_prefix = None
-        if self.prefix is not None:
-            kv_prefix = self.prefix.tokens()
+        if kv_prefix is not None:
             attn_mask = self.prefix.mask(attn_mask, is_causal, x.shape[1], kv_prefix[0].shape[-2], x.device)
             is_causal = False
         return _timm.eva_attention_forward(
@@ -109,13 +122,13 @@ class EvaAdapterSlots:
         )
 
 
-def eva_slot(attn: nn.Module, slot: str) -> Optional[Any]:
-    """What occupies ``slot`` of an Eva attention (``None`` if empty). Raises ``ValueError`` if someone else's
-    instance-level ``forward`` sits there (fedpeft would silently replace it)."""
+def adapter_slot(attn: nn.Module, slot: str) -> Optional[Any]:
+    """What occupies ``slot`` of an Eva / transformers attention (``None`` if empty). Raises ``ValueError`` if someone
+    else's instance-level ``forward`` sits there (fedpeft would silently replace it)."""
     fwd = vars(attn).get("forward")
     if fwd is None:
         return None
-    if not isinstance(fwd, EvaAdapterSlots) or fwd.attn is not attn:
+    if not isinstance(fwd, AdapterSlots) or fwd.attn is not attn:
         raise ValueError(
             f"this {type(attn).__name__} already has an instance-level forward that is not fedpeft's "
             f"({type(fwd).__name__}); remove it first (the model is unchanged)"
@@ -123,17 +136,17 @@ def eva_slot(attn: nn.Module, slot: str) -> Optional[Any]:
     return getattr(fwd, slot)
 
 
-def set_eva_slot(attn: nn.Module, slot: str, value: Any) -> None:
+def set_adapter_slot(attn: nn.Module, slot: str, value: Any) -> None:
     fwd = vars(attn).get("forward")
     if fwd is None:
-        fwd = attn.forward = EvaAdapterSlots(attn)
+        fwd = attn.forward = AdapterSlots(attn)
     setattr(fwd, slot, value)
 
 
-def clear_eva_slot(attn: nn.Module, slot: str, owner: Any) -> None:
+def clear_adapter_slot(attn: nn.Module, slot: str, owner: Any) -> None:
     """Empty ``slot`` if ``owner`` (compared by ``is``) holds it; delete the ``forward`` when no slot is used."""
     fwd = vars(attn).get("forward")
-    if isinstance(fwd, EvaAdapterSlots) and getattr(fwd, slot) is owner:
+    if isinstance(fwd, AdapterSlots) and getattr(fwd, slot) is owner:
         setattr(fwd, slot, None)
         if fwd.offset is None and fwd.prefix is None:
             del attn.forward
@@ -143,7 +156,7 @@ def _resolve_target(vit_or_wrapper: nn.Module) -> Tuple[nn.Module, nn.Module, bo
     """→ ``(inner module to hold as .model, the user's ViT, whether inner is a fedpeft wrapper)``."""
     if not isinstance(vit_or_wrapper, nn.Module):
         raise TypeError(
-            f"expected a timm VisionTransformer or a fedpeft wrapper (e.g. VPT), got {type(vit_or_wrapper).__name__}"
+            f"expected a timm or transformers ViT or a fedpeft wrapper (e.g. VPT), got {type(vit_or_wrapper).__name__}"
         )
     wraps = is_wrapper(vit_or_wrapper)
     return vit_or_wrapper, _timm.as_vision_transformer(innermost(vit_or_wrapper)), wraps
@@ -230,17 +243,25 @@ class AttentionWrapper(nn.Module):
             )
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        """The wrapped module's forward (``vit(x)``, or ``vpt(x, prompts=P)``) with the adapted attention."""
+        """The wrapped module's forward (``vit(x)``, or ``vpt(x, prompts=P)``) with the adapted attention; a tensor
+        (the logits) for a transformers model too (``_timm.forward``)."""
         self._check_attached()
-        return self.model(*args, **kwargs)
+        if self.wraps_wrapper:
+            return self.model(*args, **kwargs)
+        return _timm.forward(self.model, *args, **kwargs)
 
     def forward_features(self, *args: Any, **kwargs: Any) -> Tensor:
         """The wrapped module's ``forward_features`` (normed tokens), with the adapted attention."""
         self._check_attached()
-        return self.model.forward_features(*args, **kwargs)
+        if self.wraps_wrapper:
+            return self.model.forward_features(*args, **kwargs)
+        return _timm.forward_features(self.model, *args, **kwargs)
 
-    def forward_head(self, *args: Any, **kwargs: Any) -> Tensor:
-        return self.model.forward_head(*args, **kwargs)
+    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
+        """Pooling and classifier(s) on the tokens of ``forward_features``."""
+        if self.wraps_wrapper:
+            return self.model.forward_head(x, pre_logits=pre_logits)
+        return _timm.forward_head(self.model, x, pre_logits=pre_logits)
 
     # ---- wrapper protocol ---------------------------------------------------------------------------------------
 

@@ -1,4 +1,6 @@
-"""Every access fedpeft makes to timm internals, in one place (with ``_timm_eva.py`` for the Eva family).
+"""Every access fedpeft makes to timm internals, in one place (with ``_timm_eva.py`` for the Eva family), and the
+backbone interface every wrapper calls: for a Hugging Face ``transformers`` model each function below dispatches to
+``_hf.py``, which holds every access to transformers internals (so the wrappers never ask which library built it).
 
 fedpeft wraps a timm ``VisionTransformer`` without forking it: it runs the model's own public stages
 (``patch_embed → _pos_embed → patch_drop → norm_pre → blocks → norm``, then ``forward_head``) and reads
@@ -25,7 +27,7 @@ try:  # timm >= 0.9
 except ImportError as e:  # pragma: no cover - timm is a core dependency
     raise ImportError("fedpeft needs timm>=1.0 (pip install timm)") from e
 
-from . import _timm_eva
+from . import _hf, _timm_eva
 
 __all__ = [
     "SUPPORTED_MODELS",
@@ -42,6 +44,8 @@ __all__ = [
     "feature_grid",
     "feature_take_indices",
     "final_norm",
+    "forward",
+    "forward_features",
     "forward_head",
     "is_eva",
     "num_prefix_tokens",
@@ -57,8 +61,8 @@ __all__ = [
 SUPPORTED_MODELS = (
     "timm's VisionTransformer family (timm.models.vision_transformer.VisionTransformer and subclasses that keep its "
     "forward_features, e.g. vit_*, deit_* incl. distilled, deit3_*, dinov2 ± registers, CLIP, SigLIP, gap/avg "
-    "models, flexivit) and timm's Eva family (timm.models.eva.Eva: DINOv3 vit_*_dinov3*, EVA / EVA-02 eva*, "
-    "Perception Encoder vit_pe_*, Sapiens2, LingBot-Vision, RoPE ViTs vit_*_rope_*)"
+    "models, flexivit), timm's Eva family (timm.models.eva.Eva: DINOv3 vit_*_dinov3*, EVA / EVA-02 eva*, "
+    "Perception Encoder vit_pe_*, Sapiens2, LingBot-Vision, RoPE ViTs vit_*_rope_*) and " + _hf.SUPPORTED
 )
 
 NAFLEX_NOT_YET = (
@@ -82,6 +86,8 @@ def as_vision_transformer(model: nn.Module) -> nn.Module:
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"expected a timm VisionTransformer or Eva (nn.Module), got {type(model).__name__}")
+    if _hf.is_hf(model):
+        return _hf.as_backbone(model)
     if isinstance(model, NaFlexVit):
         raise TypeError(
             f"fedpeft cannot wrap a {type(model).__module__}.{type(model).__name__}: {NAFLEX_NOT_YET}; "
@@ -118,6 +124,8 @@ def embed_positions(vit: nn.Module, images: Tensor) -> Tuple[Tensor, Optional[Te
     (an Eva's rotary embedding, see ``_timm_eva.embed_tokens``; ``None`` for a VisionTransformer)."""
     if _timm_eva.is_eva(vit):
         return _timm_eva.embed_tokens(vit, images)
+    if _hf.is_hf(vit):
+        return _hf.embed_tokens(vit, images), None
     x = vit.patch_embed(images)
     x = vit._pos_embed(x)
     return vit.patch_drop(x), None
@@ -135,31 +143,49 @@ def block_kwargs(vit: nn.Module, positions: Optional[Tensor], index: int) -> Dic
 
 
 def pre_norm(vit: VisionTransformer, x: Tensor) -> Tensor:
-    """``norm_pre`` (CLIP's ``ln_pre``; identity for most ViTs)."""
-    return vit.norm_pre(x)
+    """``norm_pre`` (CLIP's ``ln_pre``; identity for most ViTs and every transformers model)."""
+    return x if _hf.is_hf(vit) else vit.norm_pre(x)
 
 
 def blocks(vit: VisionTransformer) -> nn.Sequential:
     """The transformer blocks, in order."""
-    return vit.blocks
+    return _hf.blocks(vit) if _hf.is_hf(vit) else vit.blocks
 
 
 def depth(vit: VisionTransformer) -> int:
-    return len(vit.blocks)
+    return len(blocks(vit))
+
+
+def forward(vit: nn.Module, *args: Any, **kwargs: Any) -> Tensor:
+    """The model's forward as a tensor: ``vit(*args, **kwargs)`` for timm; logits (or the pooled output of a bare
+    ``*Model``) for a transformers model, whose own forward returns a ``ModelOutput``."""
+    if _hf.is_hf(vit):
+        return _hf.forward_head(vit, _hf.forward_features(vit, *args, **kwargs))
+    return vit(*args, **kwargs)
+
+
+def forward_features(vit: nn.Module, *args: Any, **kwargs: Any) -> Tensor:
+    """Images → normed tokens (B, n_p + N, D), the model's own stages (``_hf.forward_features`` for transformers)."""
+    return _hf.forward_features(vit, *args, **kwargs) if _hf.is_hf(vit) else vit.forward_features(*args, **kwargs)
 
 
 def final_norm(vit: VisionTransformer, x: Tensor) -> Tensor:
     """The norm after the blocks (identity for fc_norm models, which normalise after pooling)."""
-    return vit.norm(x)
+    return _hf.final_norm(vit, x) if _hf.is_hf(vit) else vit.norm(x)
 
 
 def forward_head(vit: VisionTransformer, x: Tensor, pre_logits: bool = False) -> Tensor:
-    """timm's own pooling (token/avg/avgmax/max/map/…), ``fc_norm``, head dropout and classifier."""
+    """timm's own pooling (token/avg/avgmax/max/map/…), ``fc_norm``, head dropout and classifier (a transformers
+    model's own pooling and classifier, ``_hf.forward_head``)."""
+    if _hf.is_hf(vit):
+        return _hf.forward_head(vit, x, pre_logits=pre_logits)
     return vit.forward_head(x, pre_logits=pre_logits)
 
 
 def uses_grad_checkpointing(vit: VisionTransformer) -> bool:
-    return bool(getattr(vit, "grad_checkpointing", False))
+    """timm's ``set_grad_checkpointing()``: fedpeft then checkpoints the blocks it runs. A transformers model's layers
+    checkpoint themselves (``gradient_checkpointing_enable()``, in training mode only): ``False`` here."""
+    return not _hf.is_hf(vit) and bool(getattr(vit, "grad_checkpointing", False))
 
 
 def uses_reentrant_checkpointing(vit: nn.Module) -> bool:
@@ -170,6 +196,8 @@ def uses_reentrant_checkpointing(vit: nn.Module) -> bool:
 
 def register_block_input_hook(vit: nn.Module, hook: Any) -> Any:
     """A forward hook on ``norm_pre``, whose output is what ``blocks[0]`` receives (ViT and Eva alike)."""
+    if _hf.is_hf(vit):
+        return _hf.register_block_input_hook(vit, hook)
     return vit.norm_pre.register_forward_hook(hook)
 
 
@@ -188,6 +216,9 @@ def feature_take_indices(depth: int, indices: Optional[Any]) -> Tuple[List[int],
 
 def feature_grid(vit: nn.Module, img_size: Tuple[int, int]) -> Tuple[int, int]:
     """The patch grid (H', W') of an input of ``img_size`` (H, W)."""
+    if _hf.is_hf(vit):
+        ph, pw = _hf.patch_size(vit)
+        return img_size[0] // ph, img_size[1] // pw
     return tuple(vit.patch_embed.dynamic_feat_size(img_size))
 
 
@@ -196,15 +227,17 @@ def feature_grid(vit: nn.Module, img_size: Tuple[int, int]) -> Tuple[int, int]:
 
 def num_prefix_tokens(vit: VisionTransformer) -> int:
     """Class + register + distillation tokens in front of the patches."""
-    return int(vit.num_prefix_tokens)
+    return _hf.num_prefix_tokens(vit) if _hf.is_hf(vit) else int(vit.num_prefix_tokens)
 
 
 def embed_dim(vit: VisionTransformer) -> int:
-    return int(vit.embed_dim)
+    return _hf.embed_dim(vit) if _hf.is_hf(vit) else int(vit.embed_dim)
 
 
 def patch_size(vit: VisionTransformer) -> Tuple[int, int]:
     """``(p_h, p_w)``, the patch size of the ViT's patch embedding."""
+    if _hf.is_hf(vit):
+        return _hf.patch_size(vit)
     ps = vit.patch_embed.patch_size
     ph, pw = (ps, ps) if isinstance(ps, int) else tuple(ps)
     return int(ph), int(pw)
@@ -217,7 +250,9 @@ def patch_area(vit: VisionTransformer) -> int:
 
 
 def classifier_modules(vit: VisionTransformer) -> List[nn.Module]:
-    """The classifier(s): ``head`` (and ``head_dist`` for distilled DeiT)."""
+    """The classifier(s): ``head`` (and ``head_dist`` for distilled DeiT); ``_hf.classifier_modules``."""
+    if _hf.is_hf(vit):
+        return _hf.classifier_modules(vit)
     cls = vit.get_classifier()
     return list(cls) if isinstance(cls, (tuple, list)) else [cls]
 
@@ -234,6 +269,8 @@ def attention_layer(vit: VisionTransformer, index: int) -> _TimmAttention:
     """
     if _timm_eva.is_eva(vit):
         return _timm_eva.attention_layer(vit, index)
+    if _hf.is_hf(vit):
+        return _hf.attention_layer(vit, index)
     block = vit.blocks[index]
     attn = getattr(block, "attn", None)
     where = f"blocks.{index}.attn"
@@ -298,10 +335,25 @@ def attention_forward(
 
 # ---- attention adapters: ParallelPrefix / Prefix (appended) ---------------------------------------------------------
 
-__all__ += ["attention_dims", "eva_attention_forward", "is_eva_attention", "qkv_projection", "uses_fused_attention"]
+__all__ += [
+    "attention_dims",
+    "eva_attention_forward",
+    "hf_attention_forward",
+    "is_eva_attention",
+    "qkv_projection",
+    "uses_adapter_slots",
+    "uses_fused_attention",
+]
 
 is_eva_attention = _timm_eva.is_eva_attention
 eva_attention_forward = _timm_eva.attention_forward
+hf_attention_forward = _hf.attention_forward
+
+
+def uses_adapter_slots(attn: nn.Module) -> bool:
+    """Whether the adapters attach to ``attn`` through one instance-level ``forward`` with slots
+    (``_attach.AdapterSlots``: an Eva or a transformers attention) rather than a hook on a fused ``qkv``."""
+    return _timm_eva.is_eva_attention(attn) or _hf.is_hf_attention(attn)
 
 
 def qkv_projection(attn: _TimmAttention) -> nn.Linear:
@@ -314,13 +366,15 @@ def attention_dims(attn: _TimmAttention) -> Tuple[int, int, int]:
     """``(dim, attn_dim, num_heads)``: the attention's input width, the width of each of Q, K, V, and the heads."""
     if _timm_eva.is_eva_attention(attn):
         return _timm_eva.attention_dims(attn)
+    if _hf.is_hf_attention(attn):
+        return _hf.attention_dims(attn)
     return int(attn.qkv.in_features), int(attn.attn_dim), int(attn.num_heads)
 
 
 def uses_fused_attention(attn: _TimmAttention) -> bool:
     """timm's per-layer switch: ``True`` → ``Attention.forward`` runs SDPA; ``False`` → its explicit-softmax path
     (set at construction from ``TIMM_FUSED_ATTN`` / ``timm.layers.set_fused_attn``). An adapted Eva attention
-    always runs fedpeft's SDPA forward (``_timm_eva.attention_forward``)."""
-    if _timm_eva.is_eva_attention(attn):
+    always runs fedpeft's SDPA forward (``_timm_eva.attention_forward``), and so does an adapted transformers one."""
+    if uses_adapter_slots(attn):
         return True
     return bool(getattr(attn, "fused_attn", False))

@@ -21,7 +21,14 @@ import torch
 from torch import Tensor, nn
 
 from . import _timm
-from ._attach import AttentionWrapper, clear_eva_slot, eva_slot, remove_handles, resolve_blocks, set_eva_slot
+from ._attach import (
+    AttentionWrapper,
+    adapter_slot,
+    clear_adapter_slot,
+    remove_handles,
+    resolve_blocks,
+    set_adapter_slot,
+)
 from ._checks import check_finite_float, check_positive_int
 from .summary import SummaryMixin
 
@@ -148,8 +155,8 @@ class ParallelPrefix(SummaryMixin, AttentionWrapper):
         self.blocks = resolve_blocks(blocks, self.depth)
         layers = self._attention_layers(self.blocks)
         for i, attn in layers.items():
-            if _timm.is_eva_attention(attn):
-                attached = eva_slot(attn, "offset") is not None
+            if _timm.uses_adapter_slots(attn):
+                attached = adapter_slot(attn, "offset") is not None
             else:
                 attached = any(isinstance(h, _QKVHook) for h in _timm.qkv_projection(attn)._forward_hooks.values())
             if attached:
@@ -176,11 +183,11 @@ class ParallelPrefix(SummaryMixin, AttentionWrapper):
         self._handles: List[Any] = [
             _timm.qkv_projection(attn).register_forward_hook(_QKVHook(self.adapters[str(i)]))
             for i, attn in layers.items()
-            if not _timm.is_eva_attention(attn)
+            if not _timm.uses_adapter_slots(attn)
         ]
         for i, attn in layers.items():
-            if _timm.is_eva_attention(attn):  # Eva: the adapter sits in the attention's offset slot (_attach.py)
-                set_eva_slot(attn, "offset", self.adapters[str(i)])
+            if _timm.uses_adapter_slots(attn):  # Eva: the adapter sits in the attention's offset slot (_attach.py)
+                set_adapter_slot(attn, "offset", self.adapters[str(i)])
         self._configure_training()
 
     def reset_parameters(self) -> None:
@@ -192,8 +199,8 @@ class ParallelPrefix(SummaryMixin, AttentionWrapper):
         remove_handles(self._handles)
         for i in self.blocks:
             attn = _timm.attention_layer(self._vit(), i)
-            if _timm.is_eva_attention(attn):
-                clear_eva_slot(attn, "offset", self.adapters[str(i)])
+            if _timm.uses_adapter_slots(attn):
+                clear_adapter_slot(attn, "offset", self.adapters[str(i)])
 
     def adapter_config(self) -> Dict[str, Any]:
         """Hyper-parameters recorded in adapter files (see ``fedpeft.save_adapter``)."""

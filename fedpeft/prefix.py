@@ -20,7 +20,13 @@ import torch
 from torch import Tensor, nn
 
 from . import _timm
-from ._attach import AttentionWrapper, clear_eva_slot, eva_slot, has_forward_override, set_eva_slot
+from ._attach import (
+    AttentionWrapper,
+    adapter_slot,
+    clear_adapter_slot,
+    has_forward_override,
+    set_adapter_slot,
+)
 from ._checks import check_positive_int
 from .summary import SummaryMixin
 
@@ -116,8 +122,8 @@ class Prefix(SummaryMixin, AttentionWrapper):
         super().__init__(vit_or_wrapper, train_backbone=train_backbone, train_head=train_head)
         layers = self._attention_layers(range(self.depth))
         for i, attn in layers.items():
-            if _timm.is_eva_attention(attn):
-                if eva_slot(attn, "prefix") is not None:  # (raises for someone else's forward)
+            if _timm.uses_adapter_slots(attn):
+                if adapter_slot(attn, "prefix") is not None:  # (raises for someone else's forward)
                     raise ValueError(
                         f"blocks.{i}.attn already has a Prefix attached; eject() it first (the model is unchanged)"
                     )
@@ -137,8 +143,8 @@ class Prefix(SummaryMixin, AttentionWrapper):
         self.values = nn.Parameter(torch.empty(shape, device=ref.device, dtype=ref.dtype))
         self.reset_parameters()
         for i, attn in layers.items():
-            if _timm.is_eva_attention(attn):  # Eva: the tokens sit in the attention's prefix slot (_attach.py)
-                set_eva_slot(attn, "prefix", _PrefixTokens(self, i))
+            if _timm.uses_adapter_slots(attn):  # Eva: the tokens sit in the attention's prefix slot (_attach.py)
+                set_adapter_slot(attn, "prefix", _PrefixTokens(self, i))
             else:
                 attn.forward = _PrefixForward(self, attn, i)
         self._configure_training()
@@ -152,10 +158,10 @@ class Prefix(SummaryMixin, AttentionWrapper):
     def _detach(self) -> None:
         for i in range(self.depth):
             attn = _timm.attention_layer(self._vit(), i)
-            if _timm.is_eva_attention(attn):
-                slot = eva_slot(attn, "prefix")
+            if _timm.uses_adapter_slots(attn):
+                slot = adapter_slot(attn, "prefix")
                 if isinstance(slot, _PrefixTokens) and slot.owner is self:
-                    clear_eva_slot(attn, "prefix", slot)
+                    clear_adapter_slot(attn, "prefix", slot)
             elif isinstance(vars(attn).get("forward"), _PrefixForward) and vars(attn)["forward"].owner is self:
                 del attn.forward
 

@@ -40,18 +40,25 @@ def _last(*names: str) -> str:
     return rf"(?:^|\.)(?:{'|'.join(names)})$"
 
 
-#: word -> regular expression searched in each key. The docs (docs/fed.md) list what each one matches.
+#: word -> regular expression searched in each key. The docs (docs/fed.md) list what each one matches. Each word also
+#: names the parts of the transformers ViT / DeiT / DINOv2 models fedpeft wraps (``fedpeft/_hf.py``), 4.x and 5.x.
 WORDS: Mapping[str, str] = MappingProxyType({
-    "attn": _component("attn"),  # blocks.<i>.attn.{qkv,proj,q_norm,k_norm,norm}.*, and adapters injected there
-    # PromptGenerator's parameters, not inside a backbone's blocks (Eva's attention also has q_proj/k_proj/v_proj)
-    "generator": r"^(?!(?:.*\.)?blocks\.)(?:.*\.)?(?:prompt_base|descriptors|q_proj|k_proj|v_proj|out_proj)(?:\.|$)",
-    "head": _component("head", "head_dist"),
+    # blocks.<i>.attn.{qkv,proj,q_norm,k_norm,norm}.*, and adapters injected there; transformers' layer.<i>.attention.*
+    "attn": _component("attn", "attention"),
+    # PromptGenerator's parameters, not inside a backbone's blocks (Eva's and transformers' attention have q_proj too)
+    "generator": r"^(?!(?:.*\.)?(?:blocks|layers?)\.)(?:.*\.)?"
+    r"(?:prompt_base|descriptors|q_proj|k_proj|v_proj|out_proj)(?:\.|$)",
+    "head": _component("head", "head_dist", "classifier", "cls_classifier", "distillation_classifier"),
     "lora": _component("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector"),
     "lowrank": _last("u", "v"),  # LowRankPrompt's U and V
-    "mlp": _component("mlp"),
-    "norm": _component("norm", "norm1", "norm2", "norm_pre", "fc_norm", "q_norm", "k_norm"),  # every LayerNorm
-    "patch_embed": _component("patch_embed"),
-    "pos_embed": _component("pos_embed"),
+    # transformers 4.x ViT / DeiT: layer.<i>.intermediate.dense and layer.<i>.output.dense are the MLP's two linears
+    "mlp": _component("mlp", "intermediate") + r"|(?:^|\.)layer\.\d+\.output(?:\.|$)",
+    "norm": _component(  # every LayerNorm
+        "norm", "norm1", "norm2", "norm_pre", "fc_norm", "q_norm", "k_norm", "layernorm", "layernorm_before",
+        "layernorm_after",
+    ),
+    "patch_embed": _component("patch_embed", "patch_embeddings"),
+    "pos_embed": _component("pos_embed", "position_embeddings"),
     "prefix": r"(?:^|\.)adapters\.\d+\.(?:down|up)(?:\.|$)|" + _last("keys", "values"),  # ParallelPrefix, Prefix
     "prompts": _component("prompts"),  # VPT's prompts, or the parameters of its prompt module
 })
