@@ -85,19 +85,17 @@ def _tensors_of(split: Any) -> Optional[Tuple[torch.Tensor, ...]]:
 
 def sketch(model: torch.nn.Module) -> str:
     """A cheap check that ``model``'s state is the one a cached frozen hash was computed from: SHA-256 of every
-    entry's name, dtype and shape, its float64 sum and sum of squares, and 64 evenly strided values. Any other
-    checkpoint (retrained, fine-tuned, another seed) changes it; it is no defence against a crafted state, and need
-    not be: a node reports its own fingerprint at registration either way."""
+    entry's name, dtype and shape and of ≈ 4096 evenly strided values (all of a smaller tensor). Any other checkpoint
+    (retrained, fine-tuned, another seed: every weight differs) changes it, at a few % of a full hash's cost (ViT-B/16,
+    one CPU thread: 0.023 s vs 0.84 s); an edit confined to unsampled entries of a large matrix is missed. No defence against a
+    crafted state, and none is needed: a node reports its own fingerprint at registration either way."""
     h = hashlib.sha256()
     with torch.no_grad():
         for k, t in sorted(model.state_dict().items()):
             flat = t.detach().reshape(-1)
             h.update(f"{k}|{t.dtype}|{tuple(t.shape)}|".encode())
-            if flat.numel():
-                x = flat.double()
-                sample = flat[:: max(1, flat.numel() // 64)].to("cpu").contiguous()
-                h.update(f"{float(x.sum())!r}|{float((x * x).sum())!r}|".encode())
-                h.update(sample.view(torch.uint8).numpy().tobytes())
+            sample = flat[:: max(1, flat.numel() // 4096)].to("cpu").contiguous()
+            h.update(sample.view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 
 
