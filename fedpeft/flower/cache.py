@@ -86,9 +86,9 @@ def _tensors_of(split: Any) -> Optional[Tuple[torch.Tensor, ...]]:
 def sketch(model: torch.nn.Module) -> str:
     """A cheap check that ``model``'s state is the one a cached frozen hash was computed from: SHA-256 of every
     entry's name, dtype and shape and of ≈ 4096 evenly strided values (all of a smaller tensor). Any other checkpoint
-    (retrained, fine-tuned, another seed: every weight differs) changes it, at a few % of a full hash's cost (ViT-B/16,
-    one CPU thread: 0.023 s vs 0.84 s); an edit confined to unsampled entries of a large matrix is missed. No defence against a
-    crafted state, and none is needed: a node reports its own fingerprint at registration either way."""
+    (retrained, fine-tuned, another seed: every weight differs) changes it, at a few % of a full hash's cost
+    (ViT-B/16, one CPU thread: 0.023 s vs 0.84 s); an edit confined to unsampled entries of a large matrix is missed.
+    No defence against a crafted state, and none is needed: a node reports its own fingerprint at registration."""
     h = hashlib.sha256()
     with torch.no_grad():
         for k, t in sorted(model.state_dict().items()):
