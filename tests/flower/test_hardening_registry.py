@@ -11,10 +11,12 @@ from __future__ import annotations
 import math
 
 import pytest
+import torch
 from flower_harness import flower_task, node_context  # noqa: F401  (autouse fixture)
-from flower_worlds import NODE_IDS, world
+from flower_worlds import NODE_IDS, SEED, build, world
 from flwr.app import MessageType
 
+from fedpeft.flower import ProtocolStrategy
 from fedpeft.flower.registry import discover_partitions
 from fedpeft.protocols import RoundLog
 
@@ -96,7 +98,9 @@ def test_discover_partitions_ignores_a_node_reporting_a_bad_num_partitions(value
                                             (1.0, float("nan"))])
 def test_non_finite_or_out_of_range_reply_metrics_never_reach_the_record_or_the_log(tmp_path, loss, accuracy):
     w = world("FedVPT")
-    w.strategy.round_log = RoundLog(tmp_path / "rounds.jsonl", tensorboard=False)
+    torch.manual_seed(SEED)
+    w.strategy = ProtocolStrategy("FedVPT", build("FedVPT"), num_partitions=3, seed=SEED, registration_timeout=1.0,
+                                  round_log=RoundLog(tmp_path / "rounds.jsonl", tensorboard=False))
 
     def tamper(node, reply):
         if w.partition_of(node) == HOSTILE and reply.metadata.message_type == MessageType.TRAIN:
