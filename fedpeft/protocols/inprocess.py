@@ -148,7 +148,7 @@ class Federation:
         record.server.rejected = sorted(record.server.rejected + refused, key=_order)
         record.train_loss = {n: v for n, v in record.train_loss.items() if n in set(record.server.accepted)}
         if self.test_data is not None:
-            record.deployed = self.evaluate(round)
+            record.deployed = [screen_metric("accuracy", a, n) for n, a in enumerate(self.evaluate(round))]
         record.wall_s = time.perf_counter() - started
         self.history.append(record)
         if self.checkpoint_dir is not None:  # the checkpoint first: a resume rewrites the log from its history

@@ -57,3 +57,28 @@ def test_a_bad_line_is_named_by_file_and_line(tmp_path):
     path.write_text('{"round": 0}\n[1, 2]\n')
     with pytest.raises(ValueError, match=f"{path}:2: expected a JSON object"):
         RoundLog.read(path)
+
+
+class _BadNumbers:
+    """A user's trainer that reports a NaN loss and an accuracy of 7.5 (and trains nothing: the upload is fine)."""
+
+    def __call__(self, model, data, task):
+        return float("nan")
+
+    def evaluate(self, model, data):
+        return 7.5
+
+
+def test_non_finite_or_out_of_range_metrics_never_reach_the_in_process_record_or_log(tmp_path):
+    from protocol_models import client_data, model_for
+
+    from fedpeft.protocols import Federation
+
+    log = tmp_path / "rounds.jsonl"
+    f = Federation("FedVPT", model_for("FedVPT"), client_data(3, n=12, seed=1), test_data=client_data(3, n=12, seed=2),
+                   trainer=_BadNumbers(), round_log=RoundLog(log, tensorboard=False))
+    rec = f.run(1)[0]
+    assert rec.server.accepted == [0, 1, 2]
+    assert rec.train_loss == {} and rec.after_local == {} and rec.deployed == [None, None, None]  # main: nan, 7.5
+    (row,) = RoundLog.read(log)
+    assert row["train_loss"] == {} and row["after_local"] == {} and row["deployed"] == [None, None, None]
