@@ -43,11 +43,21 @@ def _state_file(root):
     return path
 
 
-def test_a_flipped_bit_in_a_personal_state_file_is_refused_and_the_file_kept(tmp_path):
+def _trained_once(tmp_path):
+    """A world whose partition-0 node trained round 0 with a state folder: ``(world, its state file)``."""
     w = world("FedVPT")
     _durable(w, tmp_path)
     assert not _train(w, NODE_IDS[0], 0).has_error()
-    path = _state_file(tmp_path / "node0")
+    return w, _state_file(tmp_path / "node0")
+
+
+def _contents(path):
+    with safe_open(str(path), framework="pt") as f:
+        return f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+
+
+def test_a_flipped_bit_in_a_personal_state_file_is_refused_and_the_file_kept(tmp_path):
+    w, path = _trained_once(tmp_path)
     raw = bytearray(path.read_bytes())
     raw[-4] ^= 0x01  # the lowest mantissa bit of the last float: still finite, still the right shape
     path.write_bytes(bytes(raw))
@@ -57,24 +67,16 @@ def test_a_flipped_bit_in_a_personal_state_file_is_refused_and_the_file_kept(tmp
 
 
 def test_an_edited_header_round_is_refused(tmp_path):
-    w = world("FedVPT")
-    _durable(w, tmp_path)
-    assert not _train(w, NODE_IDS[0], 0).has_error()
-    path = _state_file(tmp_path / "node0")
-    with safe_open(str(path), framework="pt") as f:
-        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    w, path = _trained_once(tmp_path)
+    meta, tensors = _contents(path)
     save_file(tensors, str(path), metadata={**meta, "round": "7"})  # "this client is already at round 7"
     reply = _train(w, NODE_IDS[0], 1)
     assert reply.has_error() and "sha256" in reply.error.reason  # main: "message for round 1 is stale"
 
 
 def test_an_integer_tensor_for_a_floating_parameter_is_refused(tmp_path):
-    w = world("FedVPT")
-    _durable(w, tmp_path)
-    assert not _train(w, NODE_IDS[0], 0).has_error()
-    path = _state_file(tmp_path / "node0")
-    with safe_open(str(path), framework="pt") as f:
-        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    w, path = _trained_once(tmp_path)
+    meta, tensors = _contents(path)
     key = next(k for k in tensors if k.endswith("head.weight"))
     tensors[key] = tensors[key].to(torch.int64)
     meta = {k: v for k, v in meta.items() if k != "sha256"}
