@@ -68,3 +68,15 @@ def leftovers(root: Path) -> List[str]:
     """Temporary files anywhere under ``root`` (fedpeft's ``.<name>.<hex>.tmp``, safetensors' ``.tmpXXXXXX``)."""
     return sorted(str(p.relative_to(root)) for p in Path(root).rglob("*")
                   if p.is_file() and (p.name.endswith(LEFTOVER_SUFFIXES) or p.name.startswith(".tmp")))
+
+
+def logged_exactly_once(log: Path, ckpt: Path) -> List[dict]:
+    """The round log's rows, after checking that they are rounds 0, 1, ... once each, equal to the checkpoint's
+    history (the oracle of what ran)."""
+    from fedpeft.protocols import RoundLog, load_checkpoint
+
+    done = load_checkpoint(ckpt).round
+    rows = RoundLog.read(log)
+    assert [r["round"] for r in rows] == list(range(done))
+    assert rows == load_checkpoint(ckpt).meta["history"]
+    return rows
