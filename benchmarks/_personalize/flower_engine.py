@@ -82,7 +82,7 @@ def run_methods_flower(names: Sequence[str], ctx: Context, rounds: int, progress
     from flwr.simulation import run_simulation
 
     from fedpeft.flower import ClientHandlers, ProtocolStrategy
-    from fedpeft.flower.records import CONFIG, METHOD
+    from fedpeft.flower.wire import CONFIG, METHOD
 
     unknown = [n for n in names if n not in ALL_METHODS]
     if unknown:

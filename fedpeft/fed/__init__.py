@@ -8,6 +8,7 @@ before anything is computed or accumulated. See docs/fed.md.
 Aggregation (FedAvg)               ``average(states, weights=None)``, ``Averager`` (``add``, ``result``; streaming)
 Partial personalization            ``personal_keys(model_or_state, patterns)``, ``WORDS``, ``PRESETS``,
                                    ``trainable_keys(model)``, ``trainable_state(model)``, ``split(state, keys)``, ``merge(shared, personal)``
+Identity of a frozen backbone      ``frozen_fingerprint(model)`` (SHA-256 of every non-trainable state entry)
 Communication accounting           ``num_bytes(state)``, ``num_params(state)``
 Interop (Flower NDArrays)          ``to_ndarrays(state)``, ``from_ndarrays(keys, arrays, like=/dtypes=)``
 """
@@ -15,7 +16,16 @@ Interop (Flower NDArrays)          ``to_ndarrays(state)``, ``from_ndarrays(keys,
 from .accounting import num_bytes, num_params
 from .aggregate import Averager, average
 from .interop import from_ndarrays, to_ndarrays
-from .keys import PRESETS, WORDS, merge, personal_keys, split, trainable_keys, trainable_state
+from .keys import (
+    PRESETS,
+    WORDS,
+    frozen_fingerprint,
+    merge,
+    personal_keys,
+    split,
+    trainable_keys,
+    trainable_state,
+)
 from .prompt_update import delta, delta_backward
 
 __all__ = [
@@ -26,6 +36,7 @@ __all__ = [
     "delta",
     "delta_backward",
     "from_ndarrays",
+    "frozen_fingerprint",
     "merge",
     "num_bytes",
     "num_params",

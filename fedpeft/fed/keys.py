@@ -18,16 +18,18 @@ from its norm and mlp) are selected with globs.
 from __future__ import annotations
 
 import fnmatch
+import hashlib
 import re
 import warnings
 from types import MappingProxyType
 from typing import Dict, Iterable, List, Mapping, Tuple, Union
 
+import torch
 from torch import Tensor, nn
 
 from .._checks import check_state, format_keys
 
-__all__ = ["PRESETS", "WORDS", "merge", "personal_keys", "split", "trainable_keys", "trainable_state"]
+__all__ = ["PRESETS", "WORDS", "frozen_fingerprint", "merge", "personal_keys", "split", "trainable_keys", "trainable_state"]
 
 
 def _component(*names: str) -> str:
@@ -226,3 +228,17 @@ def merge(shared: Mapping[str, Tensor], personal: Mapping[str, Tensor]) -> Dict[
     if overlap:
         raise ValueError(f"merge(): keys in both shared and personal: {format_keys(overlap)}")
     return {**shared, **personal}
+
+
+def frozen_fingerprint(model: nn.Module) -> str:
+    """SHA-256 (hex) over the names, dtypes, shapes and bytes of ``model``'s frozen state (every state-dict entry that
+    is not a trainable parameter), in sorted key order: equal on two machines iff their frozen backbones are equal."""
+    trainable = set(trainable_keys(model))
+    h = hashlib.sha256()
+    for k, t in sorted(model.state_dict().items()):
+        if k in trainable:
+            continue
+        t = t.detach().to("cpu").contiguous()
+        h.update(f"{k}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()

@@ -1,20 +1,13 @@
 """fedpeft.flower: fedpeft's protocols on Flower (``flwr``), from a laptop simulation to real machines.
 
-Optional extra: ``pip install "fedpeft[flower]"`` (``flwr[simulation]>=1.42,<2``); flwr is imported only here.
+Optional extra: ``pip install "fedpeft[flower]"`` (``flwr[simulation]>=1.42,<2``); only this package imports flwr.
 
-- :func:`client_app` (``ClientHandlers``): the ``ClientApp`` of one method: model built per message, shared state from
-  the message, personal state stamped with its round (on the node's disk with a ``state-dir``, else in
-  ``context.state``), replies with exactly the upload keys.
-- :class:`ProtocolStrategy`: the one ``flwr.serverapp.strategy.Strategy``, around any protocol's server: registration
-  by partition id, seeded sampling, replies read once (:func:`parse_reply`) and screened by the server in partition-id
-  order, one :class:`~fedpeft.protocols.RoundRecord` per round (``history``, the round log). ``PersonalizedFedAvg`` and
-  ``PFedPGStrategy`` are its 0.1 names, kept as thin aliases.
-- :func:`server_app`: the ``ServerApp`` that runs the strategy and rewrites the per-client report every round.
-- :mod:`.records` / :mod:`.node`: record keys, state dicts on the wire (``ArrayRecord`` by key, float32), reading a
-  reply; personal state in ``context.state``.
-- Surviving restarts: :mod:`.node_state` / :mod:`.durable` (a client's personal state in one safetensors file per
-  (run, partition) under ``<state-dir>/fedpeft/``; the ClientApp's refusals of bad messages), :mod:`.resume` (the
-  strategy's checkpoint and resume; ``checkpoint_dir``), the registry's rejoin at every round's start.
+- :func:`client_app` / :class:`ClientHandlers` (:mod:`.client`): the ``ClientApp`` of one method; personal state in a
+  node's state folder or ``context.state`` (:mod:`.node_store`).
+- :class:`ProtocolStrategy` (:mod:`.strategy`): the one strategy, around any protocol's server, one message per node
+  per round; ``PersonalizedFedAvg`` and ``PFedPGStrategy`` are its 0.1 names. Nodes by partition id (:mod:`.registry`).
+- :func:`server_app` (:mod:`.server`): the ``ServerApp`` with the per-client report.
+- :mod:`.wire`: record keys, state dicts as ``ArrayRecord``, reading a reply.
 
 See docs/flower.md.
 """
@@ -24,26 +17,13 @@ try:
 except ImportError as e:  # pragma: no cover - depends on the environment
     raise ImportError('fedpeft.flower needs Flower: pip install "fedpeft[flower]"  (flwr[simulation]>=1.42,<2)') from e
 
-from .client import ClientHandlers, client_app, frozen_fingerprint
-from .node import StaleMessage, partition
-from .records import from_record, parse_evaluation, parse_reply, payload_bytes, to_record
+from ..fed import frozen_fingerprint
+from ..protocols import StaleMessage
+from .client import ClientHandlers, client_app
 from .server import server_app, write_report
 from .strategy import PersonalizedFedAvg, PFedPGStrategy, ProtocolStrategy
+from .wire import from_record, parse_evaluation, parse_reply, partition, payload_bytes, to_record
 
-__all__ = [
-    "ClientHandlers",
-    "PFedPGStrategy",
-    "PersonalizedFedAvg",
-    "ProtocolStrategy",
-    "StaleMessage",
-    "client_app",
-    "from_record",
-    "frozen_fingerprint",
-    "parse_evaluation",
-    "parse_reply",
-    "partition",
-    "payload_bytes",
-    "server_app",
-    "to_record",
-    "write_report",
-]
+__all__ = ["ClientHandlers", "PFedPGStrategy", "PersonalizedFedAvg", "ProtocolStrategy", "StaleMessage", "client_app",
+           "from_record", "frozen_fingerprint", "parse_evaluation", "parse_reply", "partition", "payload_bytes",
+           "server_app", "to_record", "write_report"]

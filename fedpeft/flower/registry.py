@@ -12,7 +12,9 @@ unless
 - its partition id is already taken by a registered node, or claimed by several new nodes at once (every claimant
   is refused then: which one to keep would depend on arrival order).
 
-Refused nodes are logged with the reason and never asked again in this run.
+Refused nodes are logged with the reason and never asked again in this run. While registration waits, a line every
+30 s names the partitions still missing. The registry's per-partition past (:meth:`Registry.meta`) goes into the
+strategy's checkpoint; node ids do not (a restarted SuperNode or SuperLink hands out new ones).
 """
 
 from __future__ import annotations
@@ -21,15 +23,18 @@ import logging
 import math
 import time
 from collections import Counter
-from typing import Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
-from .durable import RUN
-from .records import INFO, METRICS
+from ..protocols import CheckpointError
+from .wire import CONFIG, INFO, METHOD, METRICS, NUM_PARTITIONS, PARTITION_ID, RUN
 
 __all__ = ["Registry", "discover_partitions"]
+
+#: seconds between the log lines naming the partitions registration still waits for
+WAIT_LOG_S = 30.0
 
 log = logging.getLogger("fedpeft.flower")
 
@@ -58,19 +63,15 @@ class Registry:
     def __len__(self) -> int:
         return len(self.node_of)
 
-    def _refuse(self, node: int, reason: str) -> None:
-        self.refused[node] = reason
-        log.warning("refused node %d: %s", node, reason)
-
     def _check(self, reply: Message) -> Tuple[Optional[int], Optional[str], int]:
         """``(partition_id, reason_to_refuse, num_examples)`` of one query reply."""
         if reply.has_error():
             return None, f"registration failed on the node: {reply.error.reason}", 0
         metrics = reply.content.metric_records.get(METRICS)
         info = reply.content.config_records.get(INFO)
-        if metrics is None or info is None or "partition-id" not in metrics:
+        if metrics is None or info is None or PARTITION_ID not in metrics:
             return None, "registration reply without partition-id (not a fedpeft ClientApp?)", 0
-        pid, n = metrics["partition-id"], metrics.get("num-examples", 0)
+        pid, n = metrics[PARTITION_ID], metrics.get("num-examples", 0)
         if isinstance(pid, float) and pid.is_integer():
             pid = int(pid)
         if isinstance(pid, bool) or not isinstance(pid, int) or not 0 <= pid < self.num_partitions:
@@ -95,7 +96,8 @@ class Registry:
             elif reason is None and claims[pid] > 1:
                 reason = f"partition-id {pid} is claimed by {claims[pid]} nodes at once; all of them are refused"
             if reason is not None:
-                self._refuse(node, reason)
+                self.refused[node] = reason
+                log.warning("refused node %d: %s", node, reason)
                 continue
             self.partition_of[node], self.node_of[pid], self.num_examples[pid] = pid, node, n
             got = by_node[node].content.metric_records[METRICS].get("personal-round", -1)
@@ -103,8 +105,44 @@ class Registry:
             log.info("registered node %d as partition %d (%d training examples)", node, pid, n)
 
     def _query(self, node: int, group: str = "register") -> Message:
-        cfg = {"fedpeft.method": self.method, **({RUN: self.run} if self.run else {})}
-        return Message(RecordDict({"config": ConfigRecord(cfg)}), node, MessageType.QUERY, group_id=group)
+        cfg = {METHOD: self.method, **({RUN: self.run} if self.run else {})}
+        return Message(RecordDict({CONFIG: ConfigRecord(cfg)}), node, MessageType.QUERY, group_id=group)
+
+    def absent(self, sampled: List[int]) -> List[int]:
+        """The ``sampled`` partitions that have no live registered node (they left, or never came)."""
+        return [p for p in sampled if p not in self.node_of]
+
+    def resumed_flags(self) -> Dict[str, List[int]]:
+        """After the first registration of a resumed run: partitions whose node has no personal state although the
+        partition trained before the crash (``restarted_without_state``)."""
+        lost = sorted(p for p in self.node_of if self._lost(p))
+        return {"restarted_without_state": lost} if lost else {}
+
+    def _lost(self, pid: int) -> bool:
+        """Its node holds no personal state although the partition trained before."""
+        return self.last_trained.get(pid) is not None and self.personal_round.get(pid, -1) < 0
+
+    def meta(self) -> Dict[str, Any]:
+        """The checkpoint's part: ``{"registry": {partition: {"num-examples", "last-trained"}}}``."""
+        parts = sorted(set(self.num_examples) | set(self.last_trained))
+        return {"registry": {str(p): {"num-examples": self.num_examples.get(p),
+                                      "last-trained": self.last_trained.get(p)} for p in parts}}
+
+    def restorer(self, meta: Mapping[str, Any], rounds: int) -> Callable[[], None]:
+        """Check the checkpoint's registry part (a checkpoint after ``rounds`` rounds): every key a partition in
+        ``[0, C)``, every ``last-trained`` a round in ``[0, rounds)`` or null; return the function that loads them."""
+        parts = meta.get("registry", {})
+        if not isinstance(parts, Mapping):
+            raise CheckpointError(f"checkpoint: 'registry' must be a JSON object, got {type(parts).__name__}")
+        last: Dict[int, Optional[int]] = {}
+        for p, info in parts.items():
+            got = info.get("last-trained") if isinstance(info, Mapping) else info
+            if not (isinstance(p, str) and p.isdigit() and int(p) < self.num_partitions) or not (got is None or (
+                    isinstance(got, int) and not isinstance(got, bool) and 0 <= got < rounds)):
+                raise CheckpointError(f"checkpoint: registry[{p!r}] = {info!r} is not a partition in "
+                                      f"[0, {self.num_partitions}) with a 'last-trained' round in [0, {rounds}) or null")
+            last[int(p)] = got
+        return lambda: self.last_trained.update(last)
 
     def forget(self, node: int) -> None:
         """Unregister ``node`` (it left, or a new node replaced it); its partition is free for a node that rejoins."""
@@ -132,11 +170,8 @@ class Registry:
         if not new:
             return out
         replies = list(grid.send_and_receive([self._query(n, "rejoin") for n in new], timeout=max(1.0, timeout)))
-        contested = {}
-        for r in replies:
-            pid, reason, _ = self._check(r)
-            if reason is None and pid in self.node_of:
-                contested[pid] = self.node_of[pid]
+        checked = [self._check(r) for r in replies]
+        contested = {pid: self.node_of[pid] for pid, reason, _ in checked if reason is None and pid in self.node_of}
         if contested:  # is the node holding the partition still alive?
             probes = [self._query(node, "probe") for node in contested.values()]
             answered = {r.metadata.src_node_id for r in grid.send_and_receive(probes, timeout=probe_timeout)
@@ -150,8 +185,7 @@ class Registry:
         for pid in sorted(set(self.node_of) - before):
             if pid in self.retired.values() or pid in self.last_trained:
                 out["rejoined"].append(pid)
-                if self.last_trained.get(pid) is not None and self.personal_round.get(pid, -1) < 0:
-                    out["restarted_without_state"].append(pid)
+                out["restarted_without_state"] += [pid] if self._lost(pid) else []
         return out
 
     def register(self, grid: Grid, *, min_nodes: int, timeout: float, poll: float = 1.0) -> None:
@@ -161,23 +195,27 @@ class Registry:
         Raises:
             RuntimeError: no node at all could be registered within ``timeout``.
         """
-        deadline = time.monotonic() + timeout
+        said = time.monotonic()
+        deadline = said + timeout
         while True:
             new = [n for n in grid.get_node_ids() if n not in self.partition_of and n not in self.refused]
             if new:
-                msgs = [self._query(n) for n in new]
-                replies = list(grid.send_and_receive(msgs, timeout=max(1.0, deadline - time.monotonic())))
+                replies = list(grid.send_and_receive([self._query(n) for n in new],
+                                                     timeout=max(1.0, deadline - time.monotonic())))
                 answered = {r.metadata.src_node_id for r in replies}
                 self.add(replies)
                 for n in set(new) - answered:
                     log.warning("node %d did not answer the registration query in time; will ask again", n)
             if len(self) + len(self.refused) >= min_nodes or time.monotonic() >= deadline:
                 break  # every expected node has answered (registered or refused), or time is up
+            if time.monotonic() - said >= WAIT_LOG_S:
+                said = time.monotonic()
+                missing = sorted(set(range(self.num_partitions)) - set(self.node_of))
+                log.warning("waiting for nodes: %d of %d registered; partitions still missing: %s (%.0f s left)",
+                            len(self), min_nodes, missing, deadline - said)
             time.sleep(poll)
         if not len(self):
-            raise RuntimeError(
-                f"no node could be registered within {timeout:.0f}s (refused: {self.refused or 'none'})"
-            )
+            raise RuntimeError(f"no node could be registered within {timeout:.0f}s (refused: {self.refused or 'none'})")
         if len(self) < min_nodes:
             log.warning("only %d of %d partitions registered after %.0fs; continuing with %s",
                         len(self), min_nodes, timeout, sorted(self.node_of))
@@ -197,14 +235,14 @@ def discover_partitions(grid: Grid, *, timeout: float, poll: float = 1.0, replie
     while time.monotonic() < deadline:
         nodes = list(grid.get_node_ids())
         if nodes:
-            msgs = [Message(RecordDict({"config": ConfigRecord()}), n, MessageType.QUERY, group_id="discover")
+            msgs = [Message(RecordDict({CONFIG: ConfigRecord()}), n, MessageType.QUERY, group_id="discover")
                     for n in nodes]
             got = list(grid.send_and_receive(msgs, timeout=max(1.0, deadline - time.monotonic())))
             if replies is not None:
                 replies.extend(got)
             seen = set()
             for r in got:
-                value = r.content[METRICS].get("num-partitions") if r.has_content() and \
+                value = r.content[METRICS].get(NUM_PARTITIONS) if r.has_content() and \
                     METRICS in r.content.metric_records else -1
                 count = _count(value)
                 if count is None or (count < 1 and count != -1):

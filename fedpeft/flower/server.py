@@ -1,185 +1,149 @@
-"""The server side: a Flower ``ServerApp`` that runs one fedpeft method and writes the per-client report.
+"""The server side: a Flower ``ServerApp`` that runs one fedpeft method and keeps its per-client report.
 
     app = server_app("FedVPT", build_model, num_partitions=3, num_rounds=5, report="results/flower.json")
 
-``main(grid, context)`` builds the model with ``build_model(context)`` under ``torch.manual_seed(seed)`` (so the
-server's initial shared state, and pFedPG's generator, are what the in-process engine starts from), runs a
-:class:`~fedpeft.flower.ProtocolStrategy`, and after every round rewrites the report (:func:`method_report`, written
-atomically with fsync): per-client accuracies after the latest round, the per-round mean and per-client curves,
-parameter counts, and every round's record (accepted, rejected with reasons, ...). ``round_log`` appends each round's
-record as one JSON line (:class:`~fedpeft.protocols.RoundLog`).
-
-``run_config`` (``[tool.flwr.app.config]`` of the app, or ``flwr run --run-config``) overrides the arguments:
-``num-server-rounds``, ``num-partitions``, ``fraction-train``, ``fraction-evaluate``, ``seed``, ``round-timeout``,
-``registration-timeout``, ``report-path``, ``round-log-path``, ``checkpoint-dir``, ``run-name``, ``probe-timeout``.
+``main(grid, context)`` builds the model under ``torch.manual_seed(seed)`` (the in-process engine's initial server
+state), runs a :class:`~fedpeft.flower.ProtocolStrategy` and rewrites the report after every round (atomic, fsync'ed;
+``"status"``: ``running``, ``completed`` or ``failed`` with the error). The run config (``[tool.flwr.app.config]`` or
+``flwr run --run-config``) overrides the arguments; its keys are :data:`RUN_CONFIG`. Replies are pulled every 0.2 s
+(:class:`FastGrid`; Flower's own loop sleeps 3 s between pulls). The report: :mod:`fedpeft.protocols.report`. See
+docs/flower.md.
 """
 
 from __future__ import annotations
 
-import json
-import logging
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional, Union
+from typing import Any, Callable, Dict, Iterable, Optional, Union
 
+import flwr
 import torch
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 from torch import nn
 
-from .. import _atomic, fed
-from ..protocols import PFedPGServer, Protocol
 from ..protocols import get as get_protocol
-from .deployment import FastGrid, failure_report, report_path
+from ..protocols.report import failure_report, method_report, report_path, write_report
 from .registry import discover_partitions
 from .strategy import ProtocolStrategy
 
-__all__ = ["method_report", "server_app", "write_report"]
+__all__ = ["RUN_CONFIG", "FastGrid", "failure_report", "report_path", "server_app", "write_report"]
 
-log = logging.getLogger("fedpeft.flower")
-
-
-def method_report(strategy: ProtocolStrategy, model: nn.Module, wall_s: float) -> Dict[str, Any]:
-    """The benchmark's per-method record (``name``, ``accuracy`` per client after the last round, ``curve``,
-    ``curve_clients``, ``trainable``, ``communicated``, ``server``, ``wall_s``, ``personal_keys``) plus ``rounds``
-    (``RoundRecord.as_dict()`` of every round) and ``engine``. A client missing from an evaluation is ``null``."""
-    import flwr
-
-    method: Protocol = strategy.method
-    curve_clients = [list(r.deployed or []) for r in strategy.history]
-    curve = [r.mean for r in strategy.history]
-    trainable = fed.num_params(fed.trainable_state(model))
-    upload = {k: v for k, v in fed.trainable_state(model).items() if k in set(method.upload_keys(model))}
-    server_params = sum(p.numel() for p in strategy.server.generator.parameters()) \
-        if isinstance(strategy.server, PFedPGServer) else 0
-    return {
-        "name": method.name,
-        "accuracy": curve_clients[-1] if curve_clients else [],
-        "curve": curve,
-        "curve_clients": curve_clients,
-        "trainable": trainable,
-        "communicated": fed.num_params(upload),
-        "communicated_bytes": fed.num_bytes(upload),
-        "server": server_params,
-        "wall_s": wall_s,
-        "personal_keys": list(method.personal_keys(model)),
-        "rounds": [r.as_dict() for r in strategy.history],
-        "engine": {"name": "flower", "flwr": flwr.__version__},
-    }
+#: run-config key → (server_app argument, type); an empty string means "not set"
+RUN_CONFIG: Dict[str, tuple] = {
+    "num-server-rounds": ("num_rounds", int), "num-partitions": ("num_partitions", int),
+    "fraction-train": ("fraction_train", float), "fraction-evaluate": ("fraction_evaluate", float),
+    "seed": ("seed", int), "round-timeout": ("round_timeout", float),
+    "registration-timeout": ("registration_timeout", float), "report-path": ("report", str),
+    "round-log-path": ("round_log", str), "checkpoint-dir": ("checkpoint_dir", str), "run-name": ("run_name", str),
+    "probe-timeout": ("probe_timeout", float), "one-message": ("one_message", bool),
+}
 
 
-def write_report(path: Union[str, Path], report: Dict[str, Any]) -> Path:
-    """Write ``report`` as JSON to ``path`` atomically and durably (:mod:`fedpeft._atomic`: a temporary file beside
-    it, fsync'ed, renamed over it, the folder fsync'ed): a reader or a crash sees the old report or the new one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+class FastGrid:
+    """A ``flwr.serverapp.Grid`` whose ``send_and_receive`` pulls replies every ``poll`` seconds (Flower: 3 s).
 
-    def fill(tmp: str) -> None:
-        with open(tmp, "w") as f:
-            json.dump(report, f, indent=2, default=str)
-            f.write("\n")
+    Same contract as Flower's: push every message, then pull until each has a reply or ``timeout`` seconds have
+    passed (``None``: wait forever); returns the replies received. Everything else is the wrapped grid's.
+    """
 
-    _atomic.replace(_atomic.write_temp(path, fill), path)
-    return path
+    def __init__(self, grid: Any, poll: float = 0.2) -> None:
+        if isinstance(poll, bool) or not isinstance(poll, (int, float)) or not 0 < poll <= 10:
+            raise ValueError(f"poll must be a number of seconds in (0, 10], got {poll!r}")
+        self._grid, self.poll = grid, float(poll)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._grid, name)
+
+    def send_and_receive(self, messages: Iterable[Any], *, timeout: Optional[float] = None) -> Iterable[Any]:
+        pending = {i for i in self._grid.push_messages(messages) if i}
+        end = None if timeout is None else time.monotonic() + timeout
+        replies: list = []
+        while pending:
+            got = list(self._grid.pull_messages(pending))
+            replies.extend(got)
+            pending.difference_update(m.metadata.reply_to_message_id for m in got)
+            if not pending or (end is not None and time.monotonic() >= end):
+                break
+            time.sleep(self.poll if end is None else max(0.0, min(self.poll, end - time.monotonic())))
+        return replies
 
 
-def server_app(
-    method: Any,
-    build_model: Callable[[Context], nn.Module],
-    *,
-    num_partitions: Optional[int] = None,
-    num_rounds: int = 3,
-    fraction_train: float = 1.0,
-    fraction_evaluate: float = 1.0,
-    seed: int = 0,
-    round_timeout: float = 3600.0,
-    registration_timeout: float = 600.0,
-    report: Optional[Union[str, Path]] = None,
-    round_log: Optional[Union[str, Path]] = None,
-    checkpoint_dir: Optional[Union[str, Path]] = None,
-    on_round: Optional[Callable[[Any], None]] = None,
-    on_report: Optional[Callable[[Dict[str, Any]], None]] = None,
-    **strategy_options: Any,
-) -> ServerApp:
+def _options(run_config: Dict[str, Any], defaults: Dict[str, Any]) -> Dict[str, Any]:
+    """``defaults`` overridden by the run config (:data:`RUN_CONFIG`; ``""`` leaves an argument unset)."""
+    given = {name: None if run_config[key] == "" else kind(run_config[key])
+             for key, (name, kind) in RUN_CONFIG.items() if key in run_config}
+    return {**defaults, **given}
+
+
+def server_app(method: Any, build_model: Callable[[Context], nn.Module], *, num_partitions: Optional[int] = None,
+               num_rounds: int = 3, fraction_train: float = 1.0, fraction_evaluate: float = 1.0, seed: int = 0,
+               round_timeout: float = 3600.0, registration_timeout: float = 600.0,
+               report: Optional[Union[str, Path]] = None, round_log: Optional[Union[str, Path]] = None,
+               checkpoint_dir: Optional[Union[str, Path]] = None, on_round: Optional[Callable[[Any], None]] = None,
+               on_report: Optional[Callable[[Dict[str, Any]], None]] = None, **strategy_options: Any) -> ServerApp:
     """A ``ServerApp`` running ``method`` (see the module docstring).
 
     Args:
         method: a protocol or a method name (``fedpeft.protocols.METHODS``).
         build_model: ``build_model(context) -> model``, the same builder as the clients'.
-        num_partitions: C (or ``num-partitions`` in the run config; neither: as the nodes' ``node_config`` says).
-        report: path of the JSON report (or ``report-path`` in the run config), rewritten after every round
-            (``"status": "running"``) and at the end: ``"completed"``, or ``"failed"`` with the ``error`` when the
-            run raised (the report is written, then the error re-raised: ``flwr ls`` shows it too). ``{run_id}`` is
-            replaced by the run's id; a relative path is taken from the ServerApp's working folder, and the absolute
-            path is printed at the end. ``None`` or ``""`` writes none.
-        round_log: path of the JSON-lines round log (or ``round-log-path``); ``None`` writes none.
-        checkpoint_dir: the server's checkpoint folder (or ``checkpoint-dir``): written after every round; a
-            ServerApp started again with the same folder (after a crash of the ServerApp or the SuperLink) resumes
-            from it and runs the rounds that are left (:mod:`.resume`). ``run-name`` in the run config names the
-            run the nodes file their personal state under (default: the checkpoint's, else Flower's run id).
-        on_round: called with each round's :class:`~fedpeft.protocols.RoundRecord` after the report (and the
-            checkpoint) are written.
-        on_report: called with the report dict when the run ends (e.g. to collect it in-process).
-        strategy_options: passed to :class:`ProtocolStrategy` (e.g. ``min_nodes``, ``check_frozen``,
-            ``server_seed``).
+        num_partitions: C (``None`` or 0: as the nodes' ``node_config`` says).
+        report: the JSON report's path (``{run_id}`` is replaced; relative: from the ServerApp's working folder; the
+            absolute path is printed at the end); ``None`` or ``""``: none.
+        round_log: the JSON-lines round log's path (``None``: none).
+        checkpoint_dir: the server's checkpoint folder: a ServerApp started again with it resumes from it.
+        on_round: called with each closed :class:`~fedpeft.protocols.RoundRecord`, after the report is written.
+        on_report: called with the report dict when the run ends.
+        strategy_options: passed to :class:`ProtocolStrategy` (``min_nodes``, ``check_frozen``, ``server_seed``,
+            ``run_name``, ``probe_timeout``, ``one_message``, ...).
     """
     protocol = get_protocol(method)
     if "generator_seed" in strategy_options:  # the 0.1 name (PFedPGStrategy's)
         strategy_options["server_seed"] = strategy_options.pop("generator_seed")
+    defaults = dict(num_partitions=num_partitions, num_rounds=num_rounds, fraction_train=fraction_train,
+                    fraction_evaluate=fraction_evaluate, seed=seed, round_timeout=round_timeout,
+                    registration_timeout=registration_timeout, report=None if report is None else str(report),
+                    round_log=round_log, checkpoint_dir=checkpoint_dir, **strategy_options)
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        grid = FastGrid(grid)  # replies pulled every 0.2 s, not Flower's 3 s
-        cfg = context.run_config
-        configured = cfg.get("report-path", None if report is None else str(report))
-        path = report_path(str(configured).format(run_id=context.run_id), context.run_id) if configured else None
+        grid = FastGrid(grid)
+        opt = _options(dict(context.run_config), defaults)
+        path = report_path(opt["report"].format(run_id=context.run_id), context.run_id) if opt["report"] else None
         strategy, model, t0 = None, None, time.perf_counter()
         try:
-            parts = int(cfg.get("num-partitions", num_partitions or 0))
-            reg_timeout = float(cfg.get("registration-timeout", registration_timeout))
             answered: list = []  # the discovery's replies register those nodes (no second query)
-            if parts < 1:  # not given: as the nodes' node_config says (the simulation sets it)
-                parts = discover_partitions(grid, timeout=reg_timeout, replies=answered)
-            run_seed = int(cfg.get("seed", seed))
+            parts = opt.pop("num_partitions") or discover_partitions(grid, timeout=opt["registration_timeout"],
+                                                                     replies=answered)
+            rounds, timeout, run_seed, _ = (opt.pop(k) for k in ("num_rounds", "round_timeout", "seed", "report"))
             t0 = time.perf_counter()
             torch.manual_seed(run_seed)
             model = build_model(context)
-            log_path = cfg.get("round-log-path", None if round_log is None else str(round_log))
+
+            def report() -> Dict[str, Any]:
+                return method_report(strategy.method, strategy.server, strategy.history, model,
+                                     time.perf_counter() - t0, {"name": "flower", "flwr": flwr.__version__})
 
             def each_round(record: Any) -> None:
-                if path:
-                    write_report(path, {**method_report(strategy, model, time.perf_counter() - t0),
-                                        "status": "running"})
+                if path is not None:
+                    write_report(path, {**report(), "status": "running"})
                 if on_round is not None:
                     on_round(record)
 
-            strategy = ProtocolStrategy(protocol, model, num_partitions=parts, seed=run_seed,
-                                        fraction_train=float(cfg.get("fraction-train", fraction_train)),
-                                        fraction_evaluate=float(cfg.get("fraction-evaluate", fraction_evaluate)),
-                                        registration_timeout=reg_timeout, on_round=each_round,
-                                        round_log=log_path or None,
-                                        checkpoint_dir=cfg.get("checkpoint-dir", None if checkpoint_dir is None
-                                                               else str(checkpoint_dir)) or None,
-                                        **({"run_name": str(cfg["run-name"])} if cfg.get("run-name") else {}),
-                                        **({"probe_timeout": float(cfg["probe-timeout"])} if "probe-timeout" in cfg
-                                           else {}),
-                                        **{"one_message": bool(cfg.get("one-message", True)), **strategy_options})
-            if answered:
-                strategy.registry.add(answered)
-            strategy.start(grid, num_rounds=int(cfg.get("num-server-rounds", num_rounds)),
-                           timeout=float(cfg.get("round-timeout", round_timeout)))
-            result = {**method_report(strategy, model, time.perf_counter() - t0), "status": "completed"}
+            strategy = ProtocolStrategy(protocol, model, num_partitions=parts, seed=run_seed, on_round=each_round,
+                                        **{k: v for k, v in opt.items() if v is not None})
+            strategy.registry.add(answered)
+            strategy.start(grid, num_rounds=rounds, timeout=timeout)
+            result = {**report(), "status": "completed"}
         except Exception as e:
-            partial = method_report(strategy, model, time.perf_counter() - t0) if strategy is not None else None
-            result = failure_report(protocol.name, e, partial)
+            result = failure_report(protocol.name, e, report() if strategy is not None else None)
             if path is not None:
                 write_report(path, result)
                 print(f"fedpeft: the run FAILED ({result['error']}); report: {path}", flush=True)
             raise
         if path is not None:
             write_report(path, result)
-            log.info("wrote %s", path)
             print(f"fedpeft: report written to {path}", flush=True)
         if on_report is not None:
             on_report(result)

@@ -30,7 +30,9 @@ Public names::
     METHODS, REGISTRY, Method, method(name), get(method, **options), method_costs(protocol, model, server),
     upload_keys(model, method), upload_state(model, method)
     Protocol, SharedPersonal(patterns, ...), FedAvgFT, PFedPG, AveragingServer, PFedPGServer
-    ClientResult, Reply, Rejection, ServerReport, screen_replies
+    ClientResult, Reply, Rejection, Diverged, ServerReport, screen_replies
+    RoundBook (a round's record, log and checkpoint, for every engine), Checkpoint, load_checkpoint, save_checkpoint
+    ClientStateFile, ClientStateError, StaleMessage (a client's personal state on disk)
     LocalTask, LocalTrainer, Trainer, LossFn, batch_seed, cross_entropy_loss, evaluate, fedpgp_loss
     sample_clients, Federation, RoundRecord, RoundLog, Server
 
@@ -38,6 +40,7 @@ See docs/protocols.md.
 """
 
 from .checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
+from .client_state import ClientStateError, ClientStateFile, StaleMessage
 from .inprocess import Federation
 from .methods import (
     METHODS,
@@ -52,9 +55,9 @@ from .methods import (
 )
 from .pfedpg import PFedPG, PFedPGServer
 from .protocol import Phase, Protocol
-from .records import ClientResult, Rejection, Reply, RoundRecord, ServerReport
-from .resume import diverged
+from .records import ClientResult, Diverged, Rejection, Reply, RoundRecord, ServerReport, diverged
 from .roundlog import RoundLog
+from .rounds import RoundBook
 from .sampling import sample_clients
 from .screening import screen_replies
 from .server import Server
@@ -68,6 +71,9 @@ __all__ = [
     "Checkpoint",
     "CheckpointError",
     "ClientResult",
+    "ClientStateError",
+    "ClientStateFile",
+    "Diverged",
     "FedAvgFT",
     "Federation",
     "LocalTask",
@@ -80,11 +86,13 @@ __all__ = [
     "Protocol",
     "Rejection",
     "Reply",
+    "RoundBook",
     "RoundLog",
     "RoundRecord",
     "Server",
     "ServerReport",
     "SharedPersonal",
+    "StaleMessage",
     "Trainer",
     "batch_seed",
     "cross_entropy_loss",

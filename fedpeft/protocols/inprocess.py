@@ -19,30 +19,24 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any, List, Optional, Sequence, Union
+from typing import Any, Callable, List, Optional, Sequence, Union
 
 from torch import nn
 
 from .. import fed
 from .._checks import check_positive_int
-from .._integrity import FolderLock, tensor_digest
-from .checkpoint import CheckpointError, claim_folder, load_checkpoint, save_checkpoint
+from .checkpoint import CheckpointError
 from .methods import get
 from .protocol import Protocol, _evaluator
-from .records import Rejection, RoundRecord
-from .resume import diverged, federation_checkpoint, restore_federation
+from .records import Diverged, RoundRecord
 from .roundlog import RoundLog
+from .rounds import RoundBook
 from .sampling import sample_clients
 from .screening import check_max_weight, screen_metric
 from .server import Server
 from .training import LocalTrainer, Trainer
 
 __all__ = ["Federation", "RoundRecord"]
-
-
-def _order(r: Rejection) -> tuple:
-    return (not isinstance(r.client_id, int), r.client_id if isinstance(r.client_id, int) else str(r.client_id))
-
 
 class Federation:
     """Run ``protocol`` over clients in this process (see the module docstring).
@@ -95,84 +89,94 @@ class Federation:
         initial = self.protocol.initial_personal(model)
         self.personal = [{k: v.clone() for k, v in initial.items()} for _ in range(self.num_clients)]
         self.server = server if server is not None else self.protocol.make_server(model, num_clients=self.num_clients)
-        self.round_log = round_log if isinstance(round_log, RoundLog) or round_log is None else RoundLog(round_log)
         if max_weight is not None:
-            self.server.max_weight = check_max_weight(max_weight)  # type: ignore[attr-defined]
-        self.history: List[RoundRecord] = []
-        self.checkpoint_dir = None if checkpoint_dir is None else Path(checkpoint_dir).expanduser()
-        self._lock: Optional[FolderLock] = None  # taken at the first checkpoint this engine writes
-        self.fingerprint = None if self.checkpoint_dir is None else tensor_digest(
-            {k: v for k, v in model.state_dict().items() if k not in set(fed.trainable_keys(model))})
-        ckpt = None if self.checkpoint_dir is None else load_checkpoint(self.checkpoint_dir)
-        if ckpt is not None and run is not None and run != ckpt.run:
-            raise CheckpointError(f"{self.checkpoint_dir} holds run {ckpt.run!r}, this federation's run is {run!r}; "
-                                  "use another checkpoint folder (or run=None to resume it)")
-        self.run_id = run if run is not None else (ckpt.run if ckpt is not None else "inprocess")
-        if ckpt is not None:
-            restore_federation(self, ckpt)
-            if self.round_log is not None:  # every round in the log exactly once, wherever the last run was killed
-                self.round_log.reset(self.history)
+            self.server.max_weight = check_max_weight(max_weight)
+        config = {"method": self.protocol.name, "seed": self.seed, "fraction": float(self.fraction),
+                  "num_clients": self.num_clients, "engine": "inprocess",
+                  "frozen-sha256": None if checkpoint_dir is None else fed.frozen_fingerprint(model)}
+        self.book = RoundBook(self.server, self.num_clients, config=config, run=run, round_log=round_log,
+                              checkpoint_dir=checkpoint_dir)
+        self.book.resume(self._restore)
+        self.run_id = self.book.run = run if run is not None else (self.book.run or "inprocess")
+
+    @property
+    def history(self) -> List[RoundRecord]:
+        """Every finished round's record."""
+        return self.book.history
+
+    @property
+    def round_log(self) -> Optional[RoundLog]:
+        return self.book.round_log
+
+    @property
+    def checkpoint_dir(self) -> Optional[Path]:
+        return self.book.checkpoint_dir
+
+    def _restore(self, ckpt: Any) -> Callable[[], None]:
+        """Check the clients' personal states in ``ckpt`` (``personal.<client>.<key>``); return their loader."""
+        like = self.protocol.initial_personal(self.model)
+        personal = []
+        for n in range(self.num_clients):
+            prefix = f"personal.{n}."
+            state = {k[len(prefix):]: v for k, v in ckpt.tensors.items() if k.startswith(prefix)}
+            if set(state) != set(like) or any(state[k].shape != like[k].shape or state[k].dtype != like[k].dtype
+                                              for k in like):
+                raise CheckpointError(f"checkpoint: client {n}'s personal state does not fit the model (keys "
+                                      f"{sorted(state)[:4]}..., expected {sorted(like)[:4]}...)")
+            bad = next((k for k, v in state.items() if v.is_floating_point() and not bool(v.isfinite().all())), None)
+            if bad is not None:
+                raise CheckpointError(f"checkpoint: client {n}'s personal state [{bad!r}] holds NaN/Inf")
+            personal.append({k: v.to(like[k].device) for k, v in state.items()})
+
+        def apply() -> None:
+            self.personal = personal
+
+        return apply
 
     def run_round(self, round: int) -> RoundRecord:
         """Sample, train the participants, update the server, evaluate every client's deployed model.
 
         ``round`` must be the next one (``len(history)``): replies are stamped with it and the server refuses others.
-        A client whose training diverges (:func:`~fedpeft.protocols.resume.diverged`) keeps its previous personal
-        state; its upload is refused and it is listed in ``record.diverged``.
+        A client whose training diverges (:meth:`ClientResult.diverged`) keeps its previous personal state; its upload
+        is refused and it is listed in ``record.diverged``. The record goes through :class:`RoundBook` (history, round
+        log, checkpoint).
         """
         if round != len(self.history):
             raise ValueError(f"round must be the next round, {len(self.history)}, got {round!r}")
         started = time.perf_counter()
         ids = sample_clients(self.num_clients, self.fraction, seed=self.seed, round=round)
-        record = RoundRecord(round=round, participants=ids)
+        record = self.book.open_round(round, ids)
         payloads = self.server.payloads(ids)
-        replies, refused = [], []
+        replies, refused, loss, after_local = [], [], {}, {}
         for n in ids:
             result = self.protocol.client_update(
                 self.model, shared=payloads[n], personal=self.personal[n], data=self.train_data[n], round=round,
                 client_id=n, seed=self.seed, trainer=self.trainer,
                 eval_data=None if self.test_data is None else self.test_data[n],
             )
-            why = diverged(result)
-            if why is not None:
-                record.diverged.append(n)
-                refused.append(Rejection(n, why))
+            why = result.diverged()
+            if why is not None:  # keep the previous personal state
+                refused.append(Diverged(n, why))
                 continue
             self.personal[n] = result.personal
-            for key, into in (("loss", record.train_loss), ("accuracy", record.after_local)):
+            for key, into in (("loss", loss), ("accuracy", after_local)):
                 value = screen_metric(key, result.metrics.get(key), n)
                 if value is not None:
                     into[n] = value
             replies.append(result.reply(n, round))
-        record.server = self.server.update(replies)
-        record.server.rejected = sorted(record.server.rejected + refused, key=_order)
-        record.train_loss = {n: v for n, v in record.train_loss.items() if n in set(record.server.accepted)}
-        if self.test_data is not None:
-            record.deployed = [screen_metric("accuracy", a, n) for n, a in enumerate(self.evaluate(round))]
-        record.wall_s = time.perf_counter() - started
-        self.history.append(record)
-        if self.checkpoint_dir is not None:  # the checkpoint first: a resume rewrites the log from its history
-            self._save()
-        if self.round_log is not None:
-            self.round_log.append(record)
+        self.book.close_training(record, self.server.update(replies), refused=refused, train_loss=loss,
+                                 after_local=after_local)
+        deployed = None if self.test_data is None else {
+            n: screen_metric("accuracy", a, n) for n, a in enumerate(self.evaluate(round))}
+        self.book.close_evaluation(record, deployed, wall_s=time.perf_counter() - started)
+        self.book.commit({f"personal.{n}.{k}": v for n, state in enumerate(self.personal) for k, v in state.items()})
         return record
 
-    def _save(self) -> None:
-        """Write the checkpoint, holding the folder's lock from the first write on (a second writer is refused)."""
-        if self._lock is None:
-            self._lock = claim_folder(self.checkpoint_dir)
-            on_disk = load_checkpoint(self.checkpoint_dir)
-            if on_disk is not None and on_disk.round != len(self.history) - 1:
-                self.close()
-                raise CheckpointError(f"{self.checkpoint_dir} holds round {on_disk.round} now, this federation "
-                                      f"resumed at round {len(self.history) - 1}: another writer used the folder")
-        save_checkpoint(self.checkpoint_dir, federation_checkpoint(self, self.run_id))
-
     def close(self) -> None:
-        """Release the checkpoint folder's lock (another federation may then write it); the log needs no closing."""
-        if self._lock is not None:
-            self._lock.close()
-            self._lock = None
+        """Free the checkpoint folder for another writer (held from the first round on; the end of the process
+        frees it too) and close the round log's TensorBoard writer."""
+        self.book.release()
+        self.book.close()
 
     def evaluate(self, round: int = 0) -> List[float]:
         """Every client's deployed-model accuracy on its test set (FedAvg-FT fine-tunes here, seeded by ``round``)."""

@@ -7,11 +7,13 @@ put it on any wire (Flower's ``ArrayRecord``/``MetricRecord``, a queue, a file) 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Mapping, NamedTuple, Optional
+from typing import Any, Dict, List, Mapping, NamedTuple, Optional, Tuple
 
+import torch
 from torch import Tensor
 
-__all__ = ["ClientResult", "Rejection", "Reply", "RoundRecord", "ServerReport"]
+__all__ = ["ClientResult", "Diverged", "Rejection", "Reply", "RoundRecord", "ServerReport", "diverged",
+           "rejection_order"]
 
 
 class Reply(NamedTuple):
@@ -21,13 +23,15 @@ class Reply(NamedTuple):
     node id), ``upload`` the state dict it sent (:attr:`ClientResult.upload`), ``weight`` its aggregation weight
     (its number of training examples, FedAvg's ``n_k``), ``round`` the 0-based round it answers (a server refuses a
     reply stamped with another round than the one in flight; ``None``: unstamped). A plain
-    ``(client_id, upload, weight)`` tuple or list works too.
+    ``(client_id, upload, weight)`` tuple or list works too. ``max_weight``: a cap the *engine* knows for this client
+    (Flower: the training examples its node registered with), checked with the server's own ``max_weight``.
     """
 
     client_id: int
     upload: Mapping[str, Tensor]
     weight: float
     round: Optional[int] = None
+    max_weight: Optional[float] = None  # the engine's cap for this client (Flower: the examples it registered with)
 
 
 class Rejection(NamedTuple):
@@ -39,6 +43,18 @@ class Rejection(NamedTuple):
 
     client_id: Any  # as received: it may be the invalid part
     reason: str
+
+
+class Diverged(Rejection):
+    """A rejection because the client's own training diverged (non-finite values): the client kept its previous
+    personal state. The typed flag behind ``RoundRecord.diverged``."""
+
+    __slots__ = ()
+
+
+def rejection_order(r: Rejection) -> Tuple[bool, Any]:
+    """Sort key of rejections: partition ids ascending, then the unattributed ones (``"node <id>"``) by text."""
+    return (not isinstance(r.client_id, int), r.client_id if isinstance(r.client_id, int) else str(r.client_id))
 
 
 def _who(client_id: Any) -> Any:
@@ -69,6 +85,16 @@ class ClientResult:
         """This result as the server's :class:`Reply` (the upload, weighted by ``num_examples``, stamped with
         ``round``)."""
         return Reply(client_id, self.upload, self.num_examples, round)
+
+    def diverged(self) -> Optional[str]:
+        """Why this result must not count (a key of its upload or personal state holds NaN/Inf), or ``None``. The
+        client then keeps its previous personal state and its upload is refused (:class:`Diverged`)."""
+        for name, state in (("upload", self.upload), ("personal state", self.personal)):
+            for k, v in state.items():
+                if (v.is_floating_point() or v.is_complex()) and not bool(torch.isfinite(v).all()):
+                    return (f"local training diverged: its {name}[{k!r}] holds non-finite values; the upload is "
+                            "refused and the client keeps its previous personal state")
+        return None
 
 
 @dataclass
@@ -186,3 +212,8 @@ class RoundRecord:
             absent=list(d.get("absent", [])), rejoined=list(d.get("rejoined", [])),
             restarted_without_state=list(d.get("restarted_without_state", [])), diverged=list(d.get("diverged", [])),
         )
+
+
+def diverged(result: ClientResult) -> Optional[str]:
+    """``result.diverged()``: why a client's own round must not count, or ``None``."""
+    return result.diverged()

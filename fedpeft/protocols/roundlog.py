@@ -4,11 +4,10 @@
     log.append(record)                                 # a RoundRecord (or any JSON-able mapping)
     RoundLog.read("results/run/rounds.jsonl")          # -> [dict, ...], one per finished round
 
-Each :meth:`RoundLog.append` rewrites the file through :mod:`fedpeft._atomic`: the old lines plus the new one go to a
-temporary file beside it, which is fsync'ed and renamed over the log (then the folder is fsync'ed). A reader, or a
-run killed at any instant (``kill -9``, a power loss), therefore finds the file as it was after some round: every
-line complete, never half a line. Rewriting costs O(size of the log) per round — kilobytes per round, negligible
-next to a round's training. Watch a long run with ``tail -f``.
+Each :meth:`RoundLog.append` appends one line to the file (opened for append) in one ``write`` and fsyncs it: O(1)
+per round, and ``tail -f`` follows it. A run killed in the middle of a write can leave half a line at the end; the
+next ``RoundLog(path, append=True)`` (a resumed run) cuts it off, and :meth:`RoundLog.reset` rewrites it from the
+checkpoint's history, so the log holds every round exactly once (:class:`~fedpeft.protocols.RoundBook`).
 
 TensorBoard: when the ``tensorboard`` package is installed (``pip install "fedpeft[tensorboard]"``) and
 ``tensorboard`` is not ``False``, every round also goes to ``torch.utils.tensorboard.SummaryWriter`` in
@@ -19,8 +18,8 @@ TensorBoard: when the ``tensorboard`` package is installed (``pip install "fedpe
 from __future__ import annotations
 
 import json
-import logging
 import math
+import os
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
@@ -30,7 +29,6 @@ from .records import RoundRecord
 __all__ = ["RoundLog"]
 
 PathLike = Union[str, Path]
-log = logging.getLogger("fedpeft.protocols")
 
 
 def _summary_writer(logdir: Path) -> Any:
@@ -66,9 +64,12 @@ class RoundLog:
             raise TypeError(f"path must be a str or Path, got {type(path).__name__}")
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        _atomic.remove_stale(self.path.parent, self.path.name)
         if not append or not self.path.exists():
-            self._write(b"")
+            self._rewrite(b"")
+        else:
+            data = self.path.read_bytes()
+            if data and not data.endswith(b"\n"):  # half a line from a writer killed mid-way
+                self._rewrite(data[:data.rfind(b"\n") + 1])
         self.writer: Any = None
         if tensorboard is not False:
             logdir = Path(f"{self.path}.tb") if tensorboard in (None, True) else Path(tensorboard)  # type: ignore[arg-type]
@@ -76,32 +77,30 @@ class RoundLog:
             if self.writer is None and tensorboard is not None:
                 raise ImportError('tensorboard=True needs the tensorboard package: pip install "fedpeft[tensorboard]"')
 
-    def _write(self, data: bytes) -> None:
+    def _rewrite(self, data: bytes) -> None:
         def fill(tmp: str) -> None:
             with open(tmp, "wb") as f:
                 f.write(data)
 
+        _atomic.remove_stale(self.path.parent, self.path.name)
         _atomic.replace(_atomic.write_temp(self.path, fill), self.path)
 
     def append(self, record: Union[RoundRecord, Mapping[str, Any]]) -> Dict[str, Any]:
-        """Add one round (a :class:`RoundRecord`, or a JSON-able mapping) as one line; returns the line's dict."""
+        """Add one round (a :class:`RoundRecord`, or a JSON-able mapping) as one fsync'ed line; returns its dict."""
         row = record.as_dict() if isinstance(record, RoundRecord) else dict(record)
-        old = self.path.read_bytes() if self.path.exists() else b""
-        if old and not old.endswith(b"\n"):  # a torn last line (someone else's write): never glue onto it
-            keep = old[:old.rfind(b"\n") + 1]
-            log.warning("%s: dropped a torn last line (%d bytes, no newline) before appending", self.path,
-                        len(old) - len(keep))
-            old = keep
-        self._write(old + _line(row))
+        with open(self.path, "ab") as f:
+            f.write(_line(row))
+            f.flush()
+            os.fsync(f.fileno())
         if self.writer is not None:
             self._tensorboard(row)
         return row
 
     def reset(self, records: Sequence[Union[RoundRecord, Mapping[str, Any]]]) -> None:
-        """Rewrite the log (atomically) to hold exactly ``records``, one line each: what a resumed engine does with
-        its checkpoint's history, so every round is in the log exactly once whenever the last run was killed."""
+        """Rewrite the log atomically to hold exactly ``records``, one line each: a resumed engine passes its
+        checkpoint's history, so the log holds every round exactly once wherever the last run was killed."""
         rows = [r.as_dict() if isinstance(r, RoundRecord) else dict(r) for r in records]
-        self._write(b"".join(_line(row) for row in rows))
+        self._rewrite(b"".join(_line(row) for row in rows))
 
     def _tensorboard(self, row: Mapping[str, Any]) -> None:
         step = int(row.get("round", 0))

@@ -18,7 +18,16 @@ import torch
 
 from .._checks import check_positive_int
 
-__all__ = ["sample_clients"]
+__all__ = ["check_fraction", "sample_clients"]
+
+
+def check_fraction(fraction: float, name: str = "fraction") -> float:
+    """``fraction`` as a float; ``ValueError`` naming ``name`` unless it is a finite number in (0, 1]."""
+    if isinstance(fraction, bool) or not isinstance(fraction, numbers.Real) or not (
+        math.isfinite(float(fraction)) and 0.0 < float(fraction) <= 1.0
+    ):
+        raise ValueError(f"{name} must be a number in (0, 1], got {fraction!r}")
+    return float(fraction)
 
 
 def sample_clients(num_clients: int, fraction: float, *, seed: int, round: int) -> List[int]:
@@ -34,10 +43,7 @@ def sample_clients(num_clients: int, fraction: float, *, seed: int, round: int) 
         ValueError: ``num_clients`` not a positive int, or ``fraction`` not a finite number in (0, 1].
     """
     check_positive_int("num_clients", num_clients)
-    if isinstance(fraction, bool) or not isinstance(fraction, numbers.Real) or not (
-        math.isfinite(float(fraction)) and 0.0 < float(fraction) <= 1.0
-    ):
-        raise ValueError(f"fraction must be a number in (0, 1], got {fraction!r}")
+    fraction = check_fraction(fraction)
     k = max(1, min(num_clients, math.floor(float(fraction) * num_clients + 0.5)))
     if k == num_clients:
         return list(range(num_clients))

@@ -9,7 +9,11 @@ A reply ``(client_id, upload, weight[, round])`` (a tuple, a list or a :class:`R
 - ``upload`` is a ``Mapping[str, Tensor]`` with exactly the expected keys, and for each key the expected shape and
   dtype, and only finite values;
 - ``weight`` is a finite real number > 0 (``fed`` rules: ``bool`` refused), and at most ``max_weight`` when the server
-  caps it (a self-reported ``num-examples`` of 1e300 would otherwise make one client the whole aggregate).
+  caps it (a self-reported ``num-examples`` of 1e300 would otherwise make one client the whole aggregate) and at most
+  the reply's own ``Reply.max_weight`` when the engine set one (Flower: the examples the node registered with).
+
+This is the one place a reply's content is checked; an engine only reads a reply (whose it is, its arrays). The
+other direction, a client's download, is :func:`check_download`.
 
 Accepted replies are returned sorted by client id, so two engines that deliver the same replies in different orders
 aggregate in the same order and give bit-identical results. Each rejection is logged (logger ``fedpeft.protocols``)
@@ -23,12 +27,13 @@ import math
 from collections import Counter
 from typing import Collection, Iterable, List, Mapping, Optional, Sequence, Tuple
 
+import torch
 from torch import Tensor
 
 from .._checks import check_state, check_weight
-from .records import Rejection, Reply
+from .records import Rejection, Reply, rejection_order
 
-__all__ = ["check_max_weight", "screen_metric", "screen_replies"]
+__all__ = ["check_download", "check_max_weight", "screen_metric", "screen_replies"]
 
 log = logging.getLogger("fedpeft.protocols")
 
@@ -48,10 +53,13 @@ def check_max_weight(max_weight: Optional[float]) -> Optional[float]:
 
 
 def _unpack(reply: object) -> Optional[tuple]:
-    """``(client_id, upload, weight, round)`` of a 3- or 4-element tuple/list/Reply, else ``None``."""
+    """``(client_id, upload, weight, round, max_weight)`` of a :class:`Reply` or a 3- or 4-element tuple/list, else
+    ``None``."""
+    if isinstance(reply, Reply):
+        return tuple(reply)
     if isinstance(reply, (str, bytes, Mapping)) or not isinstance(reply, Sequence) or len(reply) not in (3, 4):
         return None
-    return (*reply, None) if len(reply) == 3 else tuple(reply)
+    return (*reply, None, None) if len(reply) == 3 else (*reply, None)
 
 
 def _reason(reply: object, expected: Mapping[str, Tensor], num_clients: Optional[int],
@@ -61,7 +69,7 @@ def _reason(reply: object, expected: Mapping[str, Tensor], num_clients: Optional
     if parts is None:
         return (f"a reply must be (client_id, upload, weight) or (client_id, upload, weight, round), got "
                 f"{type(reply).__name__}"), None
-    client_id, upload, weight, stamped = parts
+    client_id, upload, weight, stamped, cap = parts
     if isinstance(upload, Mapping):  # read once: the checks and the aggregation see the same tensors
         upload = dict(upload.items())
     if isinstance(client_id, bool) or not isinstance(client_id, int):
@@ -70,7 +78,8 @@ def _reason(reply: object, expected: Mapping[str, Tensor], num_clients: Optional
         return f"client_id {client_id} is outside [0, {num_clients})", None
     if allowed is not None and client_id not in allowed:
         return f"client {client_id} was not sent anything this round", None
-    if stamped is not None and round_ is not None and (isinstance(stamped, bool) or stamped != round_):
+    if stamped is not None and round_ is not None and (isinstance(stamped, bool) or not isinstance(stamped, int)
+                                                       or stamped != round_):
         return f"the reply answers round {stamped!r}, the server is in round {round_}", None
     try:
         w = check_weight(weight, name="weight")
@@ -80,6 +89,8 @@ def _reason(reply: object, expected: Mapping[str, Tensor], num_clients: Optional
         return "weight must be finite and > 0, got 0", None
     if max_weight is not None and w > max_weight:
         return f"weight {w:g} is above max_weight {max_weight:g} (a self-reported num-examples is capped)", None
+    if isinstance(cap, (int, float)) and not isinstance(cap, bool) and cap > 0 and w > cap:
+        return f"weight {w:g} is more than the {cap:g} training examples the node registered with", None
     try:
         check_state(upload, like=expected, finite=True, name="upload")
     except (TypeError, ValueError) as e:
@@ -133,8 +144,20 @@ def screen_replies(
         else:
             accepted.append(ok)
     accepted.sort(key=lambda r: r.client_id)
-    rejected.sort(key=lambda r: (not isinstance(r.client_id, int), r.client_id if isinstance(r.client_id, int) else 0))
+    rejected.sort(key=rejection_order)
     return accepted, rejected
+
+
+def check_download(shared: Mapping[str, Tensor], like: Mapping[str, Tensor]) -> None:
+    """Refuse downloaded arrays that are not finite, or not floating where the model's parameter is (``ValueError``
+    naming the key): a node never trains or deploys on them."""
+    for k, v in shared.items():
+        ref = like.get(k)
+        if ref is not None and ref.is_floating_point() and not v.is_floating_point():
+            raise ValueError(f"the server sent {k!r} as {v.dtype}; the model's parameter is {ref.dtype}")
+        if v.is_floating_point() and not bool(torch.isfinite(v).all()):
+            raise ValueError(f"the server sent non-finite values (NaN/Inf) in {k!r}; refusing to train or deploy on "
+                             "them")
 
 
 def screen_metric(name: str, value: object, client: object) -> Optional[float]:

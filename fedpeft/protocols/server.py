@@ -8,6 +8,7 @@ the shared keys) or :class:`PFedPGServer` (pFedPG's generator). Every engine tal
     server.deployment(ids)    -> {id: state}   what each client deploys with (no side effect)
     server.expected_upload                     keys, shapes and dtypes every upload must have (values unused)
     server.round                               how many rounds ``update`` closed (with or without accepted replies)
+    server.max_weight                          the largest weight a reply may claim (``None``: no cap); settable
     server.own_params                          parameters only the server trains (pFedPG's generator; 0 for FedAvg)
     server.state_dict()       -> (tensors, meta)
     server.load_state_dict(tensors, meta)
@@ -22,7 +23,7 @@ The batch of a round in flight (between ``payloads`` and ``update``) is not part
 
 from __future__ import annotations
 
-from typing import Any, Dict, Iterable, Mapping, Protocol, Tuple, runtime_checkable
+from typing import Any, Dict, Iterable, Mapping, Optional, Protocol, Tuple, runtime_checkable
 
 import torch
 from torch import Tensor
@@ -39,6 +40,7 @@ class Server(Protocol):
     """What every protocol's server offers (see the module docstring); ``isinstance(x, Server)`` checks the members."""
 
     round: int
+    max_weight: Optional[float]
 
     @property
     def own_params(self) -> int: ...

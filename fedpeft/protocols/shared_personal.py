@@ -50,7 +50,10 @@ class AveragingServer:
         num_clients: if given, client ids must lie in ``[0, num_clients)``.
 
     ``update`` screens the replies (:func:`~fedpeft.protocols.screening.screen_replies`), then streams the accepted
-    ones through ``fed.Averager`` in client-id order; with no accepted reply the shared state stays as it was.
+    ones through ``fed.Averager`` in client-id order; with no accepted reply the shared state stays as it was. Once
+    :meth:`payloads` has opened a round, ``update`` accepts only the clients it was sent to, and refuses every reply
+    when no round is in flight (its round closed), as ``PFedPGServer`` does; a server never asked for payloads (a
+    sub-server fed replies directly) screens every call as a round of its own.
     """
 
     def __init__(self, initial: Mapping[str, Tensor], *, num_clients: Optional[int] = None,
@@ -60,6 +63,8 @@ class AveragingServer:
         self.max_weight = check_max_weight(max_weight)
         self._shared: Dict[str, Tensor] = {k: v.detach().clone() for k, v in initial.items()}
         self.round = 0  # update() calls so far
+        self._in_flight: Optional[List[int]] = None  # the ids payloads() sent this round; None: no round open
+        self._driven = False  # payloads() was called at least once: update() then needs a round in flight
 
     @property
     def shared(self) -> Dict[str, Tensor]:
@@ -77,18 +82,24 @@ class AveragingServer:
         return 0
 
     def payloads(self, client_ids: Iterable[int]) -> Dict[int, Dict[str, Tensor]]:
-        """``{client_id: shared state}`` for this round's clients (one dict, the same for all of them)."""
-        return {cid: self._shared for cid in _check_ids(client_ids, self.num_clients)}
+        """``{client_id: shared state}`` for this round's clients (one dict, the same for all of them); opens the
+        round, or adds the clients to the round in flight."""
+        out = {cid: self._shared for cid in _check_ids(client_ids, self.num_clients)}
+        self._in_flight, self._driven = sorted(set(self._in_flight or ()) | set(out)), True
+        return out
 
     def deployment(self, client_ids: Iterable[int]) -> Dict[int, Dict[str, Tensor]]:
-        """What each client deploys with: the latest shared state."""
-        return self.payloads(client_ids)
+        """What each client deploys with: the latest shared state (no side effect)."""
+        return {cid: self._shared for cid in _check_ids(client_ids, self.num_clients)}
 
     def update(self, replies: Iterable[Any]) -> ServerReport:
         """Screen ``replies`` (``(client_id, upload, weight)``) and average the accepted ones into the shared state."""
+        if self._driven and self._in_flight is None:  # its round closed: refuse everything, change nothing
+            return ServerReport(rejected=screen_replies(replies, self._shared, num_clients=self.num_clients,
+                                                        allowed=(), round=self.round, max_weight=self.max_weight)[1])
         accepted, rejected = screen_replies(replies, self._shared, num_clients=self.num_clients, round=self.round,
-                                            max_weight=self.max_weight)
-        self.round += 1
+                                            allowed=self._in_flight, max_weight=self.max_weight)
+        self.round, self._in_flight = self.round + 1, None
         report = ServerReport(accepted=[r.client_id for r in accepted], rejected=rejected)
         report.diagnostics["total_weight"] = float(sum(r.weight for r in accepted))
         if accepted and self._shared:
@@ -118,7 +129,7 @@ class AveragingServer:
             if v.dtype != self._shared[k].dtype:
                 raise ValueError(f"tensors['shared.{k}']: expected dtype {self._shared[k].dtype}, got {v.dtype}")
         self._shared = {k: v.detach().to(self._shared[k].device).clone() for k, v in state.items()}
-        self.round = round_
+        self.round, self._in_flight = round_, None
 
 
 class SharedPersonal(Protocol):

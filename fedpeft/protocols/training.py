@@ -23,8 +23,9 @@ everything else that trains (classifier, prompts, adapters, low-rank factors) ``
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
-from typing import Any, Callable, List, Mapping, Optional, Tuple, Union
+from typing import Any, Callable, Iterator, List, Mapping, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -43,6 +44,7 @@ __all__ = [
     "batch_seed",
     "cross_entropy_loss",
     "evaluate",
+    "kept",
 ]
 
 #: ``(model, inputs, labels) -> scalar loss``
@@ -86,6 +88,25 @@ class LocalTask:
 
 #: ``trainer(model, data, task) -> mean loss | {"loss": ..., ...}``
 Trainer = Callable[[nn.Module, Any, LocalTask], Union[float, Mapping[str, float]]]
+
+
+@contextlib.contextmanager
+def kept(model: nn.Module) -> Iterator[nn.Module]:
+    """Run a block on ``model`` and put back what it may change: the trainable parameters, the buffers, the
+    ``requires_grad`` flags and torch's RNG (frozen parameters are not copied: nothing trains them). One message per
+    round evaluates the previous round's deployment this way before training (``fedpeft.flower``)."""
+    keep = {n for n, p in model.named_parameters(remove_duplicate=False) if p.requires_grad}
+    keep |= {n for n, _ in model.named_buffers()}
+    snapshot = {k: v.detach().clone() for k, v in model.state_dict(keep_vars=True).items() if k in keep}
+    flags = {k: p.requires_grad for k, p in model.named_parameters()}
+    rng = torch.random.get_rng_state()
+    try:
+        yield model
+    finally:
+        model.load_state_dict(snapshot, strict=False)
+        for k, p in model.named_parameters():
+            p.requires_grad_(flags[k])
+        torch.random.set_rng_state(rng)
 
 
 def _loader(data: Any, batch_size: int, seed: Optional[int]) -> DataLoader:

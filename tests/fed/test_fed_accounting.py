@@ -39,8 +39,8 @@ def test_a_module_is_refused():
 
 
 def test_public_names():
-    expected = {"Averager", "PRESETS", "WORDS", "average", "delta", "delta_backward", "from_ndarrays", "merge",
-                "num_bytes", "num_params", "personal_keys", "split", "to_ndarrays", "trainable_keys",
+    expected = {"Averager", "PRESETS", "WORDS", "average", "delta", "delta_backward", "from_ndarrays",
+                "frozen_fingerprint", "merge", "num_bytes", "num_params", "personal_keys", "split", "to_ndarrays", "trainable_keys",
                 "trainable_state"}
     assert set(fed.__all__) == expected and len(fed.__all__) == len(expected)
     delta_module = importlib.import_module("fedpeft.fed.prompt_update")

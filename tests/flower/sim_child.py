@@ -1,6 +1,7 @@
 """Flower's simulation (Ray) in its own process, for the kill test: ``python sim_child.py METHOD OUT ROUNDS``.
 
-The ServerApp checkpoints into ``OUT/ckpt`` and writes its report to ``OUT/report.json`` after every round; the
+The ServerApp checkpoints into ``OUT/ckpt``, appends to ``OUT/rounds.jsonl`` and writes ``OUT/report.json`` after every
+round; the
 ClientApp keeps every client's personal state in ``OUT/nodes`` (``client_app(state_dir=)``: the simulation's
 ``node_config`` cannot carry a ``state-dir``). Started again with the same ``OUT``, it resumes.
 """
@@ -36,7 +37,8 @@ if __name__ == "__main__":
 
     client = client_app(get_protocol(method), build_model, load_data, trainer=trainer(), state_dir=str(out / "nodes"))
     server = server_app(get_protocol(method), build_model, num_partitions=3, num_rounds=rounds, seed=0,
-                        registration_timeout=120.0, report=str(out / "report.json"), checkpoint_dir=str(out / "ckpt"))
+                        registration_timeout=120.0, report=str(out / "report.json"), checkpoint_dir=str(out / "ckpt"),
+                        round_log=str(out / "rounds.jsonl"))
     backend = {"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
                "init_args": {"num_cpus": 2, "include_dashboard": False}}
     os.environ["PYTHONPATH"] = os.pathsep.join([str(HERE.parent), os.environ.get("PYTHONPATH", "")])

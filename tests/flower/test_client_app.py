@@ -9,7 +9,7 @@ from flower_worlds import NODE_IDS, build, client_data, trainer, world
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 
 from fedpeft.flower import client_app, frozen_fingerprint, to_record
-from fedpeft.flower.client import ARRAYS, CONFIG, METHOD, METRICS, ROUND, SEED
+from fedpeft.flower.wire import ARRAYS, CONFIG, METHOD, METRICS, ROUND, SEED
 from fedpeft.protocols import get
 
 
@@ -118,9 +118,9 @@ def test_bf16_model_round_trip():
     direct = get("FedVPT").client_update(build("FedVPT", dtype=torch.bfloat16), shared=shared, personal=None,
                                          data=w.data[0][0], round=0, client_id=0, seed=0, trainer=trainer())
     assert torch.equal(values.bfloat16(), direct.upload["prompts"])
-    from fedpeft.flower.node import load_personal
+    from fedpeft.flower.node_store import MemoryStore
 
-    stored, written = load_personal(w.grid.contexts[node], "FedVPT", like=direct.personal)
+    stored, written = MemoryStore(w.grid.contexts[node], "FedVPT").deployed_state(direct.personal)
     assert written == 0
     for k, v in direct.personal.items():
         assert stored[k].dtype == torch.bfloat16 and torch.equal(stored[k], v)

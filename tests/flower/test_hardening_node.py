@@ -10,6 +10,8 @@ files a real round wrote.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import threading
 
@@ -21,8 +23,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from fedpeft.flower import to_record
-from fedpeft.flower.records import ARRAYS, CONFIG, METHOD, ROUND
-from fedpeft.flower.records import SEED as SEED_KEY
+from fedpeft.flower.wire import ARRAYS, CONFIG, METHOD, ROUND
+from fedpeft.flower.wire import SEED as SEED_KEY
 
 
 def _durable(w, root, shared=False):
@@ -36,6 +38,16 @@ def _train(w, node, round_):
     msg = Message(RecordDict({ARRAYS: to_record(shared), CONFIG: cfg}), node, MessageType.TRAIN, group_id="x")
     (reply,) = w.grid.send_and_receive([msg])
     return reply
+
+
+def _digest(meta, tensors):
+    """The state file's checksum as docs/flower.md states it: SHA-256 of the header as canonical JSON, a zero byte,
+    then per key in sorted order ``name|dtype|shape|`` and the tensor's bytes."""
+    h = hashlib.sha256(json.dumps(meta, sort_keys=True, separators=(",", ":")).encode() + b"\0")
+    for k in sorted(tensors):
+        t = tensors[k].contiguous()
+        h.update(f"{k}|{t.dtype}|{tuple(t.shape)}|".encode() + t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def _state_file(root):
@@ -80,7 +92,7 @@ def test_an_integer_tensor_for_a_floating_parameter_is_refused(tmp_path):
     key = next(k for k in tensors if k.endswith("head.weight"))
     tensors[key] = tensors[key].to(torch.int64)
     meta = {k: v for k, v in meta.items() if k != "sha256"}
-    save_file(tensors, str(path), metadata={**meta, "version": "1"})  # as fedpeft 0.2.0 wrote them: no checksum
+    save_file(tensors, str(path), metadata={**meta, "sha256": _digest(meta, tensors)})  # a valid checksum
     reply = _train(w, NODE_IDS[0], 1)
     assert reply.has_error() and "torch.int64" in reply.error.reason  # main: loaded the int64 head
 
@@ -148,8 +160,8 @@ def test_a_round_of_two_to_the_62_trains(tmp_path):
 
 
 def test_two_writers_of_one_clients_file_wait_for_each_other(tmp_path):
-    from fedpeft.flower.node import StaleMessage
-    from fedpeft.flower.node_state import NodeState
+    from fedpeft.protocols import ClientStateFile as NodeState
+    from fedpeft.protocols import StaleMessage
 
     like = {"head.weight": torch.zeros(3, 4), "head.bias": torch.zeros(3)}
     errors = []

@@ -75,7 +75,8 @@ def test_a_node_joining_mid_run_with_nan_examples_does_not_kill_the_federation()
             reply.content.metric_records["metrics"]["num-examples"] = float("nan")
         return reply
 
-    w.strategy.on_round, w.grid.tamper = join, tamper
+    w.strategy.book.on_round, w.grid.tamper = join, tamper
+    w.strategy.one_message = False  # on_round runs between two rounds' exchanges
     w.strategy.start(w.grid, num_rounds=3, timeout=10)  # main: ValueError at round 2
     assert [len(r.server.accepted) for r in w.strategy.history] == [2, 2, 2]
     assert part not in w.strategy.history[2].server.accepted and "num-examples" in w.strategy.registry.refused[late]

@@ -65,7 +65,7 @@ def test_a_second_server_on_the_checkpoint_folder_is_refused_with_the_first_ones
             except RuntimeError as e:
                 refused.append(str(e))
 
-    w.strategy.on_round = second_server
+    w.strategy.book.on_round = second_server  # called after round 1's checkpoint, while the first server runs
     w.strategy.start(w.grid, num_rounds=2, timeout=10)
     assert len(refused) == 1 and f"locked by pid {os.getpid()} on {socket.gethostname()}" in refused[0]
     assert load_checkpoint(ckpt).round == 2

@@ -1,5 +1,6 @@
-"""fedpeft.flower.cache (a node's data and frozen hash reused from <state-dir>/cache) and fedpeft.flower.deployment
-(FastGrid's reply poll, the report's path, the failure report)."""
+"""fedpeft.flower.node_store and fedpeft.protocols.node_cache (the state folder; a node's data and frozen hash reused
+from <state-dir>/cache) and
+fedpeft.flower.server's FastGrid (reply poll), the report's path and the failure report."""
 
 from __future__ import annotations
 
@@ -10,8 +11,9 @@ import pytest
 import torch
 from torch.utils.data import TensorDataset
 
-from fedpeft.flower.cache import NodeCache, fingerprint
-from fedpeft.flower.deployment import FastGrid, failure_report, report_path
+from fedpeft.flower.node_store import cache_for, state_dir
+from fedpeft.flower.server import FastGrid, failure_report, report_path
+from fedpeft.protocols.node_cache import fingerprint
 
 
 def _ctx(state_dir=None, pid=0, run_config=None):
@@ -47,10 +49,10 @@ def test_fingerprint_sees_config_and_code_but_not_the_state_dir(tmp_path):
 
 def test_data_is_loaded_once_and_returned_bit_for_bit(tmp_path):
     load, ctx = CountingLoader(), _ctx(tmp_path)
-    cache = NodeCache.of(ctx)
+    cache = cache_for(ctx)
     assert cache.folder == tmp_path / "cache"
     first = cache.data(ctx, load)
-    second = NodeCache.of(ctx).data(ctx, load)  # a fresh process would build a new NodeCache
+    second = cache_for(ctx).data(ctx, load)  # a fresh process would build a new NodeCache
     assert load.calls == 1
     oracle = CountingLoader()(ctx)
     for got, want in zip(second, oracle):
@@ -60,16 +62,16 @@ def test_data_is_loaded_once_and_returned_bit_for_bit(tmp_path):
     assert len(first[0]) == 7 and len(second[1]) == 3
     # another partition sharing the state folder: a miss, and both entries stay (neither deletes the other's)
     cache.data(_ctx(tmp_path, pid=1), load)
-    NodeCache.of(ctx).data(ctx, load)
+    cache_for(ctx).data(ctx, load)
     assert load.calls == 2 and len(list((tmp_path / "cache").glob("data-*.pt"))) == 2
 
 
 def test_torn_cache_file_is_reloaded(tmp_path):
     load, ctx = CountingLoader(), _ctx(tmp_path)
-    NodeCache.of(ctx).data(ctx, load)
+    cache_for(ctx).data(ctx, load)
     (f,) = (tmp_path / "cache").glob("data-*.pt")
     f.write_bytes(f.read_bytes()[:20])
-    train, _ = NodeCache.of(ctx).data(ctx, load)
+    train, _ = cache_for(ctx).data(ctx, load)
     assert load.calls == 2 and torch.equal(train.tensors[0], CountingLoader()(ctx)[0].tensors[0])
 
 
@@ -81,8 +83,8 @@ def test_other_data_types_are_not_cached(tmp_path):
         return [(torch.zeros(3), 1)], None
 
     ctx = _ctx(tmp_path)
-    NodeCache.of(ctx).data(ctx, load)
-    NodeCache.of(ctx).data(ctx, load)
+    cache_for(ctx).data(ctx, load)
+    cache_for(ctx).data(ctx, load)
     assert len(calls) == 2 and not list((tmp_path / "cache").glob("data-*.pt"))
 
 
@@ -97,17 +99,18 @@ def test_frozen_hash_is_computed_once(tmp_path):
         calls.append(1)
         return "abc123"
 
-    assert NodeCache.of(ctx).frozen_hash(ctx, build, build(ctx), compute) == "abc123"
-    assert NodeCache.of(ctx).frozen_hash(ctx, build, build(ctx), compute) == "abc123"
+    assert cache_for(ctx).frozen_hash(ctx, build, build(ctx), compute) == "abc123"
+    assert cache_for(ctx).frozen_hash(ctx, build, build(ctx), compute) == "abc123"
     assert len(calls) == 1
 
 
 def test_no_state_dir_means_no_cache_and_a_bad_one_is_refused():
-    assert NodeCache.of(_ctx()) is None
+    assert str(state_dir(_ctx("/x"))) == "/x" and state_dir(_ctx()) is None and str(state_dir(_ctx(), "/d")) == "/d"
+    assert cache_for(_ctx()) is None
     ctx = _ctx()
     ctx.node_config["state-dir"] = 3
     with pytest.raises(TypeError, match="state-dir"):
-        NodeCache.of(ctx)
+        cache_for(ctx)
 
 
 class FakeGrid:

@@ -14,7 +14,7 @@ import torch
 from flower_harness import flower_task  # noqa: F401  (autouse fixture)
 from flower_worlds import oracle, world
 
-from fedpeft.flower.records import DEPLOY, EVALUATION
+from fedpeft.flower.wire import DEPLOY, EVALUATION
 
 
 def _same_records(a, b, flower_only=False):
@@ -40,7 +40,8 @@ def test_one_message_per_round_gives_the_in_process_numbers(method):
     one = world(method)
     one.strategy.one_message = True
     one.strategy.start(one.grid, num_rounds=rounds, timeout=10)
-    two = world(method)  # ProtocolStrategy's default: two exchanges per round
+    two = world(method)
+    two.strategy.one_message = False  # two exchanges per round, as Flower's own strategies do
     two.strategy.start(two.grid, num_rounds=rounds, timeout=10)
     ref = oracle(method)
     ref.run(rounds)
@@ -48,9 +49,9 @@ def test_one_message_per_round_gives_the_in_process_numbers(method):
     _same_records(two.strategy.history, ref.history)
     _same_records(one.strategy.history, two.strategy.history, flower_only=True)
     if method == "pFedPG":
-        mine, theirs = one.strategy.generator.state_dict(), ref.server.generator.state_dict()
+        mine, theirs = one.strategy.server.generator.state_dict(), ref.server.generator.state_dict()
     else:
-        mine, theirs = one.strategy.shared, ref.server.shared
+        mine, theirs = one.strategy.server.shared, ref.server.shared
     for k in mine:
         assert torch.equal(mine[k], theirs[k]), k
     # 3 nodes: one train message each per round, the earlier rounds' deployments inside them, and one evaluate
@@ -70,6 +71,7 @@ def test_partial_participation_sends_evaluate_only_to_nodes_not_training():
     ref.run(rounds)
     _same_records(w.strategy.history, ref.history)
     two = world("FedVPT", fraction=0.34)
+    two.strategy.one_message = False
     two.strategy.start(two.grid, num_rounds=rounds, timeout=10)
     _same_records(w.strategy.history, two.strategy.history, flower_only=True)
     assert len(w.strategy.history[0].without_personal) == 2  # one client trained in round 1
@@ -82,6 +84,7 @@ def test_partial_participation_sends_evaluate_only_to_nodes_not_training():
 
 def test_a_node_failing_in_the_merged_message_loses_its_evaluation_with_a_reason():
     w = world("FedVPT")
+    w.strategy.one_message = False
     w.strategy.start(w.grid, num_rounds=1, timeout=10)  # round 1 closes normally
     w2 = world("FedVPT")
     w2.strategy.one_message = True

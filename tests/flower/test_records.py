@@ -8,8 +8,8 @@ import torch
 from flower_harness import flower_task, node_context  # noqa: F401  (flower_task: autouse fixture)
 from flwr.app import Array, ArrayRecord, ConfigRecord
 
-from fedpeft.flower import from_record, partition, payload_bytes, to_record
-from fedpeft.flower.node import StaleMessage, load_personal, save_personal, stored_round
+from fedpeft.flower import StaleMessage, from_record, partition, payload_bytes, to_record
+from fedpeft.flower.node_store import MemoryStore
 
 
 def test_bf16_and_fp16_travel_as_float32_and_come_back_bit_exact():
@@ -74,15 +74,18 @@ def test_partition_id_is_read_and_checked():
 def test_personal_state_is_round_stamped_and_never_rolled_back():
     ctx = node_context(5, 0, 2)
     like = {"head.weight": torch.zeros(2, 2, dtype=torch.bfloat16)}
-    assert load_personal(ctx, "M", like) == (None, None)
+    store = MemoryStore(ctx, "M")
+    assert store.deployed_state(like) == (None, None)
     newer = {"head.weight": torch.full((2, 2), 3.0, dtype=torch.bfloat16)}
-    save_personal(ctx, "M", newer, round_=4)
+    store.save(4, newer, like)
     older = {"head.weight": torch.full((2, 2), -1.0, dtype=torch.bfloat16)}
     for late_round in (4, 2):  # a repeated and a late message
         with pytest.raises(StaleMessage, match=f"round {late_round} is stale"):
-            save_personal(ctx, "M", older, round_=late_round)
-    state, written = load_personal(ctx, "M", like)
-    assert written == 4 and stored_round(ctx, "M") == 4
+            store.save(late_round, older, like)
+        with pytest.raises(StaleMessage, match=f"round {late_round} is stale"):
+            store.start_state(late_round, like)
+    state, written = store.deployed_state(like)
+    assert written == 4 and store.stored_round() == 4
     assert state["head.weight"].dtype == torch.bfloat16 and torch.equal(state["head.weight"], newer["head.weight"])
     assert isinstance(ctx.state["fedpeft.M.meta"], ConfigRecord)
-    assert load_personal(ctx, "other method", like) == (None, None)  # namespaced by method
+    assert MemoryStore(ctx, "other method").deployed_state(like) == (None, None)  # namespaced by method

@@ -15,8 +15,8 @@ from flower_worlds import NODE_IDS, SEED, build, oracle, world
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 
 from fedpeft.flower import ProtocolStrategy, to_record
-from fedpeft.flower.records import ARRAYS, CONFIG, METHOD, ROUND
-from fedpeft.flower.records import SEED as SEED_KEY
+from fedpeft.flower.wire import ARRAYS, CONFIG, METHOD, ROUND
+from fedpeft.flower.wire import SEED as SEED_KEY
 from fedpeft.protocols import get as get_protocol
 
 NEW_ID = 9_000_000_099
@@ -53,7 +53,8 @@ def test_a_restarted_node_with_a_state_dir_rejoins_and_continues_bit_identically
         if rec.round == 1:  # killed after round 2 (0-based 1), restarted before round 3
             _restart(w, killed)
 
-    w.strategy.on_round = after
+    w.strategy.book.on_round = after
+    w.strategy.one_message = False  # on_round runs between two rounds' exchanges
     w.strategy.start(w.grid, num_rounds=4, timeout=10)
     h = w.strategy.history
     assert h[2].rejoined == [part] and h[2].restarted_without_state == [] and h[2].absent == []
@@ -69,7 +70,8 @@ def test_a_restarted_node_without_state_is_flagged_and_starts_from_the_initial_v
     w = world("FedVPT")
     killed = NODE_IDS[1]
     part = w.partition_of(killed)
-    w.strategy.on_round = lambda rec: _restart(w, killed) if rec.round == 0 else None
+    w.strategy.book.on_round = lambda rec: _restart(w, killed) if rec.round == 0 else None
+    w.strategy.one_message = False  # on_round runs between two rounds' exchanges
     w.strategy.start(w.grid, num_rounds=2, timeout=10)
     rec = w.strategy.history[1]
     assert rec.rejoined == [part] and rec.restarted_without_state == [part]
@@ -80,7 +82,8 @@ def test_a_node_that_leaves_is_absent_in_every_later_round():
     w = world("FedVPT")
     gone = NODE_IDS[2]
     part = w.partition_of(gone)
-    w.strategy.on_round = lambda rec: w.grid.contexts.pop(gone) if rec.round == 0 else None
+    w.strategy.book.on_round = lambda rec: w.grid.contexts.pop(gone) if rec.round == 0 else None
+    w.strategy.one_message = False  # on_round runs between two rounds' exchanges
     w.strategy.start(w.grid, num_rounds=3, timeout=10)
     h = w.strategy.history
     assert h[0].absent == [] and h[1].absent == [part] and h[2].absent == [part]
@@ -98,7 +101,8 @@ def test_two_live_nodes_claiming_one_partition_the_newcomer_is_refused():
             ctx.node_config = dict(w.grid.contexts[holder].node_config)
             w.grid.contexts[NEW_ID] = ctx
 
-    w.strategy.on_round = twin
+    w.strategy.book.on_round = twin
+    w.strategy.one_message = False  # on_round runs between two rounds' exchanges
     w.strategy.start(w.grid, num_rounds=2, timeout=10)
     assert w.strategy.registry.node_of[part] == holder  # the holder answered the probe
     assert f"partition-id {part} is already registered by node {holder}" in w.strategy.registry.refused[NEW_ID]
@@ -117,7 +121,8 @@ def test_a_silent_holder_is_replaced_by_the_node_that_claims_its_partition():
             ctx.node_config = dict(w.grid.contexts[holder].node_config)
             w.grid.contexts[NEW_ID] = ctx
 
-    w.strategy.on_round = silent_twin
+    w.strategy.book.on_round = silent_twin
+    w.strategy.one_message = False  # on_round runs between two rounds' exchanges
     w.strategy.probe_timeout = 0.1
     w.strategy.start(w.grid, num_rounds=2, timeout=10)
     assert w.strategy.registry.node_of[part] == NEW_ID and w.strategy.history[1].rejoined == [part]
@@ -129,7 +134,7 @@ def test_server_resumed_from_its_checkpoint_is_bit_identical(tmp_path, method):
     ckpt = tmp_path / "ckpt"
     first = world(method)
     _durable(first, tmp_path)
-    first.strategy.checkpoint_dir = ckpt
+    first.strategy.book.checkpoint_dir = ckpt
     first.strategy.start(first.grid, num_rounds=2, timeout=10)  # "killed" after round 2: only the files survive
 
     second = world(method)  # a new ServerApp process; the SuperNodes restarted too (new contexts, same folders)
@@ -152,7 +157,7 @@ def test_a_node_that_lost_its_state_while_the_server_was_down_is_flagged_after_t
     ckpt = tmp_path / "ckpt"
     first = world("FedVPT")
     _durable(first, tmp_path)
-    first.strategy.checkpoint_dir = ckpt
+    first.strategy.book.checkpoint_dir = ckpt
     first.strategy.start(first.grid, num_rounds=1, timeout=10)
     for f in (tmp_path / "node1").rglob("*.safetensors"):
         f.unlink()  # node 1's disk was wiped
@@ -169,7 +174,7 @@ def test_resume_refuses_another_configuration(tmp_path):
     from fedpeft.protocols import CheckpointError
 
     w = world("FedVPT")
-    w.strategy.checkpoint_dir = tmp_path
+    w.strategy.book.checkpoint_dir = tmp_path
     w.strategy.start(w.grid, num_rounds=1, timeout=10)
     other = ProtocolStrategy("FedVPT", build("FedVPT"), num_partitions=3, seed=SEED + 1, checkpoint_dir=tmp_path)
     with pytest.raises(CheckpointError, match="has seed = 0, this run 1"):

@@ -1,6 +1,7 @@
 """Flower's simulation killed mid-run (SIGKILL to the whole process group: the driver, Ray and its actors) and started
 again with the same checkpoint and node-state folders resumes and ends bit-identical to the in-process engine run
-without any interruption (per-round deployed accuracies and training losses, the server's final tensors)."""
+without any interruption (per-round deployed accuracies and training losses, the server's final tensors), with a round
+log holding every round exactly once."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import pytest
 import torch
 from flower_worlds import oracle
 
-from fedpeft.protocols import load_checkpoint
+from fedpeft.protocols import RoundLog, load_checkpoint
 
 pytest.importorskip("ray")
 
@@ -82,6 +83,9 @@ def test_simulation_killed_after_round_2_of_4_resumes_bit_identically(tmp_path):
     fed.run(4)
     assert [r["deployed"] for r in report["rounds"]] == [r.deployed for r in fed.history]
     assert [r["train_loss"] for r in report["rounds"]] == [r.as_dict()["train_loss"] for r in fed.history]
+    logged = RoundLog.read(tmp_path / "rounds.jsonl")  # every round exactly once (kept on resume, not rewritten)
+    assert [r["round"] for r in logged] == [0, 1, 2, 3]
+    assert [r["deployed"] for r in logged] == [r.deployed for r in fed.history]
     ckpt = load_checkpoint(tmp_path / "ckpt")
     want = fed.server.state_dict()[0]
     got = {k[len("server."):]: v for k, v in ckpt.tensors.items() if k.startswith("server.")}

@@ -17,7 +17,7 @@ from flwr.app import Array, RecordDict
 
 from fedpeft import fed
 from fedpeft.flower import PersonalizedFedAvg, PFedPGStrategy
-from fedpeft.flower.client import ARRAYS, METRICS
+from fedpeft.flower.wire import ARRAYS, METRICS
 
 
 def _recorder(w):
@@ -57,9 +57,9 @@ def test_flower_equals_the_in_process_engine_bit_for_bit(method):
         assert got.server.accepted == want.server.accepted == [0, 1, 2]
         assert got.server.diagnostics == want.server.diagnostics and got.train_loss == want.train_loss
     if method == "pFedPG":
-        mine, theirs = w.strategy.generator.state_dict(), ref.server.generator.state_dict()
+        mine, theirs = w.strategy.server.generator.state_dict(), ref.server.generator.state_dict()
     else:
-        mine, theirs = w.strategy.shared, ref.server.shared
+        mine, theirs = w.strategy.server.shared, ref.server.shared
     assert mine.keys() == theirs.keys()
     for k in mine:
         assert torch.equal(mine[k], theirs[k]), k
@@ -74,9 +74,9 @@ def test_shared_state_is_the_weighted_average_of_the_replies_and_personal_keys_n
     for _, r in train:
         assert list(r.content[ARRAYS].keys()) == ["prompts"]  # never the head
     avg = _hand_average(train)
-    np.testing.assert_allclose(w.strategy.shared["prompts"].numpy(), avg["prompts"], rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(w.strategy.server.shared["prompts"].numpy(), avg["prompts"], rtol=1e-6, atol=1e-7)
     # upload bytes per client: exactly fed.num_bytes of the shared part
-    shared_bytes = fed.num_bytes(w.strategy.shared)
+    shared_bytes = fed.num_bytes(w.strategy.server.shared)
     assert w.strategy.history[0].upload_bytes == {0: shared_bytes, 1: shared_bytes, 2: shared_bytes}
 
 
@@ -121,9 +121,9 @@ def test_a_bad_reply_is_dropped_with_its_reason_and_the_rest_is_averaged(bad, re
     assert report.server.accepted == [0, 2]
     assert reason in _rejected(report)[1]
     good = [(p, r) for p, r in seen if p != 1 and ARRAYS in r.content.array_records]
-    np.testing.assert_allclose(w.strategy.shared["prompts"].numpy(), _hand_average(good)["prompts"], rtol=1e-6,
+    np.testing.assert_allclose(w.strategy.server.shared["prompts"].numpy(), _hand_average(good)["prompts"], rtol=1e-6,
                                atol=1e-7)
-    assert torch.isfinite(w.strategy.shared["prompts"]).all()
+    assert torch.isfinite(w.strategy.server.shared["prompts"]).all()
 
 
 def test_a_nan_training_client_is_dropped():
@@ -134,7 +134,7 @@ def test_a_nan_training_client_is_dropped():
     assert w.strategy.history[0].server.accepted == [0, 1]
     assert "non-finite" in _rejected(w.strategy.history[0])[2]
     good = [(p, r) for p, r in seen if p in (0, 1) and ARRAYS in r.content.array_records]
-    np.testing.assert_allclose(w.strategy.shared["prompts"].numpy(), _hand_average(good)["prompts"], rtol=1e-6,
+    np.testing.assert_allclose(w.strategy.server.shared["prompts"].numpy(), _hand_average(good)["prompts"], rtol=1e-6,
                                atol=1e-7)
 
 
@@ -146,14 +146,14 @@ def test_a_raising_client_is_dropped_and_when_every_reply_is_bad_the_state_is_un
 
     w = world("FedVPT", load_data=load_data)
     w.strategy.registry.add = _register_all(w)  # registration needs load_data too; register by node config
-    before = {k: v.clone() for k, v in w.strategy.shared.items()}
+    before = {k: v.clone() for k, v in w.strategy.server.shared.items()}
     w.strategy.start(w.grid, num_rounds=1, timeout=10)
     report = w.strategy.history[0]
     assert report.server.accepted == [] and set(_rejected(report)) == {0, 1, 2}
     assert all("no data on partition" in why for why in _rejected(report).values())
     assert {r.client_id for r in report.eval_dropped} == {0, 1, 2} and report.deployed == [None, None, None]
     for k in before:
-        assert torch.equal(w.strategy.shared[k], before[k])
+        assert torch.equal(w.strategy.server.shared[k], before[k])
     assert data  # the data exist; only loading fails
 
 
@@ -237,7 +237,7 @@ def test_a_late_node_cannot_take_a_registered_partition():
 
 def test_pfedpg_sends_every_node_its_own_generated_prompts():
     w = world("pFedPG")
-    gen0 = copy.deepcopy(w.strategy.generator)
+    gen0 = copy.deepcopy(w.strategy.server.generator)
     w.strategy.start(w.grid, num_rounds=1, timeout=10)
     sent = {w.partition_of(m.metadata.dst_node_id): torch.from_numpy(m.content[ARRAYS]["prompts"].numpy())
             for m in w.grid.log if m.metadata.message_type == "train"}
@@ -253,9 +253,9 @@ def test_pfedpg_drops_a_nan_client_and_steps_on_the_others_only():
     gen(n) − P̃_n⟩ (the pseudo-gradient P − P̃), the absent client's descriptor row unchanged."""
     w = world("pFedPG", nan_client=1)
     # the paper's plain SGD step (the default server is Adam; its oracle is tests/protocols/test_pfedpg_personalizes)
-    w.strategy.server.optimizer = torch.optim.SGD(w.strategy.generator.parameters(), lr=1e-3)
+    w.strategy.server.optimizer = torch.optim.SGD(w.strategy.server.generator.parameters(), lr=1e-3)
     seen = _recorder(w)
-    gen = copy.deepcopy(w.strategy.generator)
+    gen = copy.deepcopy(w.strategy.server.generator)
     descriptors_before = gen.descriptors.detach().clone()
     lr = w.strategy.server.optimizer.param_groups[0]["lr"]
     w.strategy.start(w.grid, num_rounds=1, timeout=10)
@@ -271,9 +271,9 @@ def test_pfedpg_drops_a_nan_client_and_steps_on_the_others_only():
         for p in gen.parameters():
             if p.grad is not None:
                 p -= lr * p.grad
-    for (name, mine), theirs in zip(w.strategy.generator.named_parameters(), gen.parameters()):
+    for (name, mine), theirs in zip(w.strategy.server.generator.named_parameters(), gen.parameters()):
         torch.testing.assert_close(mine, theirs, rtol=1e-6, atol=1e-7, msg=name)
-    after = w.strategy.generator.descriptors.detach()
+    after = w.strategy.server.generator.descriptors.detach()
     assert torch.equal(after[1], descriptors_before[1])  # the dropped client's row did not move (plain SGD)
     assert not torch.equal(after[0], descriptors_before[0])
     assert torch.isfinite(after).all()
@@ -281,10 +281,10 @@ def test_pfedpg_drops_a_nan_client_and_steps_on_the_others_only():
 
 def test_pfedpg_partial_participation_leaves_absent_descriptors_in_place():
     w = world("pFedPG", fraction=0.34)
-    before = w.strategy.generator.descriptors.detach().clone()
+    before = w.strategy.server.generator.descriptors.detach().clone()
     w.strategy.start(w.grid, num_rounds=1, timeout=10)
     (trained,) = w.strategy.history[0].participants
-    after = w.strategy.generator.descriptors.detach()
+    after = w.strategy.server.generator.descriptors.detach()
     for n in range(3):
         assert torch.equal(after[n], before[n]) == (n != trained)
 
@@ -312,8 +312,8 @@ def test_a_bf16_federation_equals_the_in_process_engine():
     w.strategy.start(w.grid, num_rounds=2, timeout=10)
     ref = oracle("FedVPT", dtype=torch.bfloat16)
     ref.run(2)
-    assert w.strategy.shared["prompts"].dtype == torch.bfloat16
-    assert torch.equal(w.strategy.shared["prompts"], ref.server.shared["prompts"])
+    assert w.strategy.server.shared["prompts"].dtype == torch.bfloat16
+    assert torch.equal(w.strategy.server.shared["prompts"], ref.server.shared["prompts"])
     assert [h.deployed for h in w.strategy.history] == [r.deployed for r in ref.history]
     assert w.strategy.history[0].upload_bytes[0] == 2 * fed.num_bytes(ref.server.shared)  # float32 on the wire
 

@@ -126,7 +126,7 @@ def test_a_checkpoint_dir_that_is_a_file_is_refused_at_once(tmp_path):
 
 def test_another_run_name_is_refused_not_silently_resumed(tmp_path):
     ckpt = _ran(tmp_path)
-    with pytest.raises(CheckpointError, match=r"holds run 'inprocess'.* run is 'B'"):
+    with pytest.raises(CheckpointError, match=r"run 'inprocess', this run is 'B'"):
         fed("FedVPT", ckpt, run="B")
 
 

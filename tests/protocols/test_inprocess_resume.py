@@ -16,7 +16,7 @@ import pytest
 import torch
 from resume_child import federation
 
-from fedpeft.protocols import CheckpointError, load_checkpoint
+from fedpeft.protocols import CheckpointError, RoundLog, load_checkpoint
 
 CHILD = Path(__file__).with_name("resume_child.py")
 ROOT = Path(__file__).resolve().parents[2]
@@ -57,9 +57,10 @@ def test_killed_after_round_2_of_4_and_resumed_is_bit_identical(tmp_path, method
     ckpt = tmp_path / "ckpt"
     reached = _kill_after(ckpt, method, rounds=4, after=2)
     assert 2 <= reached < 4  # really interrupted
-    resumed = federation(method, ckpt)  # a new engine in this process, from the folder
+    resumed = federation(method, ckpt, round_log=tmp_path / "rounds.jsonl")  # a new engine, from the folders
     assert len(resumed.history) == reached
     resumed.run(4 - reached)
+    resumed.round_log.close()
 
     oracle = federation(method)  # never interrupted, no checkpoint
     oracle.run(4)
@@ -73,6 +74,9 @@ def test_killed_after_round_2_of_4_and_resumed_is_bit_identical(tmp_path, method
         assert all(torch.equal(a[k], b[k]) for k in b)
     again = load_checkpoint(ckpt)
     assert again.round == 4 and again.meta["history"] == [r.as_dict() for r in resumed.history]
+    logged = RoundLog.read(tmp_path / "rounds.jsonl")  # every round exactly once, as the oracle ran it
+    assert [r["round"] for r in logged] == [0, 1, 2, 3]
+    assert [{k: v for k, v in r.items() if k != "wall_s"} for r in logged] == _records(oracle)
 
 
 def test_resume_refuses_another_configuration(tmp_path):

@@ -30,6 +30,7 @@ def test_bf16_fedvpt_round_keeps_bf16_and_averages_in_float32():
         results[0].num_examples + results[1].num_examples)
     assert server.shared["prompts"].dtype == torch.bfloat16
     assert torch.equal(server.shared["prompts"], expected.bfloat16())  # one rounding from the float32 mean
+    server.payloads([0])  # round 1 in flight: an update with no round in flight refuses every reply
     wrong = server.update([(0, {"prompts": results[0].upload["prompts"].float()}, 1)])
     assert wrong.accepted == [] and "expected dtype torch.bfloat16" in wrong.rejected[0].reason
 

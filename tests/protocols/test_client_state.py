@@ -1,4 +1,4 @@
-"""``fedpeft.flower.node_state``: one client's personal state on the node's disk, checked against the raw file.
+"""``fedpeft.protocols.client_state``: one client's personal state on the node's disk, checked against the raw file.
 
 The oracle is the file itself, read with ``safetensors`` directly (tensors by name, the metadata stamp), and
 hand-written expectations of which version (``current`` / ``previous``) a round must start from.
@@ -14,8 +14,10 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from fedpeft._integrity import content_digest
-from fedpeft.flower.node import StaleMessage
-from fedpeft.flower.node_state import NodeState, NodeStateError, run_folder_name, state_dir_of
+from fedpeft.protocols import ClientStateError as NodeStateError
+from fedpeft.protocols import ClientStateFile as NodeState
+from fedpeft.protocols import StaleMessage
+from fedpeft.protocols.client_state import run_folder_name
 
 LIKE = {"head.weight": torch.zeros(3, 4), "head.bias": torch.zeros(3)}
 
@@ -33,6 +35,11 @@ def _store(tmp_path, **kw):
 def _raw(path):
     with safe_open(str(path), framework="pt") as f:
         return f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+
+
+def _write(path, tensors, meta):
+    """A hand-made state file with a valid checksum (what the checks after it must catch)."""
+    save_file(tensors, str(path), metadata={**meta, "sha256": content_digest(meta, tensors)})
 
 
 def test_layout_stamp_and_tensors_as_written(tmp_path):
@@ -102,10 +109,10 @@ def test_a_restarted_process_continues_from_the_file(tmp_path):
 def test_another_runs_method_or_backbone_file_is_refused_and_left_alone(tmp_path, field, value, match):
     s = _store(tmp_path)
     s.path.parent.mkdir(parents=True)
-    meta = {"format": "fedpeft.node-state", "version": "1", "run": "run-1", "partition": "2", "method": "FedVPT",
+    meta = {"format": "fedpeft.node-state", "version": "2", "run": "run-1", "partition": "2", "method": "FedVPT",
             "frozen-sha256": "abc123", "round": "0", "previous-round": ""}
     meta[field] = value
-    save_file({"current/" + k: v for k, v in _state(1.0).items()}, str(s.path), metadata=meta)
+    _write(s.path, {"current/" + k: v for k, v in _state(1.0).items()}, meta)
     before = s.path.read_bytes()
     for call in (lambda: s.load(LIKE), lambda: s.start_state(3, LIKE), lambda: s.save(3, _state(2.0), LIKE)):
         with pytest.raises(NodeStateError, match=match):
@@ -123,9 +130,9 @@ def test_another_runs_method_or_backbone_file_is_refused_and_left_alone(tmp_path
 def test_tensors_that_do_not_fit_the_model_are_refused(tmp_path, bad, match):
     s = _store(tmp_path)
     s.path.parent.mkdir(parents=True)
-    meta = {"format": "fedpeft.node-state", "version": "1", "run": "run-1", "partition": "2", "method": "FedVPT",
+    meta = {"format": "fedpeft.node-state", "version": "2", "run": "run-1", "partition": "2", "method": "FedVPT",
             "frozen-sha256": "abc123", "round": "0", "previous-round": ""}
-    save_file(bad, str(s.path), metadata=meta)
+    _write(s.path, bad, meta)
     with pytest.raises(NodeStateError, match=match):
         s.load(LIKE)
 
@@ -155,7 +162,6 @@ def test_a_write_killed_midway_leaves_the_old_file(tmp_path, monkeypatch):
     s = _store(tmp_path)
     s.save(0, _state(1.0), LIKE)
     before = s.path.read_bytes()
-
     real = ns_atomic.write_temp
 
     def dies(final, write):
@@ -178,9 +184,5 @@ def test_run_folder_names_and_state_dir():
     assert name.startswith("run-") and "/" not in name and len(name) == 20
     with pytest.raises(TypeError, match="run must be a non-empty str"):
         run_folder_name("")
-    assert state_dir_of({"state-dir": "/x"}) is not None and str(state_dir_of({"state-dir": "/x"})) == "/x"
-    assert state_dir_of({}) is None and str(state_dir_of({}, "/d")) == "/d"
-    with pytest.raises(TypeError, match="state-dir"):
-        state_dir_of({"state-dir": 3})
     with pytest.raises(ValueError, match="partition must be an int >= 0"):
         NodeState("/tmp", run="r", partition=-1, method="m", fingerprint="f")
