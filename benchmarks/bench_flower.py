@@ -19,9 +19,14 @@ On a shared machine the two engines' child processes alternate (``--repeat``) so
 table shows per method the median over repetitions of each engine's median round time (rounds after the first).
 
 ``--deployed``: the Deployment Engine instead, for real: a ``flower-superlink`` and ``--clients`` ``flower-supernode``
-processes on 127.0.0.1 run ``examples/flower`` (its ``task.py``: method, model, data) through
-``benchmarks/_flower_timed`` (the same ClientApp and ServerApp with every phase time-stamped), and the table breaks
-each message's cost down (medians over the messages of rounds ≥ 2, per message type):
+processes on 127.0.0.1 run, in turn on the same processes (``--repeat`` pairs), Flower's own floor
+(``benchmarks/_flower_noop``: a ClientApp that imports only flwr and numpy and echoes its arrays, a ServerApp that
+sends one train message per node per round and pulls replies every 0.2 s, as fedpeft's does) and ``examples/flower``
+(its ``task.py``: method, model, data) through ``benchmarks/_flower_timed`` (the same ClientApp and ServerApp with
+every message and exchange time-stamped). A round's time is from its train exchange's start to the next round's
+(the last round: to the end of its last exchange); the ratio is fedpeft's median round time over the no-op app's, on
+rounds 2 … R − 1 (one exchange each; all rounds ≥ 2 when R < 4), per interleaved pair, then the median over pairs.
+The table breaks each fedpeft message's cost down (medians over the messages of rounds ≥ 2, per message type):
 
     poll      server creates the message → the ClientApp process starts (SuperNode pull every 3 s, SuperExec 1 s)
     runtime   process start → the app module's first line (interpreter, Flower's runtime, fetching the task)
@@ -29,11 +34,11 @@ each message's cost down (medians over the messages of rounds ≥ 2, per message
     build / data / train / eval   the user's ``build_model``, ``load_data`` (sklearn's digits), training, evaluation
     fedpeft   the rest of the handler: fedpeft's own work (records, state, fingerprints, protocol)
     reply     handler end → the server has every reply of the exchange (the ClientApp's exit, the SuperNode's 0.5 s
-              wait loop, the push, the server's pull, the slowest node)
+              wait loop, the push, the server's 0.2 s pull, the slowest node)
 
-and the round time (the server's ``configure_train`` → the end of ``aggregate_evaluate``), with the load average.
+with the load average before and after.
 
-    python benchmarks/bench_flower.py --deployed --rounds 3      # 3 SuperNodes; ~2-3 min on 2 cores
+    python benchmarks/bench_flower.py --deployed --rounds 5 --repeat 2   # 3 SuperNodes; ~5 min on 2 cores
 """
 
 from __future__ import annotations
@@ -198,11 +203,25 @@ def _importtime_split(env: dict, module: str) -> dict:
             for g in sorted(set(out["all"]) | set(out["base"]))}
 
 
-def deployed(clients: int, rounds: int, json_path, code: Path = ROOT, state_dir: bool = True) -> int:
-    """``--deployed``: a SuperLink and ``clients`` SuperNodes on 127.0.0.1 (see the module docstring).
+def _round_times(exchanges: list, last_exit: float) -> dict:
+    """``{round: seconds}``: from round r's first exchange (the one sending its train messages) to round r + 1's; the
+    last round ends with its last exchange (fedpeft: the evaluate exchange of its own)."""
+    starts = {}
+    for x in sorted(exchanges, key=lambda x: x["enter"]):
+        if x.get("round") is not None and ("train" in x.get("types", ["train"])):
+            starts.setdefault(int(x["round"]), x["enter"])
+    rounds = sorted(starts)
+    return {r: (starts[rounds[i + 1]] if i + 1 < len(rounds) else last_exit) - starts[r] for i, r in enumerate(rounds)}
+
+
+def deployed(clients: int, rounds: int, json_path, code: Path = ROOT, state_dir: bool = True,
+             repeat: int = 1) -> int:
+    """``--deployed``: a SuperLink and ``clients`` SuperNodes on 127.0.0.1 (see the module docstring), running
+    Flower's no-op app and fedpeft's example in turn, ``repeat`` times each, on the same processes.
 
     ``code``: the checkout whose ``fedpeft`` and ``examples/flower`` run (another commit, to compare); the timing
-    wrappers are this checkout's. ``state_dir``: give each SuperNode a ``state-dir`` (the node cache's home)."""
+    wrappers and the no-op app are this checkout's. ``state_dir``: give each SuperNode a ``state-dir``."""
+    import shutil
     import signal
     import socket
     import tempfile
@@ -214,13 +233,15 @@ def deployed(clients: int, rounds: int, json_path, code: Path = ROOT, state_dir:
 
     bindir = Path(sys.executable).parent
     tmp = Path(tempfile.mkdtemp(prefix="bench-flower-"))
-    timings, report = tmp / "timings.jsonl", tmp / "report.json"
+    timings = tmp / "timings.jsonl"
     app = tmp / "app"
     app.mkdir()
     example = (code / "examples" / "flower" / "pyproject.toml").read_text()
     example = example.replace('"fedpeft_example.server_app:app"', '"_flower_timed.timed_server:app"')
     example = example.replace('"fedpeft_example.client_app:app"', '"_flower_timed.timed_client:app"')
     (app / "pyproject.toml").write_text(example.replace('packages = ["."]', 'packages = ["app"]'))
+    noop = tmp / "noop"
+    shutil.copytree(ROOT / "benchmarks" / "_flower_noop", noop)
     home = tmp / "flwr-home"
     home.mkdir()
     link = free_port()
@@ -229,7 +250,7 @@ def deployed(clients: int, rounds: int, json_path, code: Path = ROOT, state_dir:
     env = {**os.environ, "FLWR_HOME": str(home), "FEDPEFT_BENCH_TIMINGS": str(timings),
            "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join([str(code), str(code / "examples" / "flower"), str(ROOT / "benchmarks"),
-                                          os.environ.get("PYTHONPATH", "")])}
+                                          str(ROOT / "benchmarks" / "_flower_noop"), os.environ.get("PYTHONPATH", "")])}
     procs = []
 
     def start(name: str, *args: str) -> None:
@@ -237,36 +258,59 @@ def deployed(clients: int, rounds: int, json_path, code: Path = ROOT, state_dir:
             procs.append(subprocess.Popen([str(bindir / args[0]), *args[1:]], env=env, stdout=out,
                                           stderr=subprocess.STDOUT, start_new_session=True, cwd=tmp))
 
+    def lines() -> list:
+        return [json.loads(x) for x in timings.read_text().splitlines()] if timings.exists() else []
+
+    def submit(folder: Path, run_config: str, done, deadline_s: float) -> tuple:
+        t = time.time()
+        run = subprocess.run([str(bindir / "flwr"), "run", str(folder), "bench", "--run-config", run_config],
+                             env=env, capture_output=True, text=True, timeout=900, cwd=tmp)
+        if run.returncode != 0:
+            raise RuntimeError(run.stdout[-3000:] + run.stderr[-3000:])
+        deadline = time.monotonic() + deadline_s
+        while not done() and time.monotonic() < deadline:
+            time.sleep(0.5)
+        if not done():
+            raise RuntimeError(f"{folder.name}: the run did not finish; logs in {tmp}")
+        return t, time.time()
+
     load0 = os.getloadavg()
     t0 = time.time()
+    runs = []  # (kind, start, end, report)
     try:
         start("superlink", "flower-superlink", "--insecure", "--host", "127.0.0.1", "--port", str(link),
-              "--disable-runtime-dependency-installation")
+              "--disable-runtime-dependency-installation", "--database", str(tmp / "superlink.db"))
         for i in range(clients):
             start(f"supernode{i}", "flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{link}",
                   "--host", "127.0.0.1", "--port", str(free_port()),
                   "--node-config", f"partition-id={i} num-partitions={clients}"
                   + (f" state-dir='{tmp / f'node{i}'}'" if state_dir else ""))
-        time.sleep(3)
-        run = subprocess.run([str(bindir / "flwr"), "run", str(app), "bench", "--run-config",
-                              f'report-path="{report}" num-server-rounds={rounds} num-partitions={clients}'],
-                             env=env, capture_output=True, text=True, timeout=900, cwd=tmp)
-        if run.returncode != 0:
-            sys.stderr.write(run.stdout[-3000:] + run.stderr[-3000:])
-            return 1
-        deadline = time.monotonic() + 60 * rounds + 300
+        deadline = time.monotonic() + 120  # until the SuperLink listens (seconds under load)
+        while time.monotonic() < deadline:
+            with socket.socket() as sock:
+                if sock.connect_ex(("127.0.0.1", link)) == 0:
+                    break
+            time.sleep(0.5)
+        time.sleep(2)  # the SuperNodes connect
+        for rep in range(max(1, repeat)):
+            n_done = sum(x["kind"] == "noop.done" for x in lines())
+            span = submit(noop, f"num-server-rounds={rounds} num-partitions={clients}",
+                          lambda n=n_done: sum(x["kind"] == "noop.done" for x in lines()) > n, 60 * rounds + 300)
+            runs.append(("noop", *span, None))
+            report = tmp / f"report-{rep}.json"
 
-        def finished() -> bool:  # the report is rewritten every round ("status": "running") since 0.2
-            try:
-                return json.loads(report.read_text()).get("status", "completed") != "running"
-            except (OSError, ValueError):
-                return False
+            def finished(report=report) -> bool:  # rewritten every round ("status": "running") until the end
+                try:
+                    return json.loads(report.read_text()).get("status", "completed") != "running"
+                except (OSError, ValueError):
+                    return False
 
-        while not finished() and time.monotonic() < deadline:
-            time.sleep(1)
-        if not finished():
-            sys.stderr.write(f"no report after the run; logs in {tmp}\n")
-            return 1
+            span = submit(app, f'report-path="{report}" num-server-rounds={rounds} num-partitions={clients}',
+                          finished, 60 * rounds + 300)
+            runs.append(("fedpeft", *span, report))
+    except RuntimeError as e:
+        sys.stderr.write(f"{e}\n")
+        return 1
     finally:
         for p in procs:
             try:
@@ -281,49 +325,57 @@ def deployed(clients: int, rounds: int, json_path, code: Path = ROOT, state_dir:
                 p.wait(timeout=10)
     total = time.time() - t0
     load1 = os.getloadavg()
-    lines = [json.loads(x) for x in timings.read_text().splitlines()]
-    result = json.loads(report.read_text())
-    server = {}
-    for x in lines:
-        if x["kind"].startswith("server."):
-            server.setdefault(x["round"], {})[x["kind"][7:]] = x
-    round_s = {r: s["aggregate_evaluate"]["exit"] - s["configure_train"]["enter"] for r, s in sorted(server.items())
-               if "aggregate_evaluate" in s and "configure_train" in s}
+    every = lines()
+    steady = list(range(2, rounds)) if rounds >= 4 else list(range(2, rounds + 1))  # one exchange per round
+    per_run = []
+    for kind, begin, end, report in runs:
+        mine = [x for x in every if begin <= x.get("enter", 0) <= end]
+        ex = [x for x in mine if x["kind"] in ("server.exchange", "noop.exchange")]
+        times = _round_times(ex, max([x["exit"] for x in ex] or [end]))
+        per_run.append({"kind": kind, "start": begin, "end": end, "round_s": times,
+                        "steady_s": statistics.median([times[r] for r in steady if r in times] or [float("nan")]),
+                        "accuracy": json.loads(report.read_text())["accuracy"] if report else None})
+    pairs = [(per_run[i]["steady_s"], per_run[i + 1]["steady_s"]) for i in range(0, len(per_run) - 1, 2)]
+    ratio = statistics.median(f / n for n, f in pairs)
+    server = [x for x in every if x["kind"] == "server.exchange"]
+    msgs = [x for x in every if not x["kind"].startswith(("server.", "noop."))]
     split = _importtime_split(env, "_flower_timed.timed_client")
-    msgs = [x for x in lines if not x["kind"].startswith("server.")]
-    out = {"clients": clients, "rounds": rounds, "total_s": total, "load_before": load0, "load_after": load1,
-           "round_s": round_s, "messages": msgs, "server": server, "import_split": split,
-           "accuracy": result["accuracy"], "messages_per_round": {}}
+    out = {"clients": clients, "rounds": rounds, "repeat": repeat, "total_s": total, "load_before": load0,
+           "load_after": load1, "runs": per_run, "ratio": ratio, "steady_rounds": steady, "messages": msgs,
+           "server": server, "import_split": split, "messages_per_round": {}}
     print(f"bench_flower --deployed: SuperLink + {clients} SuperNodes on 127.0.0.1, {rounds} rounds of "
-          f"examples/flower from {code}, {os.cpu_count()} CPUs; load average {load0[0]:.2f} before, "
-          f"{load1[0]:.2f} after; total {total:.1f} s")
-    print("round wall time (s): " + ", ".join(f"r{r} {s:.1f}" for r, s in round_s.items()))
+          f"examples/flower from {code} and of the no-op app, interleaved {max(1, repeat)}x, {os.cpu_count()} CPUs; "
+          f"load average {load0[0]:.2f} before, {load1[0]:.2f} after; total {total:.1f} s")
+    for r in per_run:
+        print(f"  {r['kind']:<8} round wall time (s): " + ", ".join(f"r{k} {v:.2f}" for k, v in r["round_s"].items())
+              + f"; median of rounds {steady[0]}-{steady[-1]}: {r['steady_s']:.2f}")
+    print(f"fedpeft round / no-op round (rounds {steady[0]}-{steady[-1]}, median over {len(pairs)} interleaved "
+          f"pair(s)): {ratio:.2f}x  (" + ", ".join(f"{f:.2f}/{n:.2f}" for n, f in pairs) + " s)")
     later = [x for x in msgs if isinstance(x.get("round"), (int, float)) and x["round"] >= 2]
     phases = ["poll", "runtime", "imports", "build", "data", "train", "eval", "fedpeft", "reply", "total"]
-    print(f"{'message (median, rounds >= 2)':<30}" + "".join(f"{p:>9}" for p in phases))
+    print(f"{'fedpeft message (median, rounds >= 2)':<38}" + "".join(f"{p:>9}" for p in phases))
     for kind in sorted({x["kind"] for x in later}):
         rows = []
         for x in (y for y in later if y["kind"] == kind):
-            srv = server.get(x["round"], {})
-            nxt = srv.get("aggregate_train" if kind.startswith("train") else "aggregate_evaluate")
-            handler = x["exit"] - x["enter"]
+            # the exchange this message belongs to: the one whose time span holds the handler's end
+            held = [e for e in server if e["enter"] <= x["exit"] <= e["exit"]]
+            end = held[0]["exit"] if held else float("nan")
             user = sum(x.get(k, 0.0) for k in ("build", "data", "train", "eval"))
             row = {"poll": x["process"] - x["created"], "runtime": x["module"] - x["process"],
-                   "imports": x["imported"] - x["module"], "fedpeft": handler - user,
-                   "reply": (nxt["enter"] - x["exit"]) if nxt else float("nan")}
+                   "imports": x["imported"] - x["module"], "fedpeft": x["exit"] - x["enter"] - user,
+                   "reply": end - x["exit"], "total": end - x["created"]}
             row.update({k: x.get(k, 0.0) for k in ("build", "data", "train", "eval")})
-            row["total"] = (nxt["enter"] if nxt else x["exit"]) - x["created"]
             rows.append(row)
         out["messages_per_round"][kind] = len(rows) / max(1, len({x["round"] for x in later}))
         med = {p: statistics.median(r[p] for r in rows) for p in phases}
-        print(f"{kind + f' ({len(rows)})':<30}" + "".join(f"{med[p]:>9.2f}" for p in phases))
+        print(f"{kind + f' ({len(rows)})':<38}" + "".join(f"{med[p]:>9.2f}" for p in phases))
     print("app import self-time by package (s, -X importtime, on top of Flower's runtime): "
           + ", ".join(f"{k} {v:.2f}" for k, v in split.items() if abs(v) >= 0.005))
-    print("per-client accuracy after the last round: " + ", ".join(f"{a:.3f}" for a in result["accuracy"]))
+    for r in per_run:
+        if r["accuracy"]:
+            print("per-client accuracy after the last round: " + ", ".join(f"{a:.3f}" for a in r["accuracy"]))
     if json_path:
         Path(json_path).write_text(json.dumps(out, indent=2))
-    import shutil
-
     shutil.rmtree(tmp, ignore_errors=True)
     return 0
 
@@ -334,7 +386,8 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=6)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--child", choices=["local", "flower"], help=argparse.SUPPRESS)
-    p.add_argument("--repeat", type=int, default=1, help="alternate local/flower runs this many times")
+    p.add_argument("--repeat", type=int, default=1,
+                   help="alternate local/flower runs (--deployed: no-op/fedpeft runs) this many times")
     p.add_argument("--json", default=None, help="also write the results here")
     p.add_argument("--deployed", action="store_true",
                    help="the Deployment Engine on 127.0.0.1 instead: per-message cost breakdown and round time")
@@ -342,7 +395,7 @@ def main() -> int:
     p.add_argument("--no-state-dir", action="store_true", help="--deployed: SuperNodes without a state-dir")
     a = p.parse_args()
     if a.deployed:
-        return deployed(a.clients, a.rounds, a.json, Path(a.code).resolve(), not a.no_state_dir)
+        return deployed(a.clients, a.rounds, a.json, Path(a.code).resolve(), not a.no_state_dir, a.repeat)
     if a.child:
         print(json.dumps(child(a.child, a.clients, a.rounds, a.seed)))
         return 0

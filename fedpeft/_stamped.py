@@ -37,11 +37,12 @@ def write_stamped(path: Path, tensors: Mapping[str, Tensor], stamp: Mapping[str,
 
 def read_stamped(path: Path, want: Mapping[str, str], *, error: Type[Exception] = ValueError,
                  tensors: bool = True, names: Optional[Mapping[str, str]] = None,
-                 hint: str = "") -> Tuple[Dict[str, str], Dict[str, Tensor]]:
+                 hint: str = "", checksum: bool = True) -> Tuple[Dict[str, str], Dict[str, Tensor]]:
     """``(metadata, tensors)`` of the stamped file ``path`` (``tensors=False``: the header only, ``{}`` tensors, the
     checksum not verified).
 
-    ``names`` words a field in messages (``{"frozen-sha256": "frozen backbone"}``); ``hint`` ends every message.
+    ``names`` words a field in messages (``{"frozen-sha256": "frozen backbone"}``); ``hint`` ends every message;
+    ``checksum=False``: the stamp's ``sha256`` is not required (a file whose checksum is kept elsewhere).
 
     Raises:
         error: ``path`` is not a regular, readable safetensors file, or ``metadata[field] != want[field]`` for a field
@@ -66,6 +67,6 @@ def read_stamped(path: Path, want: Mapping[str, str], *, error: Type[Exception] 
             raise error(f"{path}: format version {got!r} is unknown (this fedpeft reads version {expected}){hint}")
         what = (names or {}).get(field, field)
         raise error(f"{path}: the file's {what} is {got!r}, expected {expected!r}{hint}")
-    if tensors and content_digest({k: v for k, v in meta.items() if k != "sha256"}, out) != meta.get("sha256"):
+    if tensors and checksum and content_digest({k: v for k, v in meta.items() if k != "sha256"}, out) != meta.get("sha256"):
         raise error(f"{path}: its tensors or header do not match its sha256 (edited or damaged){hint}")
     return meta, out

@@ -35,11 +35,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Union
 
-from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
 from .. import _atomic
-from .._integrity import FolderLock, remove_leftovers, write_safetensors
+from .._integrity import FolderLock, remove_leftovers
+from .._stamped import read_stamped, write_stamped
 
 __all__ = ["Checkpoint", "CheckpointError", "check_matches", "claim_folder", "load_checkpoint", "save_checkpoint"]
 
@@ -162,12 +162,10 @@ def save_checkpoint(directory: Union[str, Path], checkpoint: Checkpoint) -> Path
         raise ValueError(f"checkpoint.round must be an int >= 0, got {r!r}")
     if not isinstance(checkpoint.run, str) or not checkpoint.run:
         raise ValueError(f"checkpoint.run must be a non-empty str, got {checkpoint.run!r}")
-    tensors = {}
     for k, v in checkpoint.tensors.items():
         if not isinstance(k, str) or not isinstance(v, Tensor):
             raise TypeError(f"checkpoint.tensors must map str to torch.Tensor, got {type(k).__name__} -> "
                             f"{type(v).__name__}")
-        tensors[k] = v.detach().to("cpu").contiguous().clone()
     meta = _encode(dict(checkpoint.meta), "checkpoint.meta")
     directory = _folder(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -175,9 +173,8 @@ def save_checkpoint(directory: Union[str, Path], checkpoint: Checkpoint) -> Path
     old = _read_json(final_json) if final_json.is_file() else None
     name = _tensor_name(r)
     tensor_path = directory / name
-    _atomic.remove_stale(directory, name)
-    stamp = {"format": FORMAT, "version": str(VERSION), "round": str(r), "run": checkpoint.run}
-    write_safetensors(tensor_path, tensors, stamp)
+    write_stamped(tensor_path, checkpoint.tensors,
+                  {"format": FORMAT, "version": str(VERSION), "round": str(r), "run": checkpoint.run})
     doc = {"format": FORMAT, "version": VERSION, "round": r, "run": checkpoint.run, "tensors": name,
            "sha256": _sha256(tensor_path), "meta": meta}
     doc["meta-sha256"] = _doc_sha256(doc)
@@ -239,15 +236,9 @@ def load_checkpoint(directory: Union[str, Path]) -> Optional[Checkpoint]:
         raise CheckpointError(f"{path}: its tensor file {name} is missing")
     if _sha256(tensor_path) != doc.get("sha256"):
         raise CheckpointError(f"{tensor_path}: sha256 differs from the one {JSON_NAME} recorded (damaged file)")
-    try:
-        with safe_open(str(tensor_path), framework="pt", device="cpu") as f:
-            stamp = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(f"{tensor_path}: not a readable safetensors file ({e})") from None
-    if stamp.get("round") != str(r) or stamp.get("run") != run or stamp.get("format") != FORMAT:
-        raise CheckpointError(f"{tensor_path}: stamped round {stamp.get('round')!r} run {stamp.get('run')!r}, "
-                              f"{JSON_NAME} says round {r} run {run!r}")
+    _, tensors = read_stamped(tensor_path, {"format": FORMAT, "round": str(r), "run": run}, error=CheckpointError,
+                              names={"round": "stamped round", "run": "stamped run"}, checksum=False,
+                              hint=f" ({JSON_NAME} says round {r} run {run!r})")  # the JSON's sha256 covers the file
     if doc.get("version") == 1 and "meta-sha256" not in doc:
         log.warning("%s: a version-1 checkpoint (fedpeft 0.2.0) has no meta-sha256; its meta is not verified", path)
     elif doc.get("meta-sha256") != _doc_sha256(doc):

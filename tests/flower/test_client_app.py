@@ -149,3 +149,42 @@ def test_client_app_argument_errors():
         client_app(get("FedVPT"), lambda c: None, None)
     with pytest.raises(ValueError, match="threads"):
         client_app(get("FedVPT"), lambda c: None, lambda c: None, threads=0)
+
+
+def test_a_train_message_with_a_deployment_hashes_the_backbone_once_and_reads_the_state_file_once(tmp_path,
+                                                                                                    monkeypatch):
+    """One message per round with a state folder (and no node cache): the frozen backbone is hashed once and the
+    client's state file read once per message (0.2 hashed twice and read it three times)."""
+    import fedpeft.fed as fed_module
+    from fedpeft.flower.wire import DEPLOY, EVAL_ROUND, EVALUATION
+    from fedpeft.protocols import ClientStateFile
+
+    calls = {"hash": 0, "read": 0}
+    real_hash, real_read = fed_module.frozen_fingerprint, ClientStateFile._read
+
+    def counted_hash(model):
+        calls["hash"] += 1
+        return real_hash(model)
+
+    def counted_read(self, tensors):
+        calls["read"] += int(tensors)
+        return real_read(self, tensors)
+
+    monkeypatch.setattr(fed_module, "frozen_fingerprint", counted_hash)
+    monkeypatch.setattr(ClientStateFile, "_read", counted_read)
+    from flower_harness import LocalGrid, node_context
+
+    data = client_data(1)
+    app = client_app("FedVPT", lambda c: build("FedVPT"), lambda c: data[0], trainer=trainer(),
+                     state_dir=str(tmp_path), cache=False)
+    node = NODE_IDS[0]
+    grid = LocalGrid(app, {node: node_context(node, 0, 1)})
+    shared = {"prompts": build("FedVPT").prompts.detach()}
+    assert not _ask(grid, _train_msg(node, shared, 0, "FedVPT")).has_error()  # round 0 writes the state file
+    calls.update(hash=0, read=0)
+    msg = _train_msg(node, shared, 1, "FedVPT")
+    msg.content[DEPLOY] = to_record(shared)  # round 0's deployment, evaluated before round 1 trains
+    msg.content[CONFIG] = ConfigRecord({**dict(msg.content[CONFIG]), EVAL_ROUND: 0})
+    reply = _ask(grid, msg)
+    assert not reply.has_error() and reply.content[EVALUATION]["personal-round"] == 0
+    assert calls == {"hash": 1, "read": 1}

@@ -168,12 +168,15 @@ def _finish(cluster: Cluster, run: subprocess.Popen, report: Path, rounds: int) 
 def test_a_supernode_and_then_the_server_side_killed_mid_run_give_the_uninterrupted_runs_results(tmp_path):
     """One federation, two crashes (one cluster keeps these real-process checks within CI's time budget):
 
-    1. after round 1, ``kill -9`` SuperNode 1 and start it again (a new node id, the same ``state-dir``): at round 2's
-       start the live server finds its old node silent, registers the new one (``rejoined``), and the client continues
-       from its personal state on disk;
-    2. after round 2, ``kill -9`` the SuperLink with the ServerApp process it runs, start it again on the same
-       database, ``flwr run`` again: the ServerApp resumes from its checkpoint (the same fedpeft run id) and runs
-       round 3; the nodes re-register and continue from their files.
+    One message per round (the default): round r's record closes, and the gate opens, once round r + 1 has trained.
+
+    1. when round 1's record closes (round 2 trained), ``kill -9`` SuperNode 1 and start it again (a new node id, the
+       same ``state-dir``): at round 3's start the live server finds its old node silent, registers the new one
+       (``rejoined``), and the client evaluates round 2's deployment and trains from its personal state on disk;
+    2. when round 2's record closes (round 3 trained, its evaluation still open), ``kill -9`` the SuperLink with the
+       ServerApp process it runs, start it again on the same database, ``flwr run`` again: the ServerApp resumes from
+       its checkpoint (the same fedpeft run id, the open round in it) and sends round 3's deployment to be evaluated;
+       the nodes re-register and evaluate from their files.
 
     Every round's per-client accuracies and the final server state equal the uninterrupted in-process run's.
     """
@@ -186,12 +189,12 @@ def test_a_supernode_and_then_the_server_side_killed_mid_run_give_the_uninterrup
         c.supernode(0)
         c.supernode(1)
         first = c.run("run1", **config)
-        c.wait_gate(first, 0)  # round 1 done
+        c.wait_gate(first, 0)  # round 1 closed, round 2 trained
         saved = next((tmp_path / "node1").rglob("partition-1.safetensors")).read_bytes()
         c.kill("supernode1")  # its process group: the SuperNode, its SuperExec, any ClientApp process
         c.supernode(1)  # same node config and state-dir, a new node id
         c.open_gate(0)
-        c.wait_gate(first, 1)  # round 2 done (and checkpointed)
+        c.wait_gate(first, 1)  # round 2 closed, round 3 trained (and checkpointed, its evaluation open)
         before = json.loads((ckpt / "checkpoint.json").read_text())
         c.kill("superlink")  # the SuperLink and the ServerApp process it started
         first.wait(timeout=60)
@@ -207,10 +210,11 @@ def test_a_supernode_and_then_the_server_side_killed_mid_run_give_the_uninterrup
         assert c.alive() == [], "processes left running"
     rounds = result["rounds"]
     assert [r["round"] for r in rounds] == [0, 1, 2] and [r["accepted"] for r in rounds] == [[0, 1]] * 3
-    assert rounds[1]["rejoined"] == [1] and "restarted_without_state" not in rounds[1]
+    assert rounds[2]["rejoined"] == [1] and "restarted_without_state" not in rounds[2]
     assert saved != next((tmp_path / "node1").rglob("partition-1.safetensors")).read_bytes()
     after = json.loads((ckpt / "checkpoint.json").read_text())
-    assert before["round"] == 2 and after["round"] == 3 and after["run"] == before["run"]  # resumed, not restarted
+    assert before["round"] == 3 and before["meta"]["open"]["round"] == 2  # round 3 trained, not evaluated
+    assert after["round"] == 3 and after["meta"]["open"] is None and after["run"] == before["run"]  # resumed
     fed = _oracle(3)
     assert [r["deployed"] for r in rounds] == [r.deployed for r in fed.history]
     assert result["accuracy"] == fed.history[-1].deployed

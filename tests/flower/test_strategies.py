@@ -346,3 +346,21 @@ def test_replies_are_matched_to_the_messages_sent_not_to_the_sender_node():
     stray = w.grid.log[-1]  # any message object: its id was not sent in this (new) round map
     got = parse_reply(Message(RecordDict(), reply_to=stray), {}, like={})
     assert got.client_id.startswith("node ") and "no message sent this round" in got.reason
+
+
+def test_registration_names_the_missing_partitions_while_it_waits(monkeypatch, caplog):
+    """A node that never starts: every WAIT_LOG_S the registry logs which partitions it still waits for."""
+    import logging
+
+    from fedpeft.flower import registry as registry_module
+
+    class NoNodes:
+        def get_node_ids(self):
+            return []
+
+    monkeypatch.setattr(registry_module, "WAIT_LOG_S", 0.05)
+    reg = registry_module.Registry(2, "FedVPT", None)
+    with caplog.at_level(logging.WARNING, logger="fedpeft.flower"), pytest.raises(RuntimeError, match="no node"):
+        reg.register(NoNodes(), min_nodes=2, timeout=0.4, poll=0.02)
+    waits = [r.getMessage() for r in caplog.records if "waiting for nodes" in r.getMessage()]
+    assert len(waits) >= 3 and all("partitions still missing: [0, 1]" in m for m in waits)

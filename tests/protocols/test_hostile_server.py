@@ -96,3 +96,20 @@ def test_a_rejected_clients_loss_is_not_in_the_rounds_train_loss():
     assert all(torch.equal(fed.personal[1][k], before[k]) for k in before)  # kept its previous personal state
     assert all(a is not None and a == a for a in rec.deployed)  # no NaN accuracy in the mean
     assert rec.as_dict()["diverged"] == [1]
+
+
+def test_an_update_with_no_round_in_flight_is_refused_and_changes_nothing():
+    """Once a round closed, ``update`` without a new ``payloads`` refuses every reply (as ``PFedPGServer`` does): the
+    oracle is the state after the round, by hand, and the round counter."""
+    s = AveragingServer(INITIAL, num_clients=3)
+    s.payloads([0, 1])
+    assert s.update([(0, _up(2), 1.0), (1, _up(4), 3.0)]).accepted == [0, 1]
+    after = {k: v.clone() for k, v in s.shared.items()}
+    assert torch.allclose(after["w"], torch.full((2, 2), _avg([(2.0, 1.0), (4.0, 3.0)])))
+    report = s.update([(0, _up(9), 1.0)])  # its round closed: nothing in flight
+    assert report.accepted == [] and "was not sent anything this round" in report.rejected[0].reason
+    assert s.round == 1 and all(torch.equal(s.shared[k], after[k]) for k in after)
+    s.payloads([2])  # a new round: only the client it was sent to counts
+    report = s.update([(2, _up(1), 1.0), (0, _up(5), 1.0)])
+    assert report.accepted == [2] and [r.client_id for r in report.rejected] == [0]
+    assert s.round == 2 and torch.equal(s.shared["w"], torch.full((2, 2), 1.0))
