@@ -1,7 +1,7 @@
 """The Flower simulation engine against the in-process engine: per-round time, start-up, peak memory, bytes sent.
 
 Both engines run the same methods (FedVPT: prompts shared; pFedPG: per-client generated prompts; FedPerfix: the whole
-backbone shared) on the benchmark's default ViT (0.46 M parameters, 32 px, random weights: timing does not need a
+backbone shared) on the benchmark's default ViT (0.47 M parameters, 32 px, random weights: timing does not need a
 pre-trained backbone) and the embedded digits (domain split), each engine in its own child process so peak memory is
 its own: the largest sum of PSS (proportional set size: shared pages such as torch's libraries counted once, split
 between the processes that map them) over the process and all its descendants (Flower: the driver and every Ray
@@ -135,18 +135,19 @@ def child(engine: str, clients: int, rounds: int, seed: int) -> dict:
     out = {"engine": engine, "methods": {}}
     if engine == "local":
         from _personalize.methods import build_model, make_protocol
-        from _personalize.runner import run_method
+        from _personalize.run import run_method
 
         from fedpeft import fed, protocols
 
+        ctx.budget = replace(ctx.budget, rounds=rounds)
         with _Peak() as peak:
             for name in METHODS:
                 stamps = [time.perf_counter()]
-                res = run_method(name, ctx, rounds, lambda acc, s=stamps: s.append(time.perf_counter()))
+                res = run_method(name, ctx, lambda r, acc, s=stamps: s.append(time.perf_counter()))
                 model = build_model(name, ctx)
                 out["methods"][name] = {
-                    "round_s": [b - a for a, b in zip(stamps, stamps[1:])], "accuracy": res.accuracy,
-                    "upload_state_bytes": fed.num_bytes(protocols.upload_state(model, make_protocol(name, ctx.budget))),
+                    "round_s": [b - a for a, b in zip(stamps, stamps[1:])], "accuracy": res["deployed"][-1],
+                    "upload_state_bytes": fed.num_bytes(protocols.upload_state(model, make_protocol(name, ctx))),
                 }
         out["peak_rss"] = peak.peak
     else:
@@ -159,12 +160,13 @@ def child(engine: str, clients: int, rounds: int, seed: int) -> dict:
         out["total_s"] = time.perf_counter() - t0
         out["flwr"] = flwr.__version__
         for r in results:
-            out["methods"][r.name] = {"round_s": [log["wall_s"] for log in r.server_log], "accuracy": r.accuracy,
-                                      "upload_bytes": [log["upload_bytes"] for log in r.server_log],
-                                      "wall_s": r.wall_s}
+            out["methods"][r["method"]] = {"round_s": [log["wall_s"] for log in r["server"]],
+                                           "accuracy": r["deployed"][-1],
+                                           "upload_bytes": [log["upload_bytes"] for log in r["server"]],
+                                           "wall_s": r["wall_s"]}
         first = results[0]
-        out["startup_s"] = out["total_s"] - sum(r.wall_s for r in results) + (
-            first.wall_s - sum(log["wall_s"] for log in first.server_log))
+        out["startup_s"] = out["total_s"] - sum(r["wall_s"] for r in results) + (
+            first["wall_s"] - sum(log["wall_s"] for log in first["server"]))
         out["peak_rss"] = peak.peak
     return out
 

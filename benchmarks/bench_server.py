@@ -2,6 +2,13 @@
 
     python benchmarks/bench_server.py                       # 1,000 clients, K = 10, D = 768; ~25 s on 2 cores
     python benchmarks/bench_server.py --threads 2 --heads 12 --depth 12 --descriptor-tokens 1
+    python benchmarks/bench_server.py --round               # the default server's round against its clients'
+
+``--round``: the CPU seconds of one round of ``protocols.get("pFedPG")``'s server (``PFedPGServer.update``: the
+screening, the fit of ``server_steps`` Adam steps, the diagnostics) for ``--round-clients`` clients, against one
+client's local round of the main job (``benchmarks/personalize.py``'s backbone shape: ViT D = 96, depth 4, 3 heads,
+img 32, patch 8; VPT with K = 10 and a 10-class head; AdamW, 2 epochs of 100 images, batch 32), medians of
+``--repeats`` interleaved repeats.
 
 One server step = ``opt.zero_grad(); P = gen(ids); fed.delta_backward(P, P_trained); opt.step()`` (SGD) over all
 ``--clients`` clients. Timed side by side in one process, interleaved (the order rotates every repeat), medians:
@@ -33,7 +40,7 @@ import time
 
 import torch
 
-from fedpeft import PromptGenerator, fed
+from fedpeft import VPT, PromptGenerator, fed, protocols
 
 
 def matmul_flops(gen: PromptGenerator, n: int, fold: bool) -> float:
@@ -75,6 +82,49 @@ def timed(fn) -> float:
     return time.perf_counter() - t0
 
 
+def round_cost(clients: int, repeats: int) -> dict:
+    """CPU seconds of the default pFedPG server's round for ``clients`` clients and of one client's local round."""
+    import timm
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, embed_dim=96,
+                            depth=4, num_heads=3, global_pool="avg", class_token=False, num_classes=10)
+    model = VPT(vit, num_prompts=10)
+    server = protocols.get("pFedPG").make_server(model, num_clients=clients, seed=0)
+    x, y = torch.randn(100, 3, 32, 32), torch.randint(0, 10, (100,))
+
+    def server_round() -> float:
+        sent = server.payloads(range(clients))
+        replies = [(n, {server.key: p[server.key] + 0.3 * torch.randn_like(p[server.key])}, 1)
+                   for n, p in sent.items()]
+        t0 = time.process_time()
+        server.update(replies)
+        return time.process_time() - t0
+
+    def client_round() -> float:
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(trainable, lr=5e-2, weight_decay=1e-3)
+        model.train()
+        t0 = time.process_time()
+        for _ in range(2):
+            for i in range(0, 100, 32):
+                opt.zero_grad()
+                F.cross_entropy(model(x[i:i + 32]), y[i:i + 32]).backward()
+                opt.step()
+        return time.process_time() - t0
+
+    server_round(), client_round()  # warm-up
+    times: dict = {"server": [], "client": []}
+    for _ in range(repeats):
+        times["server"].append(server_round())
+        times["client"].append(client_round())
+    med = {k: statistics.median(v) for k, v in times.items()}
+    return {"clients": clients, "server_steps": server.server_steps, "heads": server.generator.heads,
+            "server_cpu_s": med["server"], "client_cpu_s": med["client"],
+            "server_vs_all_clients": med["server"] / (clients * med["client"]), "all_s": times}
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--clients", type=int, default=1000)
@@ -89,9 +139,20 @@ def main(argv=None) -> dict:
         "--threads", type=int, default=1, help="torch intra-op threads, 0: torch's default (1: stable on shared cores)"
     )
     ap.add_argument("--json", default=None, help="also write the results here")
+    ap.add_argument("--round", action="store_true", help="the default server's round against its clients' (CPU s)")
+    ap.add_argument("--round-clients", type=int, default=8, help="--round: clients (the main job's 8)")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.round:
+        r = round_cost(args.round_clients, args.repeats)
+        print(f"pFedPG default server ({r['server_steps']} Adam steps, {r['heads']} heads), {r['clients']} clients: "
+              f"{r['server_cpu_s']:.3f} CPU-s per round; one client's local round {r['client_cpu_s']:.3f} CPU-s; "
+              f"server / all clients' = {100 * r['server_vs_all_clients']:.2f}% (medians of {args.repeats})")
+        if args.json:
+            with open(args.json, "w", encoding="utf-8") as fh:
+                json.dump(r, fh, indent=2)
+        return r
 
     torch.manual_seed(0)
     n, m = args.clients, min(args.loop_clients, args.clients)

@@ -122,16 +122,33 @@ def run(setting: tuple, seed: int, rounds: int, kind: str) -> Dict[str, Any]:
             "n1": tnorm[0], "nend": tnorm[-1], "own": 100 * own, "err": err}
 
 
-#: --main-job settings: name → PFedPG keyword arguments
+#: --main-job settings: name → PFedPG keyword arguments (S: server steps per round, h: generator heads, x3: the
+#: default per-group rates × 3)
+_X3 = {"prompt_base": 3e-3, "descriptors": 3e-2, "projections": 3e-3}
+_X10 = {"prompt_base": 1e-2, "descriptors": 1e-1, "projections": 1e-2}
+_ONE = {"server_steps": 1, "heads": 1}  # issue 17's study: one step per round, one head
 MAIN_SETTINGS: Dict[str, Dict[str, Any]] = {
     "paper": {"recipe": "paper"},
-    "sgd1e-3": {"server_optimizer": "SGD", "server_lr": 1e-3},
-    "sgd0.1": {"server_optimizer": "SGD", "server_lr": 0.1},
-    "adam1e-3": {"server_optimizer": "Adam", "server_lr": 1e-3},
-    "adam3e-3": {"server_optimizer": "Adam", "server_lr": 3e-3},
-    "adam1e-3-norm": {"server_optimizer": "Adam", "server_lr": 1e-3, "normalize_delta": True},
+    "sgd1e-3": {"server_optimizer": "SGD", "server_lr": 1e-3, **_ONE},
+    "sgd0.1": {"server_optimizer": "SGD", "server_lr": 0.1, **_ONE},
+    "adam1e-3": {"server_optimizer": "Adam", "server_lr": 1e-3, **_ONE},
+    "adam3e-3": {"server_optimizer": "Adam", "server_lr": 3e-3, **_ONE},
+    "adam1e-3-norm": {"server_optimizer": "Adam", "server_lr": 1e-3, "normalize_delta": True, **_ONE},
     "adam-groups": {"server_optimizer": "Adam",
-                    "server_lr": {"prompt_base": 1e-3, "descriptors": 1e-2, "projections": 1e-3}},
+                    "server_lr": {"prompt_base": 1e-3, "descriptors": 1e-2, "projections": 1e-3}, **_ONE},
+    "S1": _ONE,  # the default of issue 17 (fedpeft 0.2)
+    "S20": {"server_steps": 20, "heads": 1},
+    "S50": {"server_steps": 50, "heads": 1},
+    "S200": {"server_steps": 200, "heads": 1},
+    "S20-x3": {"server_steps": 20, "heads": 1, "server_lr": _X3},
+    "S50-x3": {"server_steps": 50, "heads": 1, "server_lr": _X3},
+    "S20-h16": {"server_steps": 20, "heads": 16},
+    "S50-h16": {"server_steps": 50, "heads": 16},
+    "S200-h16": {"server_steps": 200, "heads": 16},
+    "S20-h16-x3": {"server_steps": 20, "heads": 16, "server_lr": _X3},
+    "S50-h16-x3": {"server_steps": 50, "heads": 16, "server_lr": _X3},
+    "S50-h16-x10": {"server_steps": 50, "heads": 16, "server_lr": _X10},
+    "default": {},  # the library's default server
 }
 
 
@@ -139,23 +156,39 @@ def _fmt(xs: Any) -> str:
     return " ".join(f"{x:.1f}" for x in xs)
 
 
-def main_job(seeds: List[int], settings: List[str], client_recipe: str, fedvpt: bool, rounds: int) -> None:
+def _server_row(rec: Dict[str, Any], mid: int) -> Dict[str, float]:
+    """One run's server figures: descending share, mean retention, residual and drift in the last round, spread at
+    round 1 / ``mid`` / last (%), ‖P̃‖ in round 1 and last, accuracy deployed and after local training (last round)."""
+    diags = [r["diagnostics"] for r in rec["server"] if r.get("diagnostics")]
+    down = sum(a < b for d in diags for a, b in zip(d["dist_after"], d["dist_before"]))
+    tot = sum(len(d["dist_before"]) for d in diags)
+    return {"desc": 100 * down / tot, "ret": 100 * statistics.fmean(d["retention"] for d in diags),
+            "res": diags[-1]["residual"], "drift": diags[-1]["drift"], "s1": 100 * diags[0]["spread"],
+            "smid": 100 * diags[mid - 1]["spread"], "send": 100 * diags[-1]["spread"],
+            "n1": statistics.fmean(diags[0]["trained_norm"]), "nend": statistics.fmean(diags[-1]["trained_norm"]),
+            "dep": 100 * statistics.fmean(rec["deployed"][-1]),
+            "loc": 100 * statistics.fmean(a for a in rec["local"][-1] if a is not None)}
+
+
+def main_job(seeds: List[int], settings: List[str], client_recipe: str, fedvpt: bool, rounds: int,
+             lr_prompt: float) -> None:
     import sys
     import tempfile
     from dataclasses import replace
     from pathlib import Path
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from _personalize import runner
+    from _personalize import run as runner
     from _personalize.cli import parse_args
-    from _personalize.jobs import run_job
     from _personalize.methods import make_protocol
+    from _personalize.run import run_job
 
     from fedpeft.protocols import LocalTrainer, PFedPG
 
     out = tempfile.mkdtemp(prefix="study-pfedpg-")
     cfg = parse_args(["--methods", "pFedPG", "--seeds", ",".join(map(str, seeds)), "--workers", "1",
-                      "--rounds", str(rounds), "--out", out, "--overwrite"])
+                      "--rounds", str(rounds), "--evaluate", "val", "--lr-prompt", str(lr_prompt),
+                      "--out", out, "--overwrite"])
     trainer_of = runner.make_trainer
     if client_recipe == "sgd":  # the paper's client: SGD γ = 0.25, 5 epochs, batch 64 (pFedPG only)
         cfg = replace(cfg, budget=replace(cfg.budget, local_epochs=5, batch_size=64))
@@ -166,28 +199,19 @@ def main_job(seeds: List[int], settings: List[str], client_recipe: str, fedvpt: 
 
         runner.make_trainer = sgd_trainer
     mid = max(rounds // 2, 1)
-    print(f"main job, pFedPG, client {client_recipe}, seeds {seeds}, {rounds} rounds")
-    print(f"{'setting':<16} {'desc%':>6} {'spread r1':>9} {'r' + str(mid):>6} {'r' + str(rounds):>6} "
-          f"{'|P~| r1':>7} {'end':>6} {'deployed':>8} {'local':>6}  per-seed deployed")
+    print(f"main job (validation split), pFedPG, client {client_recipe}, lr_prompt {lr_prompt:g}, seeds {seeds}, "
+          f"{rounds} rounds")
+    print(f"{'setting':<12} {'desc%':>6} {'ret%':>5} {'resid':>5} {'drift':>5} {'spread r1':>9} {'r' + str(mid):>6} "
+          f"{'r' + str(rounds):>6} {'|P~| r1':>7} {'end':>6} {'deployed':>8} {'local':>6}  per-seed deployed")
     for name in settings:
         runner.make_protocol = lambda n, budget, kw=MAIN_SETTINGS[name]: PFedPG(**kw)
         rows = []
         for seed in seeds:
             t0 = time.time()
-            rec = run_job(cfg, seed, "pFedPG")
-            diags = [r["diagnostics"] for r in rec["server"] if r.get("diagnostics")]
-            down = sum(a < b for d in diags for a, b in zip(d["dist_after"], d["dist_before"]))
-            tot = sum(len(d["dist_before"]) for d in diags)
-            rows.append({
-                "desc": 100 * down / tot, "s1": 100 * diags[0]["spread"], "smid": 100 * diags[mid - 1]["spread"],
-                "send": 100 * diags[-1]["spread"], "n1": statistics.fmean(diags[0]["trained_norm"]),
-                "nend": statistics.fmean(diags[-1]["trained_norm"]),
-                "dep": 100 * statistics.fmean(rec["deployed"][-1]),
-                "loc": 100 * statistics.fmean(a for a in rec["local"][-1] if a is not None),
-                "t": time.time() - t0})
+            rows.append({**_server_row(run_job(cfg, seed, "pFedPG"), mid), "t": time.time() - t0})
         m = {k: statistics.fmean(r[k] for r in rows) for k in rows[0]}
-        print(f"{name:<16} {m['desc']:6.1f} {m['s1']:8.2f}% {m['smid']:5.2f}% {m['send']:5.2f}% {m['n1']:7.3f} "
-              f"{m['nend']:6.3f} {m['dep']:8.2f} {m['loc']:6.2f}  "
+        print(f"{name:<12} {m['desc']:6.1f} {m['ret']:5.1f} {m['res']:5.2f} {m['drift']:5.2f} {m['s1']:8.2f}% "
+              f"{m['smid']:5.2f}% {m['send']:5.2f}% {m['n1']:7.3f} {m['nend']:6.3f} {m['dep']:8.2f} {m['loc']:6.2f}  "
               f"{_fmt(r['dep'] for r in rows)}  ({m['t']:.0f} s/seed)", flush=True)
     runner.make_protocol, runner.make_trainer = make_protocol, trainer_of
     if fedvpt:
@@ -195,7 +219,7 @@ def main_job(seeds: List[int], settings: List[str], client_recipe: str, fedvpt: 
         for seed in seeds:
             rec = run_job(cfg, seed, "FedVPT")
             deps.append(100 * statistics.fmean(rec["deployed"][-1]))
-        print(f"{'FedVPT':<16} deployed {statistics.fmean(deps):.2f}  per seed {_fmt(deps)}")
+        print(f"{'FedVPT':<12} deployed {statistics.fmean(deps):.2f}  per seed {_fmt(deps)}")
 
 
 def main() -> None:
@@ -207,10 +231,12 @@ def main() -> None:
     p.add_argument("--settings", default=",".join(MAIN_SETTINGS), help="--main-job: comma-separated MAIN_SETTINGS")
     p.add_argument("--client-recipe", choices=["adamw", "sgd"], default="adamw", help="--main-job: client recipe")
     p.add_argument("--fedvpt", action="store_true", help="--main-job: also run FedVPT with the budget's client")
+    p.add_argument("--lr-prompt", type=float, default=0.05, help="--main-job: the clients' prompt rate")
     a = p.parse_args()
     torch.set_num_threads(1)
     if a.main_job:
-        main_job([int(s) for s in a.seeds.split(",")], a.settings.split(","), a.client_recipe, a.fedvpt, a.rounds)
+        main_job([int(s) for s in a.seeds.split(",")], a.settings.split(","), a.client_recipe, a.fedvpt, a.rounds,
+                 a.lr_prompt)
         return
     seeds = [int(s) for s in a.seeds.split(",")]
     kinds = ["sgd", "adamw"] if a.client == "both" else [a.client]

@@ -87,9 +87,11 @@ def as_backbone(model: nn.Module) -> nn.Module:
     """
     cls = _supported_class(model)
     if cls is None or type(model).forward is not cls.forward:
+        hint = "; it holds a timm model: wrap its .timm_model" if isinstance(getattr(model, "timm_model", None),
+                                                                            nn.Module) else ""
         raise TypeError(
             f"fedpeft cannot wrap a {type(model).__module__}.{type(model).__name__}; supported: {SUPPORTED} "
-            "(and timm's VisionTransformer / Eva families)"
+            f"(and timm's VisionTransformer / Eva families){hint}"
         )
     base = _base(model)
     for name in ("embeddings", "layernorm"):

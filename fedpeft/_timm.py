@@ -82,7 +82,8 @@ def as_vision_transformer(model: nn.Module) -> nn.Module:
 
     A subclass is accepted only if it keeps ``VisionTransformer.forward_features`` (or ``Eva.forward_features``: the
     stage order fedpeft re-runs); ``VisionTransformerDistilled`` qualifies (it overrides ``_pos_embed`` and
-    ``forward_head``, which fedpeft calls). BEiT, Swin, XCiT, SAM, relpos ViTs, NaFlexVit, CNNs are refused.
+    ``forward_head``, which fedpeft calls). BEiT, Swin, XCiT, SAM, relpos ViTs, NaFlexVit, CNNs are refused. A
+    ``transformers`` model is checked by ``_hf.as_backbone`` (ViT, DeiT, DINOv2 ± registers; others refused).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"expected a timm VisionTransformer or Eva (nn.Module), got {type(model).__name__}")

@@ -5,7 +5,9 @@ For client n, with descriptor tokens ``d_n`` (T, D) and the shared prompt basis 
     P_n = P_base + softmax( (d_n W_Q)(P_base W_K)ᵀ / sqrt(l_k) ) (P_base W_V) W_O          (M, D) → (depth, K, D)
 
 ``heads`` splits the D columns of Q, K, V into H heads of l_k = l_v = D / H (H = 1 is the paper's Eq. 3, l_k = D),
-concatenated before W_O, as in ``nn.MultiheadAttention``. The projections carry no bias, exactly as Eq. 3.
+concatenated before W_O, as in ``nn.MultiheadAttention``. By default the projections carry no bias, exactly as Eq. 3,
+and W_Q, W_K are D × D; ``bias=True`` and ``kdim`` (the width of Q and K, l_k = kdim / H) build the shapes of the
+public pFedPG generators (``nn.Linear`` with biases; one uses a key width of 512 at D = 768), so their weights load.
 
 Every query token of a client attends over all M = depth·K tokens of ``P_base``: Eq. 3 treats the basis as one set,
 so with deep prompts a layer-l token may retrieve from every layer's basis tokens. Descriptor layouts:
@@ -28,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._checks import check_data, check_float_dtype, check_positive_int
+from ._checks import check_data, check_flag, check_float_dtype, check_positive_int
 from .init import vpt_uniform_, vpt_uniform_bound
 
 __all__ = ["PromptGenerator"]
@@ -60,13 +62,17 @@ class PromptGenerator(nn.Module):
             sets the init bound, so that ``prompt_base`` starts like the client's VPT prompts.
         init: ``"unit_logits"`` (default) or ``"vpt"``, see *Init* below. Only the initial values differ; the forward
             maths (Eq. 3) is the same.
+        bias: give W_Q, W_K, W_V, W_O a bias (``nn.Linear(..., bias=True)``, as the public reference generators);
+            default ``False``, Eq. 3 as written. The biases keep ``nn.Linear``'s default init.
+        kdim: the width of the projected queries and keys (W_Q, W_K: D → kdim), divisible by ``heads``; the softmax
+            scale is then 1/sqrt(kdim / H). Default ``None`` = D (the paper's l_k = D).
         device, dtype: factory arguments for all parameters.
 
     Parameters (state-dict names):
         prompt_base: P_base, (L·K, D): the basis as one token set, row ``l·K + k`` is layer l's token k.
         descriptors: the client descriptor bank, (C, T, D).
-        q_proj, k_proj, v_proj, out_proj: ``nn.Linear(D, D, bias=False)``: W_Q, W_K, W_V, W_O (weights are the
-            transposed matrices, ``q_proj(x) = x W_Q``).
+        q_proj, k_proj, v_proj, out_proj: ``nn.Linear``: W_Q, W_K (D → kdim), W_V, W_O (D → D), without bias unless
+            ``bias=True`` (weights are the transposed matrices, ``q_proj(x) = x W_Q``).
 
     Init: ``prompt_base`` always as VPT prompts, U(−v, v), v = sqrt(6 / (3·p² + D)); ``v_proj`` and ``out_proj`` keep
     ``nn.Linear``'s default (Kaiming-uniform with a = √5, i.e. U(±1/sqrt(D))), so the attention offset starts small
@@ -108,6 +114,8 @@ class PromptGenerator(nn.Module):
         descriptor_tokens: Optional[int] = None,
         patch_size: Union[int, Tuple[int, int]] = 16,
         init: str = "unit_logits",
+        bias: bool = False,
+        kdim: Optional[int] = None,
         device: Optional[Union[str, torch.device]] = None,
         dtype: Optional[torch.dtype] = None,
     ) -> None:
@@ -119,6 +127,10 @@ class PromptGenerator(nn.Module):
         self.heads = check_positive_int("heads", heads)
         if embed_dim % heads:
             raise ValueError(f"heads must divide embed_dim, got heads={heads} and embed_dim={embed_dim}")
+        self.bias = check_flag("bias", bias)
+        self.kdim = embed_dim if kdim is None else check_positive_int("kdim", kdim)
+        if self.kdim % heads:
+            raise ValueError(f"heads must divide kdim, got heads={heads} and kdim={self.kdim}")
         self.num_tokens = depth * num_prompts  # M, tokens of the basis
         if descriptor_tokens is None:
             descriptor_tokens = self.num_tokens
@@ -140,12 +152,13 @@ class PromptGenerator(nn.Module):
         M, D, factory = self.num_tokens, embed_dim, {"device": device, "dtype": check_float_dtype("dtype", dtype)}
         self.prompt_base = nn.Parameter(torch.empty(M, D, **factory))
         self.descriptors = nn.Parameter(torch.empty(num_clients, descriptor_tokens, D, **factory))
-        self.q_proj = nn.Linear(D, D, bias=False, **factory)
-        self.k_proj = nn.Linear(D, D, bias=False, **factory)
-        self.v_proj = nn.Linear(D, D, bias=False, **factory)
-        self.out_proj = nn.Linear(D, D, bias=False, **factory)
-        # folded (2·H·M·D per query token) vs as written (2·D² + 2·M·D): see the class docstring
-        self._fold = heads * M < D + M
+        self.q_proj = nn.Linear(D, self.kdim, bias=self.bias, **factory)
+        self.k_proj = nn.Linear(D, self.kdim, bias=self.bias, **factory)
+        self.v_proj = nn.Linear(D, D, bias=self.bias, **factory)
+        self.out_proj = nn.Linear(D, D, bias=self.bias, **factory)
+        # folded (2·H·M·D per query token) vs as written (2·D² + 2·M·D): see the class docstring; the folded order
+        # is written for bias-free D × D projections only
+        self._fold = not self.bias and self.kdim == D and heads * M < D + M
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -200,7 +213,7 @@ class PromptGenerator(nn.Module):
     def _generate(self, ids: Tensor, *, fold: bool) -> Tensor:
         """Eq. 3 for the (checked, int64) ids in one SDPA call; ``fold`` picks the evaluation order (same maths)."""
         n, H, M, D = ids.shape[0], self.heads, self.num_tokens, self.embed_dim
-        hd = D // H  # l_k = l_v per head
+        hd, hk = D // H, self.kdim // H  # l_v and l_k per head
         base = self.prompt_base  # (M, D)
         if n == self.num_clients and torch.equal(ids, torch.arange(n, device=ids.device)):
             d = self.descriptors  # (C, T, D): every client in order, no gather; its gradient is written in place
@@ -208,17 +221,17 @@ class PromptGenerator(nn.Module):
             d = self.descriptors.index_select(0, ids)  # (n, T, D)
         T = d.shape[1]
         B = math.gcd(n, 16)  # B groups of whole clients on SDPA's batch axis, n/B·T queries each on its query axis
-        k = self.k_proj(base).view(M, H, hd).transpose(0, 1)  # (H, M, hd): K = P_base W_K, once for all
+        k = self.k_proj(base).view(M, H, hk).transpose(0, 1)  # (H, M, hk): K = P_base W_K, once for all
         v = self.v_proj(base).view(M, H, hd).transpose(0, 1)  # (H, M, hd): V = P_base W_V
         if fold:
             # (d W_Q,h) K_hᵀ = d (K_h W_Q,hᵀ)ᵀ and A_h V_h W_O,h = A_h (V_h W_O,h): fold W_Q, W_O into the basis
-            k = k @ self.q_proj.weight.view(H, hd, D)  # (H, M, D): W_Q,hᵀ = q_proj.weight's rows of head h
+            k = k @ self.q_proj.weight.view(H, hk, D)  # (H, M, D): W_Q,hᵀ = q_proj.weight's rows of head h
             v = v @ self.out_proj.weight.view(D, H, hd).permute(1, 2, 0)  # (H, M, D): its columns of head h
             q = d.view(B, 1, n // B * T, D).expand(B, H, n // B * T, D)  # a view
         else:
-            q = self.q_proj(d).view(B, n // B * T, H, hd).transpose(1, 2)  # (B, H, n/B·T, hd)
+            q = self.q_proj(d).view(B, n // B * T, H, hk).transpose(1, 2)  # (B, H, n/B·T, hk)
         o = F.scaled_dot_product_attention(
-            q, k.expand(B, -1, -1, -1), v.expand(B, -1, -1, -1), scale=1.0 / math.sqrt(hd)
+            q, k.expand(B, -1, -1, -1), v.expand(B, -1, -1, -1), scale=1.0 / math.sqrt(hk)
         )  # (B, H, n/B·T, D or hd)
         if fold:
             o = (o[:, 0] if H == 1 else o.sum(1)).view(n, T, D)  # Σ_h A_h (V_h W_O,h)
@@ -267,6 +280,7 @@ class PromptGenerator(nn.Module):
         return (
             f"num_clients={self.num_clients}, num_prompts={self.num_prompts}, embed_dim={self.embed_dim}, "
             f"depth={self.depth}, heads={self.heads}, descriptor_tokens={self.descriptor_tokens}, init={self.init!r}"
+            + (", bias=True" if self.bias else "") + (f", kdim={self.kdim}" if self.kdim != self.embed_dim else "")
         )
 
 

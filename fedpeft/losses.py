@@ -12,6 +12,10 @@ averaged over the batch; the client objective is ``CE + μ·L_con`` (τ = 0.5, �
 features toward the anchor (generalization: σ must keep what the frozen model knows) and pushes σ + U V's features
 away from σ's (personalization: U V must add something σ does not have). The anchor is a constant: σ receives
 gradient through ``pos`` and ``neg``, U and V only through ``neg``.
+
+The anchor, exactly: FedPGP's reference code encodes the placeholder prompt ``"X X … X {class}."`` (its K context
+tokens left at the token "X") with CLIP's frozen text encoder, not a hand-crafted template such as "a photo of a
+{class}."; for a vision-only ViT fedpeft's anchor is the frozen backbone without prompts (``fedpeft.fedpgp``).
 """
 
 from __future__ import annotations
@@ -70,7 +74,8 @@ def knowledge_guided_loss(
     """FedPGP's knowledge-guided contrastive loss, a scalar (mean over the batch).
 
     Args:
-        f_anchor: (B, F) features of the frozen model without prompts (FedPGP: CLIP's hand-crafted-prompt features).
+        f_anchor: (B, F) features of the frozen model without prompts. (FedPGP's code encodes the placeholder
+            prompt ``"X X … X {class}."`` with CLIP's frozen text encoder, not a hand-crafted template.)
             Treated as a constant: it is detached here, so it never receives gradient.
         f_global: (B, F) features with the global prompt σ only.
         f_personal: (B, F) features with the personal prompt σ + U V.

@@ -112,15 +112,20 @@ class ParallelPrefix(SummaryMixin, AttentionWrapper):
     Args:
         vit_or_wrapper: a timm ``VisionTransformer`` (``Block`` + ``timm.layers.Attention`` with a fused ``qkv``),
             or ``Eva`` (``EvaAttention`` / ``AttentionRope``: offsets after the K/V projections, before RoPE),
-            or a fedpeft wrapper of one such as ``VPT`` (then ``forward(*args, **kwargs)`` is the wrapper's:
+            a ``transformers`` ViT / DeiT / DINOv2 model (``fedpeft._hf``: the adapter enters after its
+            separate K/V projections), or a fedpeft wrapper of one such as ``VPT`` (then ``forward(*args, **kwargs)`` is the wrapper's:
             ``ParallelPrefix(VPT(vit))(x, prompts=P)``). Held as ``self.model``.
         bottleneck: m, the adapter's hidden width (FedPerfix: 256).
         scale: s, the factor on A (FedPerfix: 1.5); fixed at construction (each ``KVAdapter`` keeps it).
         blocks: indices of the adapted blocks (negative ones count from the end); ``None`` = all.
         init: ``"fedperfix"`` (nn.Linear defaults, as the FedPerfix code) or ``"zero"`` (``up`` zeroed, so the
             wrapped model starts exactly at the plain model's output).
-        train_backbone: train the whole backbone too (FedPerfix does; shared and averaged in its federated split).
-            ``False`` freezes it (prefix tuning), or, around a wrapper, keeps that wrapper's choices.
+        train_backbone: train the whole backbone too. **FedPerfix trains the whole ViT** (the backbone is shared and
+            averaged in its federated split, adapters and head stay personal): for the paper's method pass
+            ``train_backbone=True``, as ``protocols.method("FedPerfix").build(vit)`` does. The default ``False``
+            freezes the backbone (prefix tuning: only adapters and head train, 3,589,732 of 25,255,396 parameters
+            on ``vit_small_patch16_224`` with 100 classes), or, around a wrapper, keeps that wrapper's choices;
+            ``summary()`` says so in a ``note:`` line.
         train_head: classifier(s) trainable. ``None``: ``True`` for a plain ViT, the wrapper's choice around one.
 
     Attributes:
@@ -189,6 +194,16 @@ class ParallelPrefix(SummaryMixin, AttentionWrapper):
             if _timm.uses_adapter_slots(attn):  # Eva: the adapter sits in the attention's offset slot (_attach.py)
                 set_adapter_slot(attn, "offset", self.adapters[str(i)])
         self._configure_training()
+
+    def summary_notes(self) -> List[str]:
+        """The ``note:`` line of ``summary()``: FedPerfix trains the whole ViT, this wrapper does not."""
+        if self.train_backbone:
+            return []
+        return [
+            "this ParallelPrefix trains its adapters (and head) on a frozen backbone (prefix tuning); FedPerfix "
+            "(Sun et al., 2023) trains the whole ViT: ParallelPrefix(vit, train_backbone=True), as "
+            "protocols.method('FedPerfix').build(vit) builds it"
+        ]
 
     def reset_parameters(self) -> None:
         """Re-draw every adapter with this wrapper's ``init``."""

@@ -8,7 +8,7 @@ split, C = ``attn_dim``). They are put in front of the layer's keys and values i
     k' = k_norm([K_p ; k]),  v' = [V_p ; v]             (B, H, P + N, d)   K_p, V_p split into heads like k, v
     out = proj(SDPA(q_norm(q), k', v'))                 (B, N, C): queries stay the N tokens, no mask needed
 
-Mechanism: each adapted ``attn`` gets an instance-level ``forward`` that calls ``_timm.attention_forward`` with the
+Mechanism: each adapted timm ``attn`` gets an instance-level ``forward`` that calls ``_timm.attention_forward`` with the
 prefix (so hooks on ``attn.qkv``, e.g. a ``ParallelPrefix``, still apply); ``eject()`` deletes it.
 """
 
@@ -86,12 +86,14 @@ class _PrefixTokens:
 
 
 class Prefix(SummaryMixin, AttentionWrapper):
-    """Vanilla prefix tuning for a timm ViT (or a fedpeft wrapper of one): ``length`` key and value tokens per layer.
+    """Vanilla prefix tuning for a timm or transformers ViT (or a fedpeft wrapper of one): ``length`` key and value
+    tokens per layer.
 
     Args:
         vit_or_wrapper: a timm ``VisionTransformer`` (``Block`` + ``timm.layers.Attention`` with a fused ``qkv``), an
             ``Eva`` (``EvaAttention`` / ``AttentionRope``; the prefix keys get ``k_norm`` and no RoPE), or
-            a fedpeft wrapper of one such as ``VPT`` (``Prefix(VPT(vit))(x, prompts=P)``). Held as ``self.model``.
+            a ``transformers`` ViT / DeiT / DINOv2 model (``fedpeft._hf``), or a fedpeft wrapper of one such as
+            ``VPT`` (``Prefix(VPT(vit))(x, prompts=P)``). Held as ``self.model``.
         length: P, the prefix tokens per layer.
         train_backbone: train the whole backbone too. ``False`` freezes it, or, around a wrapper, keeps that
             wrapper's choices.

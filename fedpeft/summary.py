@@ -50,6 +50,8 @@ class ParameterSummary:
         shared_keys, personal_keys: the trainable parameter names on each side of the split (sorted).
         shared_params, shared_bytes: what is sent and averaged each round.
         personal_params, personal_bytes: what stays on the client (not averaged).
+        notes: what a wrapper says about its setting (``summary_notes()``), e.g. a ``ParallelPrefix`` on a frozen
+            backbone, where FedPerfix trains the whole ViT; printed as ``note:`` lines.
     """
 
     method: str
@@ -63,6 +65,7 @@ class ParameterSummary:
     shared_bytes: int
     personal_params: int
     personal_bytes: int
+    notes: Tuple[str, ...] = ()
 
     @property
     def trainable_percent(self) -> float:
@@ -85,6 +88,7 @@ class ParameterSummary:
             f"{_size(self.shared_bytes)} in {_tensors(len(self.shared_keys))}",
             f"  personal (kept on the client):           {self.personal_params:,d} params, "
             f"{_size(self.personal_bytes)} in {_tensors(len(self.personal_keys))}",
+            *(f"note: {n}" for n in self.notes),
         ])
 
 
@@ -167,6 +171,7 @@ def parameter_summary(model: nn.Module, personal: Optional[Patterns] = None) -> 
         shared_bytes=shared_bytes,
         personal_params=personal_params,
         personal_bytes=personal_bytes,
+        notes=tuple(n for w in wrapper_chain(model) for n in getattr(w, "summary_notes", lambda: [])()),
     )
 
 

@@ -5,7 +5,9 @@ Token layout entering block 0 (prefix = class / register / distillation tokens, 
     [ prefix (n_p) | prompts P_0 (K) | patches + pos (N) ]        length n_p + K + N
 
 Deep VPT replaces the K prompt slots before every block i ≥ 1 with layer i's prompts ``P_i`` (they do not
-accumulate). The prompt slots are removed before the final norm, so every pooling mode sees exactly its usual tokens.
+accumulate). By default (``pooling="img_pool"``) the prompt slots are removed before the final norm, so every pooling
+mode sees exactly its usual tokens; ``pooling="original"`` keeps them, as VPT's code does by default on globally pooled
+backbones (its ``MODEL.PROMPT.VIT_POOL_TYPE``): there ``avg`` pooling averages the prompts into the feature.
 """
 
 from __future__ import annotations
@@ -21,7 +23,10 @@ from ._checks import check_data, check_fits, check_flag
 from .init import vpt_uniform_
 from .summary import SummaryMixin
 
-__all__ = ["VPT"]
+__all__ = ["POOLINGS", "VPT"]
+
+#: what the pooling of a prompted model sees (VPT's ``VIT_POOL_TYPE`` names): image tokens only, or prompts too
+POOLINGS = ("img_pool", "original")
 
 
 def _drop_slots(x: Tensor, n_p: int, k: int) -> Tensor:
@@ -42,19 +47,27 @@ def _check_images(x: object) -> None:
 
 
 class VPT(SummaryMixin, nn.Module):
-    """Visual Prompt Tuning around a timm ``VisionTransformer`` or ``Eva``; the backbone is frozen, prompts (and head)
-    train. On an Eva (DINOv3, EVA-02, PE, RoPE ViTs) the prompts get no rotary embedding either: every attention
+    """Visual Prompt Tuning around a timm ``VisionTransformer`` or ``Eva``, or a ``transformers`` ViT / DeiT / DINOv2
+    model; the backbone is frozen, prompts (and head) train. On an Eva (DINOv3, EVA-02, PE, RoPE ViTs) the prompts get no rotary embedding either: every attention
     treats them as K more prefix tokens (``_timm_eva.skip_rope``).
 
     Args:
-        vit: a timm ``VisionTransformer`` (any of the family, see ``fedpeft._timm.SUPPORTED_MODELS``). It is kept as
-            ``self.model`` with its structure and state-dict keys untouched; ``unwrap()`` returns it.
+        vit: a timm ``VisionTransformer`` (any of the family, see ``fedpeft._timm.SUPPORTED_MODELS``) or a supported
+            ``transformers`` model (``fedpeft._hf.SUPPORTED_CLASSES``; ``forward`` then returns its logits, or the
+            pooled output of a bare ``*Model``, as a tensor). It is kept as ``self.model`` with its structure and
+            state-dict keys untouched; ``unwrap()`` returns it.
         num_prompts: K, prompt tokens per layer (0 gives exactly the plain model).
         deep: one prompt set per block (VPT-deep) instead of one set before block 0 (VPT-shallow).
         dropout: dropout on the prompt tokens (VPT uses 0.1 on some tasks; 0 by default).
         prompts: optional prompt source: an ``nn.Module`` whose ``forward()`` returns ``(L, K, D)`` (e.g.
             ``LowRankPrompt``), used instead of an own parameter.
         train_head: keep the classifier(s) trainable (``head``, and ``head_dist`` for distilled DeiT).
+        pooling: what the model's pooling sees, by VPT's names (``MODEL.PROMPT.VIT_POOL_TYPE``, Jia et al.'s code):
+            ``"img_pool"`` (default): the prompt tokens are removed before the final norm, so every pooling mode
+            (``token``, ``avg``, ``map`` …) sees exactly the tokens it sees without prompts; ``"original"`` (VPT's
+            default for globally pooled backbones such as MAE): the prompt tokens stay after the prefix tokens, so
+            ``avg`` pooling averages them into the feature, ``mean([P ; patches])``, and ``forward_features`` returns
+            (B, n_p + K + N, D). With class-token pooling both give the same output.
 
     Attributes:
         prompts: ``nn.Parameter`` of shape ``(L, K, D)`` with ``L = depth if deep else 1``, initialised
@@ -80,9 +93,12 @@ class VPT(SummaryMixin, nn.Module):
         dropout: float = 0.0,
         prompts: Optional[nn.Module] = None,
         train_head: bool = True,
+        pooling: str = "img_pool",
     ) -> None:
         super().__init__()
         vit = _timm.as_vision_transformer(vit)
+        if pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {POOLINGS} (VPT's VIT_POOL_TYPE), got {pooling!r}")
         deep = check_flag("deep", deep)
         train_head = check_flag("train_head", train_head)
         if isinstance(num_prompts, bool) or not isinstance(num_prompts, int) or num_prompts < 0:
@@ -95,6 +111,7 @@ class VPT(SummaryMixin, nn.Module):
                 "to run with a prompt tensor, pass it to forward(x, prompts=P)"
             )
         self.num_prompts = num_prompts
+        self.pooling = pooling
         self.deep = bool(deep)
         self.prompt_depth = _timm.depth(vit) if self.deep else 1
         self.embed_dim = _timm.embed_dim(vit)
@@ -188,7 +205,8 @@ class VPT(SummaryMixin, nn.Module):
     # ---- forward ------------------------------------------------------------------------------------------------
 
     def forward_features(self, x: Tensor, prompts: Optional[Tensor] = None) -> Tensor:
-        """Images (B, C, H, W) → normed tokens (B, n_p + N, D), prompt tokens already removed.
+        """Images (B, C, H, W) → normed tokens (B, n_p + N, D), prompt tokens already removed (kept with
+        ``pooling="original"``: (B, n_p + K + N, D)).
 
         ``prompts`` overrides the module's own prompts for this call: (L, K, D) shared, or (B, L, K, D) per sample,
         floating-point (complex, integer and meta tensors raise ``TypeError``). ``x`` other than 4-D raises
@@ -200,7 +218,8 @@ class VPT(SummaryMixin, nn.Module):
         self, x: Tensor, prompts: Optional[Tensor], take: Sequence[int] = (), last: Optional[int] = None
     ) -> Tuple[Tensor, List[Tensor]]:
         """Run the prompted blocks ``0..last`` (all if ``None``) → ``(tokens after the last one, [tokens after each
-        block in take])``, every tensor (B, n_p + N, D) with the prompt slots removed and not normed."""
+        block in take])``, every tensor (B, n_p + N, D) with the prompt slots removed (the last one keeps them with
+        ``pooling="original"``) and not normed."""
         vit = self.model
         _check_images(x)
         x, pos = _timm.embed_positions(vit, x)  # (B, n_p + N, D); pos: an Eva's RoPE (None for a ViT)
@@ -221,7 +240,7 @@ class VPT(SummaryMixin, nn.Module):
             x = checkpoint(block, x, use_reentrant=False, **kw) if ckpt else block(x, **kw)
             if i in take:
                 taken.append(_drop_slots(x, n_p, K))
-        return _drop_slots(x, n_p, K), taken
+        return (x if self.pooling == "original" else _drop_slots(x, n_p, K)), taken
 
     def forward_intermediates(
         self,
@@ -294,6 +313,7 @@ class VPT(SummaryMixin, nn.Module):
             "deep": self.deep,
             "dropout": self.prompt_dropout.p,
             "train_head": self.train_head,
+            "pooling": self.pooling,
             "prompt_source": "parameter" if isinstance(self.prompts, nn.Parameter) else type(self.prompts).__name__,
             "prompt_module": _prompt_module_config(self.prompts),
             "backbone": type(self.model).__name__,
@@ -302,7 +322,8 @@ class VPT(SummaryMixin, nn.Module):
         }
 
     def extra_repr(self) -> str:
-        return f"num_prompts={self.num_prompts}, deep={self.deep}, prompt_depth={self.prompt_depth}"
+        pooling = f", pooling={self.pooling!r}" if self.pooling != "img_pool" else ""
+        return f"num_prompts={self.num_prompts}, deep={self.deep}, prompt_depth={self.prompt_depth}{pooling}"
 
 
 def _prompt_module_config(prompts: Union[nn.Parameter, nn.Module]) -> Optional[Dict[str, Any]]:

@@ -33,6 +33,7 @@ TOL = dict(rtol=1e-10, atol=1e-12)
 MODULES = {
     "vpt_shallow": lambda m: VPT(m, num_prompts=3),
     "vpt_deep": lambda m: VPT(m, num_prompts=3, deep=True),
+    "vpt_original_pooling": lambda m: VPT(m, num_prompts=3, deep=True, pooling="original"),
     "vpt_lowrank": lambda m: VPT(m, num_prompts=3, deep=True, prompts=LowRankPrompt(
         num_prompts=3, embed_dim=DIM, rank=2, depth=DEPTH, dtype=torch.float64)),
     "parallel_prefix": lambda m: ParallelPrefix(m, bottleneck=4),

@@ -11,7 +11,7 @@ import torch
 from hf_oracle import COMMON, DIM, IMG, pair, transformers
 from torch.utils.data import TensorDataset
 
-from fedpeft import VPT, LowRankPrompt, ParallelPrefix, Prefix, fed, load_adapter, protocols, save_adapter
+from fedpeft import VPT, ParallelPrefix, Prefix, fed, load_adapter, protocols, save_adapter
 from fedpeft._hf import SUPPORTED_CLASSES
 from fedpeft.protocols import Federation, LocalTrainer
 
@@ -98,18 +98,15 @@ def _data(n: int, seed: int):
     return TensorDataset(torch.randn(n, 3, IMG, IMG, generator=g), torch.randint(0, 5, (n,), generator=g))
 
 
-#: the methods whose client model is a fedpeft wrapper (FedAvg, FedAvg-FT, FedRep and VanillaAttention train the
-#: bare model, whose transformers forward returns a ModelOutput, not logits)
-WRAPPED_METHODS = ["Local", "SingleSet-VPT", "FedVPT", "FedVPT-deep", "pFedPG", "FedPerfix", "FedPGP"]
+#: every registered method, those that train the bare backbone (FedAvg, FedRep, …) included
+ALL_METHODS = sorted(protocols.REGISTRY)
 
 
 def _client_model(method: str, backbone: torch.nn.Module) -> torch.nn.Module:
-    if method == "FedPGP":  # the registry's builder reads timm's vit.embed_dim; the same model, built by hand
-        return VPT(backbone, num_prompts=2, prompts=LowRankPrompt(num_prompts=2, embed_dim=DIM, rank=2))
     return protocols.method(method).build(backbone, num_prompts=2, bottleneck=4, rank=2)
 
 
-@pytest.mark.parametrize("method", WRAPPED_METHODS)
+@pytest.mark.parametrize("method", ALL_METHODS)
 def test_a_federated_round_equals_the_timm_twins(method):
     """Each protocol, unchanged, on a transformers ViT gives the timm twin's round (same seeds, same weights)."""
     records = []
@@ -128,3 +125,22 @@ def test_a_federated_round_equals_the_timm_twins(method):
     for c in (0, 1):
         assert hf_rec.train_loss[c] == pytest.approx(timm_rec.train_loss[c], rel=1e-4, abs=1e-5)
     assert hf_rec.deployed == timm_rec.deployed
+
+
+@pytest.mark.parametrize("train_backbone", [True, False])
+def test_transformers_gradient_checkpointing_gives_the_same_gradients(train_backbone):
+    """``activation_checkpointing_enable()`` (4.x: ``gradient_checkpointing_enable()``): the layers checkpoint
+    themselves (training mode only); the same gradients."""
+    grads = []
+    for checkpointed in (False, True):
+        _, hf = pair("vit", "ViTForImageClassification")
+        if checkpointed:  # transformers 5.x's name, 4.x's
+            (getattr(hf, "activation_checkpointing_enable", None) or hf.gradient_checkpointing_enable)()
+        torch.manual_seed(0)
+        model = ParallelPrefix(VPT(hf, num_prompts=2, deep=True), bottleneck=4, train_backbone=train_backbone).train()
+        model(torch.randn(2, 3, IMG, IMG, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+              ).square().sum().backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > (20 if train_backbone else 5)
+    for k in grads[0]:
+        torch.testing.assert_close(grads[1][k], grads[0][k], rtol=1e-12, atol=1e-14)

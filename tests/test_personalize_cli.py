@@ -75,7 +75,9 @@ def test_too_many_domain_clients(capsys, tmp_path):
 @pytest.mark.parametrize("argv, pattern", [
     (["--split", "dirichlet", "--families", "3"], r"--families only applies to --split domain"),
     (["--families", "7"], r"--families: expected 1 to 6"),
-    (["--quick", "--smoke"], r"--quick and --smoke"),
+    (["--quick", "--smoke"], r"--quick, --smoke and --pilot are different runs"),
+    (["--pilot", "--split", "dirichlet"], r"--pilot measures the regime of the embedded shift families"),
+    (["--pretrain", "clean"], r"unrecognized arguments: clean"),
     (["--split", "dirichlet", "--methods", "FedVPT,Clustered-FedVPT"], r"Clustered-FedVPT .* needs --split domain"),
     (["--lr-new", "0"], r"--lr-new: expected a finite learning rate"),
     (["--lr-backbone", "nan"], r"--lr-backbone: expected a finite learning rate"),
@@ -173,6 +175,10 @@ def test_good_defaults():
     q = parse_args(["--quick", "--out", "/nonexistent/fresh"])
     assert q.seeds == (0, 1, 2) and q.budget.rounds == 4 and "Local-FT" not in q.methods
     assert len(parse_args(["--methods", "all", "--out", "/nonexistent/fresh"]).methods) == 13
+    pilot = parse_args(["--pilot", "--out", "/nonexistent/fresh"])
+    assert pilot.seeds == (100, 101) and pilot.data.evaluate == "val" and pilot.probe_convergence
+    assert pilot.methods == ("Local", "Local-FT", "SingleSet-VPT", "FedVPT", "Clustered-FedVPT")
+    assert not cfg.rebuild_backbone and parse_args(["--pretrain", "--out", "/nonexistent/fresh"]).rebuild_backbone
     # the oracle needs families: dropped from the default set under --split dirichlet
     assert "Clustered-FedVPT" not in parse_args(["--split", "dirichlet", "--out", "/nonexistent/fresh"]).methods
 

@@ -18,8 +18,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 from _personalize.config import DataConfig
 from _personalize.data import digits_federated, mnist_path
-from _personalize.oracle import ClusteredFedVPT, FamilyServer
-from _personalize.shifts import apply_shift
+from _personalize.images import apply_shift
+from _personalize.methods import ClusteredFedVPT, FamilyServer
 
 
 def test_shifts_by_hand():
@@ -51,7 +51,6 @@ def test_domain_split_families_classes_and_sizes():
     # 8 clients x 5 classes from shuffled decks of the 10: every class held by exactly 4 clients
     held = np.bincount(np.concatenate([c.info["classes"] for c in d.clients]), minlength=10)
     assert held.tolist() == [4] * 10
-    assert d.public is not None and len(d.public) == 1797  # scikit-learn's digits
 
 
 def test_dirichlet_clients_are_disjoint_real_mnist_images():

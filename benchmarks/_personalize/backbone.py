@@ -1,15 +1,28 @@
-"""The frozen backbone: a small timm ViT pre-trained centrally on the public digits (cached), or a real timm model.
+"""The frozen backbone: a small timm ViT pre-trained centrally on a public corpus (shipped), or a real timm model.
 
 Default: ``timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, embed_dim=96,
-depth=4, num_heads=3, global_pool="avg", class_token=False)``, a 0.46 M-parameter ``VisionTransformer`` (16 patch
-tokens, mean pooling), trained from scratch on the public split (AdamW, one-cycle schedule, one torch thread; 10 % of
-the public split held out to report its accuracy) under the ``clean`` or ``broad`` augmentation of :mod:`.augment`.
-It plays the role of the papers' ImageNet-21k ViT-B/16. The weights are cached under ``--cache`` as safetensors,
-keyed by every setting that changes them (see ``_cache_path``), so later runs skip pre-training.
+depth=4, num_heads=3, global_pool="avg", class_token=False)`` (:class:`~.config.BackboneConfig`), pre-trained on the
+**public corpus** (:func:`public_corpus`), which excludes the clients' images and shifts:
 
-``--model NAME --checkpoint FILE``: a registered timm model with weights from a local file (timm's own loader,
-``pretrained_cfg_overlay=dict(file=FILE)``, no download); its classifier is dropped, its mean/std and input size are
-used. Every method then gets a fresh copy (:meth:`Backbone.make`) with the same new head initialization.
+- letters: the 52 Latin letters of 22 TrueType fonts from matplotlib's wheel (:func:`.images.render_letters`), drawn
+  afresh in every batch at a random affine, stroke width, blur and position (:func:`.images.letter_batch`), 26 classes
+  (case-insensitive); ``pretrain_letters`` of them per epoch;
+- scikit-learn's 1,797 real 8×8 digits, upsampled to 32×32, light random affine, 10 more classes.
+
+One 36-class head, AdamW (wd 0.05) with a one-cycle rate, one torch thread; held out, never trained on: 10 % of the
+digits and one clean drawing of every glyph (its held-out accuracies are in the recipe). It plays the role of the
+papers' ImageNet-21k ViT-B/16.
+
+**Shipped weights.** The default backbone's weights are in the repository (:data:`SHIPPED`, safetensors, with a JSON
+recipe: configuration, command, torch / timm / Pillow / matplotlib versions, sha256, held-out accuracies) and are
+loaded whenever the run's :class:`~.config.BackboneConfig` is the recipe's, so every machine starts from the same
+bits. ``--pretrain`` rebuilds them from the recipe instead (into ``--cache``; other versions or CPUs give other bits,
+hence another table); other configurations (``--smoke``) are pre-trained and cached under a key of every setting that
+changes the weights (:func:`_cache_path`).
+
+``--model NAME --checkpoint FILE``: a registered timm model with weights from a local file (timm's own loader, no
+download); its classifier is dropped, its mean/std and input size are used. Every method gets a fresh copy
+(:meth:`Backbone.make`) with the same new head initialization.
 """
 
 from __future__ import annotations
@@ -20,25 +33,28 @@ import logging
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import timm
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from . import augment as _augment_module
-from .augment import PRETRAIN_AUGMENT
+from . import images as _images_module
 from .config import BackboneConfig
+from .images import affine, letter_batch, render_letters
 
-__all__ = ["Backbone", "Preprocess", "build_backbone"]
+__all__ = ["SHIPPED", "Backbone", "Preprocess", "build_backbone", "pretrain", "public_corpus", "sha256"]
 
 log = logging.getLogger(__name__)
 
-#: SHA-1 of the augmentation policies' source: part of the cache key
-_AUGMENT_CODE = hashlib.sha1(Path(_augment_module.__file__).read_bytes()).hexdigest()
+#: the shipped default backbone (weights) and its recipe (``.json`` beside it)
+SHIPPED = Path(__file__).resolve().parent.parent / "backbones" / "personalize-vit.safetensors"
+LETTER_CLASSES, DIGIT_CLASSES = 26, 10
+
+#: SHA-1 of the transforms' source: part of the cache key (a changed augmentation is a different backbone)
+_IMAGES_CODE = hashlib.sha1(Path(_images_module.__file__).read_bytes()).hexdigest()
 
 
 class Preprocess(nn.Module):
@@ -67,12 +83,9 @@ class Backbone:
     seed: int
     info: Dict[str, Any] = field(default_factory=dict)
 
-    def _create(self, num_classes: int) -> nn.Module:
-        return timm.create_model(self.cfg.model, pretrained=False, num_classes=num_classes, **self.cfg.timm_kwargs())
-
     def make(self) -> nn.Module:
         """A fresh timm ViT: the pre-trained weights, a new ``num_classes`` head (same init on every call)."""
-        vit = self._create(0)
+        vit = timm.create_model(self.cfg.model, pretrained=False, num_classes=0, **self.cfg.timm_kwargs())
         vit.load_state_dict(self.state)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed)
@@ -80,78 +93,103 @@ class Backbone:
         return vit
 
 
+def sha256(path: Path) -> str:
+    """Hex SHA-256 of a file's bytes."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def _digits(size: int) -> Tuple[Tensor, Tensor]:
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = torch.as_tensor(d.images, dtype=torch.float32).unsqueeze(1) / 16.0  # (N, 1, 8, 8) in [0, 1]
+    x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False).clamp(0.0, 1.0)
+    return x.expand(-1, 3, -1, -1).contiguous(), torch.as_tensor(d.target, dtype=torch.int64)
+
+
+def public_corpus(size: int, seed: int) -> Dict[str, Any]:
+    """The public corpus's fixed parts: ``digits_train`` / ``digits_val`` (images, labels 26–35; 10 % held out),
+    ``letters_val`` (one clean drawing of every glyph at a random position, labels 0–25), ``glyphs`` (their count)."""
+    x, y = _digits(size)
+    g = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(len(y), generator=g)
+    n_val = len(y) // 10
+    _, labels, fonts = render_letters()
+    idx = torch.arange(len(labels))
+    lv, ly = letter_batch(idx, size, torch.Generator().manual_seed(seed + 1))
+    return {"digits_train": (x[perm[n_val:]], y[perm[n_val:]] + LETTER_CLASSES),
+            "digits_val": (x[perm[:n_val]], y[perm[:n_val]] + LETTER_CLASSES),
+            "letters_val": (lv.contiguous(), ly), "glyphs": len(labels), "fonts": fonts}
+
+
 @torch.no_grad()
-def _accuracy(model: nn.Module, pre: Preprocess, ds: Dataset) -> float:
+def _accuracy(model: nn.Module, pre: Preprocess, x: Tensor, y: Tensor) -> float:
     model.eval()
-    correct = total = 0
-    for x, y in DataLoader(ds, batch_size=256):
-        correct += int((model(pre(x)).argmax(-1) == y).sum())
-        total += len(y)
-    return correct / max(total, 1)
+    correct = sum(int((model(pre(x[i:i + 256])).argmax(-1) == y[i:i + 256]).sum()) for i in range(0, len(y), 256))
+    return correct / max(len(y), 1)
 
 
-def _pretrain(cfg: BackboneConfig, public: TensorDataset, pre: Preprocess, seed: int, progress) -> Tuple[nn.Module, Dict]:
-    """Central training of the small ViT on the public digits; 10 % held out (not augmented) to report its accuracy.
-
-    Runs with one torch thread whatever the caller's setting: CPU kernels split their reductions by thread count,
-    so a different count gives different low-order bits and, after 60 epochs, a different backbone.
-    """
-    if cfg.pretrain_augment not in PRETRAIN_AUGMENT:
-        raise ValueError(f"pretrain_augment must be one of {sorted(PRETRAIN_AUGMENT)}, got {cfg.pretrain_augment!r}")
-    augment = PRETRAIN_AUGMENT[cfg.pretrain_augment]
+def pretrain(cfg: BackboneConfig, pre: Preprocess, progress: Callable) -> Tuple[nn.Module, Dict[str, Any]]:
+    """Central training on the public corpus (module docstring) with one torch thread, whatever the caller's setting:
+    CPU kernels split reductions by thread count, so another count gives other low-order bits, another backbone."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return _pretrain_1thread(cfg, public, pre, seed, progress, augment)
+        return _pretrain_1thread(cfg, pre, progress)
     finally:
         torch.set_num_threads(threads)
 
 
-def _pretrain_1thread(cfg, public, pre, seed, progress, augment) -> Tuple[nn.Module, Dict]:
+def _pretrain_1thread(cfg: BackboneConfig, pre: Preprocess, progress: Callable) -> Tuple[nn.Module, Dict[str, Any]]:
+    seed = cfg.pretrain_seed
     torch.manual_seed(seed)
-    x, y = public.tensors
+    corpus = public_corpus(cfg.img_size, seed)
+    dx, dy = corpus["digits_train"]
+    glyphs = corpus["glyphs"]
     g = torch.Generator().manual_seed(seed)
-    perm = torch.randperm(len(y), generator=g)
-    n_val = max(1, len(y) // 10)
-    val, train = TensorDataset(x[perm[:n_val]], y[perm[:n_val]]), TensorDataset(x[perm[n_val:]], y[perm[n_val:]])
-    model = timm.create_model(cfg.model, pretrained=False, num_classes=10, **cfg.timm_kwargs())
+    model = timm.create_model(cfg.model, pretrained=False, num_classes=LETTER_CLASSES + DIGIT_CLASSES,
+                              **cfg.timm_kwargs())
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.pretrain_lr, weight_decay=0.05)
-    loader = DataLoader(train, batch_size=cfg.pretrain_batch_size, shuffle=True, generator=g, drop_last=False)
-    steps = cfg.pretrain_epochs * len(loader)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.pretrain_lr, total_steps=steps, pct_start=0.1)
+    per_epoch = cfg.pretrain_letters + len(dy)
+    b = cfg.pretrain_batch_size
+    steps_per_epoch = -(-per_epoch // b)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.pretrain_lr,
+                                                total_steps=cfg.pretrain_epochs * steps_per_epoch, pct_start=0.1)
     t0, cpu0 = time.perf_counter(), time.process_time()
     for _ in progress(range(cfg.pretrain_epochs), desc="pre-training backbone"):
         model.train()
-        for xb, yb in loader:
-            loss = F.cross_entropy(model(pre(augment(xb, g))), yb)
+        # an epoch: ``pretrain_letters`` glyph draws (every glyph about equally often) and every training digit
+        letters = torch.randperm(cfg.pretrain_letters, generator=g) % glyphs
+        order = torch.randperm(per_epoch, generator=g)
+        for i in range(0, per_epoch, b):
+            pick = order[i:i + b]
+            is_letter = pick < cfg.pretrain_letters
+            lx, ly = letter_batch(letters[pick[is_letter]], cfg.img_size, g)
+            d = pick[~is_letter] - cfg.pretrain_letters
+            x, y = torch.cat([lx, affine(dx[d], g)]), torch.cat([ly, dy[d]])
+            loss = F.cross_entropy(model(pre(x)), y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             sched.step()
     info = {
-        "pretrain_train_images": len(train),
-        "pretrain_val_images": len(val),
-        "pretrain_val_accuracy": _accuracy(model, pre, val),
+        "pretrain_images_seen": cfg.pretrain_epochs * per_epoch,
+        "pretrain_glyphs": glyphs,
+        "pretrain_fonts": corpus["fonts"],
+        "pretrain_digits_train": len(dy),
+        "heldout_letter_accuracy": _accuracy(model, pre, *corpus["letters_val"]),
+        "heldout_digit_accuracy": _accuracy(model, pre, *corpus["digits_val"]),
         "pretrain_seconds": time.perf_counter() - t0,
         "pretrain_cpu_seconds": time.process_time() - cpu0,
-        "pretrain_augment": cfg.pretrain_augment,
     }
     return model, info
 
 
-def _cache_path(cache: Path, cfg: BackboneConfig, public: TensorDataset, seed: int) -> Path:
-    """Keyed by everything that changes the weights: the whole configuration (architecture, pre-training epochs,
-    rate, batch, augmentation policy name), the code of the augmentation policies (a SHA-1 of ``augment.py``: a changed
-    policy is a different backbone), the seed, the exact public images and labels (a SHA-1 of their bytes), and the
-    timm and torch versions (their initializations and kernels)."""
-    x, y = public.tensors
-    digest = hashlib.sha1(x.contiguous().numpy().tobytes())
-    digest.update(y.contiguous().numpy().tobytes())
-    key = json.dumps(
-        {"cfg": asdict(cfg), "seed": seed, "data": digest.hexdigest(), "augment": _AUGMENT_CODE, "timm": timm.__version__,
-         "torch": torch.__version__.split("+")[0], "threads": 1},
-        sort_keys=True,
-    )
+def _cache_path(cache: Path, cfg: BackboneConfig) -> Path:
+    """Keyed by everything that changes the weights: the whole configuration (architecture, epochs, rate, batch,
+    letters per epoch, seed), the transforms' code (a SHA-1 of ``images.py``), and the timm and torch versions."""
+    key = json.dumps({"cfg": asdict(cfg), "images": _IMAGES_CODE, "timm": timm.__version__,
+                      "torch": torch.__version__.split("+")[0], "threads": 1}, sort_keys=True)
     return cache / f"backbone-{cfg.model}-{hashlib.sha1(key.encode()).hexdigest()[:12]}.safetensors"
 
 
@@ -160,36 +198,67 @@ def _headless_state(model: nn.Module) -> Dict[str, Tensor]:
     return {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
 
 
-def build_backbone(
-    cfg: BackboneConfig, public: Optional[Dataset], num_classes: int, cache: Path, seed: int, progress
-) -> Backbone:
-    """Load or pre-train the backbone (see the module docstring); ``progress`` wraps iterables (tqdm)."""
+def recipe(path: Path = SHIPPED) -> Optional[Dict[str, Any]]:
+    """The shipped weights' recipe (the JSON beside them), ``None`` when there is none."""
+    meta = Path(path).with_suffix(".json")
+    return json.loads(meta.read_text()) if meta.is_file() else None
+
+
+def _load_shipped(cfg: BackboneConfig, path: Path) -> Optional[Tuple[Dict[str, Tensor], Dict[str, Any]]]:
+    """The shipped weights when ``cfg`` is their recipe's configuration; ``ValueError`` on a sha256 mismatch."""
+    meta = recipe(path)
+    if meta is None or not path.is_file() or meta.get("config") != asdict(cfg):
+        return None
+    digest = sha256(path)
+    if digest != meta["sha256"]:
+        raise ValueError(f"{path}: sha256 {digest} is not the recipe's {meta['sha256']} (a damaged or replaced file; "
+                         f"git checkout it, or rebuild with --pretrain)")
+    return load_file(str(path)), {**meta, "source": f"shipped: {path.name}", "cached": True}
+
+
+def write_shipped(cfg: BackboneConfig, path: Path, command: str, progress: Callable) -> Dict[str, Any]:
+    """Pre-train ``cfg`` and write the weights to ``path`` with their recipe (``path`` with ``.json``)."""
+    import matplotlib
+    import PIL
+
+    pre = Preprocess(cfg.img_size, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    model, info = pretrain(cfg, pre, progress)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(_headless_state(model), str(path))
+    meta = {"config": asdict(cfg), "command": command, "sha256": sha256(path), "bytes": path.stat().st_size,
+            "versions": {"torch": torch.__version__, "timm": timm.__version__, "pillow": PIL.__version__,
+                         "matplotlib": matplotlib.__version__}, **info}
+    path.with_suffix(".json").write_text(json.dumps(meta, indent=2) + "\n")
+    return meta
+
+
+def build_backbone(cfg: BackboneConfig, num_classes: int, cache: Path, seed: int, progress: Callable,
+                   rebuild: bool = False) -> Backbone:
+    """The shipped weights, the cached ones, or a fresh pre-training (module docstring); ``rebuild``: ``--pretrain``.
+    ``progress`` wraps iterables (tqdm)."""
     if cfg.is_custom:
         if not Path(cfg.checkpoint).is_file():
             raise ValueError(f"--checkpoint {cfg.checkpoint!r} is not a file")
-        model = timm.create_model(
-            cfg.model, pretrained=True, pretrained_cfg_overlay=dict(file=str(cfg.checkpoint)), num_classes=0
-        )
+        model = timm.create_model(cfg.model, pretrained=True, pretrained_cfg_overlay=dict(file=str(cfg.checkpoint)),
+                                  num_classes=0)
         data_cfg = timm.data.resolve_model_data_config(model)
         pre = Preprocess(int(data_cfg["input_size"][-1]), tuple(data_cfg["mean"]), tuple(data_cfg["std"]))
         info = {"checkpoint": str(cfg.checkpoint), "input_size": data_cfg["input_size"]}
         return Backbone(cfg, _headless_state(model), num_classes, pre, seed, info)
     pre = Preprocess(cfg.img_size, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
-    if public is None:
-        raise ValueError("the default backbone is pre-trained on the public digits; with --data give --checkpoint")
-    path = _cache_path(cache, cfg, public, seed)
+    shipped = None if rebuild else _load_shipped(cfg, SHIPPED)
+    if shipped is not None:
+        return Backbone(cfg, shipped[0], num_classes, pre, seed, shipped[1])
+    path = _cache_path(cache, cfg)
     meta = path.with_suffix(".json")
     if path.is_file() and meta.is_file():
-        info = json.loads(meta.read_text())
-        info["cached"] = True
-        return Backbone(cfg, load_file(str(path)), num_classes, pre, seed, info)
-    model, info = _pretrain(cfg, public, pre, seed, progress)
+        return Backbone(cfg, load_file(str(path)), num_classes, pre, seed, {**json.loads(meta.read_text()),
+                                                                             "source": f"cache: {path}", "cached": True})
+    model, info = pretrain(cfg, pre, progress)
     state = _headless_state(model)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     save_file(state, str(tmp))
     tmp.replace(path)
-    info["cache_file"] = str(path)
     meta.write_text(json.dumps(info, indent=2))
-    info["cached"] = False
-    return Backbone(cfg, state, num_classes, pre, seed, info)
+    return Backbone(cfg, state, num_classes, pre, seed, {**info, "source": f"pre-trained: {path}", "cached": False})

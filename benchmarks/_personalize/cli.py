@@ -1,51 +1,43 @@
-"""Command line of ``benchmarks/personalize.py``: parse and check flags, run every (seed, method), report.
+"""Command line of ``benchmarks/personalize.py``: parse and check every flag, then run and report.
 
 Every bad flag or flag combination is reported by ``parse_args`` as an argparse error (usage line, exit status 2)
-before any data is prepared or any model trained.
+before any data is prepared or any model trained; the checks that need more than argparse (models, checkpoints,
+folders, splits, the output folder) are the ``check_*`` functions at the end, each returning ``None`` or the message.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
-import os
-import platform
 import sys
 import time
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable, List, Optional, Sequence, Tuple
 
-from .checks import check_data_folder, check_model, check_out, check_split
-from .config import (
-    ALL_METHODS,
-    BROAD_PRETRAIN_EPOCHS,
-    METHODS,
-    QUICK_METHODS,
-    BackboneConfig,
-    Budget,
-    DataConfig,
-    RunConfig,
-    quick,
-    smoke,
-)
+from fedpeft.protocols.pfedpg import DEFAULT_SERVER_STEPS
 
-__all__ = ["main", "parse_args"]
+from .config import BackboneConfig, Budget, DataConfig, RunConfig, quick, smoke
+from .methods import METHODS, select
+
+__all__ = ["build_parser", "main", "parse_args"]
 
 DEFAULT_CACHE = Path(__file__).resolve().parent.parent / ".cache"
 DEFAULT_SEEDS = (0, 1, 2, 3, 4)
 SMOKE_SEEDS = (0, 1)
 QUICK_SEEDS = (0, 1, 2)
+PILOT_SEEDS = (100, 101)  # the regime pilot and the learning-rate sweep (validation splits; never reported)
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp"}
 
 
 def _methods(text: str) -> List[str]:
     if text.strip().lower() == "all":
-        return list(ALL_METHODS)
+        return list(METHODS)
     names = [m.strip() for m in text.split(",") if m.strip()]
-    lower = {m.lower(): m for m in ALL_METHODS}
+    lower = {m.lower(): m for m in METHODS}
     bad = [m for m in names if m.lower() not in lower]
     if bad:
-        raise argparse.ArgumentTypeError(f"unknown method(s) {bad}; choose from {', '.join(ALL_METHODS)}")
+        raise argparse.ArgumentTypeError(f"unknown method(s) {bad}; choose from {', '.join(METHODS)}")
     if not names:
         raise argparse.ArgumentTypeError("no method given")
     out = [lower[m.lower()] for m in names]
@@ -95,15 +87,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add = p.add_argument
     add("--methods", type=_methods, default=None, metavar="A,B,...|all",
-        help=f"comma-separated subset of: {', '.join(ALL_METHODS)}; 'all' for every one (default: "
-        f"{', '.join(METHODS)})")
+        help=f"comma-separated subset of: {', '.join(METHODS)}; 'all' for every one (default: "
+        f"{', '.join(select('d'))})")
     add("--seeds", type=_seeds, default=None, metavar="S,S,...",
         help="seeds; each is a new client split, shift strengths, heads and batch order (default: 0,1,2,3,4; "
         "--smoke: 0,1). The learning-rate sweep and the pilot used seeds 100,101 (validation splits), never report "
         "those")
     add("--quick", action="store_true",
-        help=f"a short look (about 145 CPU-seconds): {', '.join(QUICK_METHODS)}, 3 seeds, 4 rounds (no Holm verdicts at 3 "
-        "seeds worth reading)")
+        help=f"a short look: {', '.join(select('q'))}, 3 seeds, 4 rounds (no Holm verdicts at 3 seeds worth reading)")
+    add("--pilot", action="store_true",
+        help=f"the regime go/no-go: {', '.join(select('p'))} on the validation splits of seeds "
+        f"{','.join(map(str, PILOT_SEEDS))} (never reported), FedVPT's last round repeated with twice the local epochs")
     add("--evaluate", choices=["test", "val"], default="test",
         help="the split every accuracy is measured on: test (reported runs) or val (the learning-rate sweep and "
         "the pilot, on seeds never reported; default: test)")
@@ -114,8 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"learning rate of the other parameters that start from scratch: heads, adapters (default: "
         f"{b.lr_new:g}, chosen on validation)")
     add("--lr-backbone", type=_rate, default=b.lr_backbone, metavar="LR",
-        help=f"learning rate of pre-trained weights when a method trains them (default: {b.lr_backbone:g}, chosen "
-        "on validation)")
+        help=f"learning rate of pre-trained weights when a method trains them (default: {b.lr_backbone:g}, see "
+        "benchmarks/README.md)")
     add("--rounds", type=_positive, default=b.rounds, metavar="N", help=f"communication rounds (default: {b.rounds})")
     add("--local-epochs", type=_positive, default=b.local_epochs, metavar="N",
         help=f"local epochs per round (default: {b.local_epochs})")
@@ -124,9 +118,11 @@ def build_parser() -> argparse.ArgumentParser:
     add("--last-rounds", type=_positive, default=RunConfig.last_rounds, metavar="N",
         help=f"report each client's mean accuracy over the last N rounds (default: {RunConfig.last_rounds})")
     add("--pfedpg-server", default=b.generator_optimizer, metavar="default|paper|OPT:LR",
-        help="pFedPG's server: 'default' (the library's: Adam, 1e-2 on the descriptors and 1e-3 elsewhere, "
-        "unit-logit generator init), 'paper' (Eq. 5 literally: SGD 0.001 on the VPT-like init of fedpeft 0.1), or "
-        "SGD:LR / Adam:LR, one rate on the unit-logit init (default: default; see docs/protocols.md, pFedPG)")
+        help=f"pFedPG's server: 'default' (the library's: a fit of {DEFAULT_SERVER_STEPS} Adam steps per round, 1e-2 "
+        "on the descriptors "
+        "and 1e-3 elsewhere, gcd(D, 16) heads, unit-logit generator init), 'paper' (Eq. 5 literally: one SGD step "
+        "0.001 on the VPT-like init of fedpeft 0.1), or SGD:LR / Adam:LR, one rate, the default's steps and heads "
+        "(default: default; see docs/federated.md, 'The server step')")
     add("--split", choices=["domain", "dirichlet"], default=None,
         help="how the MNIST digits go to clients: shift families (each client its own strength and 5 of the 10 "
         "classes), or clean images with Dirichlet label skew (default: domain)")
@@ -137,10 +133,10 @@ def build_parser() -> argparse.ArgumentParser:
         "default: 4)")
     add("--alpha", type=_alpha, default=None, metavar="A",
         help="Dirichlet concentration, --split dirichlet only (default: 0.1)")
-    add("--pretrain", choices=["clean", "broad"], default="clean",
-        help="backbone pre-training on the public split: clean digits with light affine jitter, or broad "
-        "augmentation (inversion, rotation, noise, blur, colour; 200 epochs instead of 60) like a backbone that "
-        "has seen every kind of image (default: clean)")
+    add("--pretrain", action="store_true",
+        help="pre-train the default backbone anew from its recipe (a few CPU-minutes, cached) instead of loading "
+        "the shipped weights (benchmarks/backbones/); on another machine or torch version the bits, hence the "
+        "table, change")
     add("--data", default=None, metavar="PATH",
         help="real data: PATH/<client>/<class>/<image>, one ImageFolder per client (needs --model, --checkpoint)")
     add("--model", default=None, metavar="NAME", help="a registered timm ViT name, with --checkpoint")
@@ -197,15 +193,18 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> RunConfig:
         p.error("--families only applies to --split domain")
     if a.families is not None and a.families > 6:
         p.error(f"--families: expected 1 to 6 (there are 6 shift families), got {a.families}")
-    if a.quick and a.smoke:
-        p.error("--quick and --smoke are two different short runs; choose one")
-    methods = a.methods or list(QUICK_METHODS if a.quick else METHODS)
+    if sum((a.quick, a.smoke, a.pilot)) > 1:
+        p.error("--quick, --smoke and --pilot are different runs; choose one")
+    if a.pilot and (a.data or a.split == "dirichlet"):
+        p.error("--pilot measures the regime of the embedded shift families (--split domain)")
+    methods = a.methods or list(select("q" if a.quick else "p" if a.pilot else "d"))
     if a.split == "dirichlet" or a.data:
-        if "Clustered-FedVPT" in methods and a.methods:
-            p.error("Clustered-FedVPT averages within shift families: it needs --split domain")
-        methods = [m for m in methods if m != "Clustered-FedVPT"]
+        needs = select("f", methods)  # methods that need the shift families
+        if needs and a.methods:
+            p.error(f"{', '.join(needs)} averages within shift families: it needs --split domain")
+        methods = [m for m in methods if m not in needs]
     if a.checkpoint:
-        if a.pretrain != "clean":
+        if a.pretrain:
             p.error("--pretrain applies to the embedded backbone; a --checkpoint is used as is")
         if not Path(a.checkpoint).is_file():
             p.error(f"--checkpoint {a.checkpoint!r} is not a file")
@@ -216,12 +215,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> RunConfig:
         problem = check_data_folder(a.data)
         if problem:
             p.error(problem)
-    backbone = replace(BackboneConfig(), pretrain_augment=a.pretrain)
-    if a.pretrain == "broad":
-        backbone = replace(backbone, pretrain_epochs=BROAD_PRETRAIN_EPOCHS)
+    backbone = BackboneConfig()
     if a.checkpoint:
         backbone = replace(backbone, model=a.model, checkpoint=a.checkpoint)
-    seeds = a.seeds or (SMOKE_SEEDS if a.smoke else QUICK_SEEDS if a.quick else DEFAULT_SEEDS)
+    seeds = a.seeds or (SMOKE_SEEDS if a.smoke else QUICK_SEEDS if a.quick else PILOT_SEEDS if a.pilot
+                        else DEFAULT_SEEDS)
     split = a.split or d.split
     tag = "folders" if a.data else split
     if a.out is None:
@@ -242,12 +240,14 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> RunConfig:
         engine=a.engine,
         out=str(out),
         cache=a.cache,
+        probe_convergence=a.pilot,
+        rebuild_backbone=a.pretrain,
         budget=replace(b, rounds=a.rounds, local_epochs=a.local_epochs, fraction=a.fraction,
                        generator_optimizer=opt, generator_lr=server_lr, lr_new=a.lr_new, lr_prompt=a.lr_prompt,
                        lr_backbone=a.lr_backbone),
         backbone=backbone,
         data=replace(d, split=split, clients=a.clients, alpha=a.alpha if a.alpha is not None else d.alpha,
-                     families=a.families or d.families, evaluate=a.evaluate, data=a.data),
+                     families=a.families or d.families, evaluate="val" if a.pilot else a.evaluate, data=a.data),
     )
     cfg = smoke(cfg) if a.smoke else quick(cfg, rounds_given=a.rounds != b.rounds) if a.quick else cfg
     problem = _check_splits(cfg)
@@ -262,7 +262,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> RunConfig:
             p.error("--engine flower needs Flower: pip install -e \".[flower]\"")
         cfg = replace(cfg, workers=1)
     if not cfg.workers:
-        from .parallel import default_workers
+        from .run import default_workers
 
         cfg = replace(cfg, workers=default_workers(len(cfg.seeds) * len(cfg.methods)))
     return cfg
@@ -286,114 +286,80 @@ def _check_splits(cfg: RunConfig) -> Optional[str]:
     return check_split(sizes)
 
 
-def _engine(cfg: RunConfig) -> dict:
-    """Which engine ran the methods (and Flower's version when it was Flower)."""
-    if cfg.engine != "flower":
-        return {"name": cfg.engine}
-    from .flower_engine import flower_version
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run the benchmark (``docs/benchmark.md``): parse, run every (seed, method), report; returns 0."""
+    cfg = parse_args(argv)
+    from .report import write_all
+    from .run import run_all_timed
 
-    return {"name": "flower", "flwr": flower_version()}
+    write_all(cfg, *run_all_timed(cfg), argv=list(argv) if argv is not None else sys.argv[1:])
+    return 0
 
 
-def _environment(cfg: RunConfig) -> dict:
+def check_model(name: str) -> Optional[str]:
+    """``name`` must be a registered timm model that fedpeft can wrap (``fedpeft.VPT`` accepts it).
+
+    The model is built on the ``meta`` device: no memory, no weights, a fraction of a second even for ViT-L. Asking
+    fedpeft itself, rather than testing a class here, keeps the check in step with what the library supports.
+    """
     import timm
     import torch
 
-    import fedpeft
+    from fedpeft import VPT
 
-    return {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "timm": timm.__version__,
-        "fedpeft": fedpeft.__version__,
-        "threads_per_process": cfg.threads,
-        "workers": cfg.workers,
-        "cpu_count": os.cpu_count(),
-        "load_average_at_end": os.getloadavg() if hasattr(os, "getloadavg") else None,
-        "machine": platform.machine(),
-    }
+    if not timm.is_model(name):
+        close = timm.list_models(f"*{name.split('.')[0][:12]}*")[:5]
+        return f"--model {name!r} is not a registered timm model" + (f" (close: {', '.join(close)})" if close else "")
+    with torch.device("meta"):
+        try:
+            model = timm.create_model(name, pretrained=False)
+        except Exception as e:  # any failure to build is a problem of the model name
+            return f"--model {name!r} could not be built by timm: {e}"
+        try:
+            VPT(model, num_prompts=1)
+        except TypeError as e:
+            return f"--model {name!r}: {e}"
+    return None
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Run the benchmark; returns 0. See ``docs/benchmark.md``."""
-    cfg = parse_args(argv)
-    import torch
-    from tqdm import tqdm
+def check_data_folder(path: str) -> Optional[str]:
+    """``path`` must hold client folders, each holding class folders that hold images (ImageFolder layout)."""
+    root = Path(path)
+    if not root.is_dir():
+        return f"--data {path!r} is not a folder (expected PATH/<client>/<class>/<image>)"
+    entries = [p for p in root.iterdir() if not p.name.startswith(".")]
+    clients = sorted(p for p in entries if p.is_dir())
+    if not clients:
+        flat = any(p.suffix.lower() in IMAGE_SUFFIXES for p in entries)
+        what = "holds images directly (a flat folder)" if flat else "is empty"
+        return f"--data {path!r} {what}; expected one sub-folder per client: PATH/<client>/<class>/<image>"
+    for c in clients:
+        inside = [p for p in c.iterdir() if not p.name.startswith(".")]
+        classes = [p for p in inside if p.is_dir()]
+        if not classes:
+            flat = any(p.suffix.lower() in IMAGE_SUFFIXES for p in inside)
+            what = "holds images directly, not in class folders" if flat else "has no class folders"
+            return f"--data: client folder {str(c)!r} {what}; expected PATH/<client>/<class>/<image>"
+        images = sum(1 for k in classes for p in k.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        if images < 2:
+            return f"--data: client folder {str(c)!r} has {images} image(s); a train/test split needs at least 2"
+    return None
 
-    from .flops import matmul_rate
-    from .jobs import configure_process
-    from .parallel import run_all
-    from .report import (
-        Summary,
-        format_pfedpg,
-        format_table,
-        format_verdicts,
-        pfedpg_server,
-        plot_curves,
-        summary_json,
-        write_csv,
-        write_json,
-    )
 
-    configure_process(cfg.threads)
-    t0 = time.perf_counter()
-    tag = "folders" if cfg.data.data else cfg.data.split
-    jobs = len(cfg.seeds) * len(cfg.methods)
-    print(f"{len(cfg.seeds)} seeds {list(cfg.seeds)} x {len(cfg.methods)} methods = {jobs} runs of "
-          f"{cfg.budget.rounds} rounds, {cfg.workers} worker process(es) x {cfg.threads} torch thread(s)")
-    print(f"budget: {asdict(cfg.budget)}")
-    total = jobs * cfg.budget.rounds
-    with tqdm(total=total, unit="round", file=sys.stderr, dynamic_ncols=True, mininterval=1.0) as bar:
-        if cfg.engine == "flower":
-            from .flower_engine import run_all_flower
+def check_split(sizes: Sequence[tuple]) -> Optional[str]:
+    """Every client of every seed must have at least one training and one test image: ``(seed, name, train, test)``."""
+    for seed, name, train, test in sizes:
+        if train < 1 or test < 1:
+            return (f"seed {seed}: client {name!r} gets {train} training and {test} test images; use fewer --clients "
+                    f"(or a larger --alpha for --split dirichlet)")
+    return None
 
-            prepared, records = run_all_flower(cfg, bar)
-        else:
-            prepared, records = run_all(cfg, bar)
-    wall = time.perf_counter() - t0
-    first = prepared[cfg.seeds[0]]
-    names, backbone_params = first["clients"], first["backbone_params"]
-    rate = matmul_rate() / 1e9
-    s = Summary(records, cfg.seeds, cfg.methods, cfg.last_rounds)
-    title = (f"fedpeft personalize.py: {tag}, {len(names)} clients, {cfg.budget.rounds} rounds x "
-             f"{cfg.budget.local_epochs} local epochs, backbone pre-training '{cfg.backbone.pretrain_augment}'")
-    table, verdicts = format_table(s, names, backbone_params, rate), format_verdicts(s)
-    server = pfedpg_server(records, cfg.seeds)
-    server_line = format_pfedpg(server, cfg.budget.generator_optimizer, cfg.budget.generator_lr)
-    for seed in cfg.seeds:
-        info = prepared[seed]["backbone"]
-        acc = info.get("pretrain_val_accuracy")
-        print(f"seed {seed}: backbone {'cached' if info.get('cached') else 'built'}"
-              + (f", held-out pre-training accuracy {acc:.3f}" if acc is not None else ""))
-    cpu = sum(r["cpu_s"] for r in records.values())
-    print(f"\n{title}\n{table}\n\n{verdicts}\n")
-    if server_line:
-        print(server_line + "\n")
-    print(f"total wall time {wall:.0f}s ({cpu:.0f} CPU-seconds in the method runs; load average at the end "
-          f"{os.getloadavg()[0]:.1f})")
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = out / f"personalize_{tag}"
-    write_csv(stem.with_suffix(".csv"), s, names)
-    write_json(stem.with_suffix(".json"), {
-        "title": title,
-        "command": "python benchmarks/personalize.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "config": cfg.as_dict(),
-        "clients": names,
-        "backbone": {"params": backbone_params, "per_seed": {s_: prepared[s_]["backbone"] for s_ in cfg.seeds}},
-        "data": {s_: prepared[s_]["data"] for s_ in cfg.seeds},
-        "summary": summary_json(s),
-        "runs": [records[k] for k in records],
-        "total_wall_s": wall,
-        "matmul_gflops_1thread": rate,
-        "engine": _engine(cfg),
-        "environment": _environment(cfg),
-        "table": table,
-        "verdicts": verdicts,
-        "pfedpg_server": server,
-        "method_cpu_s": cpu,
-        "torch_threads_main": torch.get_num_threads(),
-    })
-    plot_curves(stem.with_suffix(".png"), s, title)
-    print(f"wrote {stem}.csv, .json, .png")
-    return 0
+
+def check_out(path: Path, overwrite: bool) -> Optional[str]:
+    """An explicit ``--out`` must be new or empty, unless ``--overwrite``: a run never replaces another's results."""
+    if path.exists() and not path.is_dir():
+        return f"--out {str(path)!r} is a file, not a folder"
+    if path.is_dir() and any(path.iterdir()) and not overwrite:
+        return (f"--out {str(path)!r} already holds files (another run's results?); choose a new folder, or add "
+                f"--overwrite to replace them")
+    return None

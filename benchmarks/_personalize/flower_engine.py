@@ -16,11 +16,12 @@ import os
 import statistics
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Sequence, Tuple
 
-from .config import ALL_METHODS
-from .methods import Context, build_model, make_protocol, method_costs
-from .runner import MethodResult
+from fedpeft.protocols import method_costs
+
+from .methods import METHODS, Context, build_model, make_protocol
+from .run import configure_process, prepare_info, prepare_seed, record_from_history
 from .train import make_trainer
 
 __all__ = ["flower_version", "run_all_flower", "run_methods_flower"]
@@ -49,33 +50,10 @@ def _tree_cpu_s() -> float:
     return total
 
 
-def _result(name: str, strategy, model, n: int, wall_s: float) -> MethodResult:
-    """The in-process engine's ``MethodResult`` from the strategy's round records (the same ``RoundRecord``)."""
-    costs = method_costs(strategy.method, model, strategy.server)
-    hist = strategy.history
-    last_after: List[Optional[float]] = [None] * n
-    for h in hist:
-        for c, a in h.after_local.items():
-            last_after[c] = a
-    return MethodResult(
-        name=name,
-        accuracy=list(hist[-1].deployed),
-        curve=[h.mean for h in hist],
-        curve_clients=[list(h.deployed) for h in hist],
-        wall_s=wall_s,
-        curve_after_local=[[h.after_local.get(c) for c in range(n)] for h in hist],
-        accuracy_after_local=last_after,
-        participants=[list(h.participants) for h in hist],
-        train_loss=[[h.train_loss.get(c) for c in range(n)] for h in hist],
-        server_log=[{**h.server.as_dict(), "upload_bytes": dict(h.upload_bytes), "wall_s": h.wall_s} for h in hist],
-        **costs,
-    )
-
-
 def run_methods_flower(names: Sequence[str], ctx: Context, rounds: int, progress: Callable,
-                       round_timeout: float = 3600.0, cpu_out: Optional[Dict[str, float]] = None
-                       ) -> List[MethodResult]:
-    """Run ``names`` through Flower's simulation runtime (see the module docstring); same results as ``runner.run_method`` for each."""
+                       round_timeout: float = 3600.0) -> List[Dict[str, Any]]:
+    """Run ``names`` through Flower's simulation runtime (module docstring): the same records as
+    ``run.run_method``'s, with ``cpu_s`` the CPU seconds of this process and its Ray processes during that method."""
     from flwr.app import ConfigRecord
     from flwr.clientapp import ClientApp
     from flwr.serverapp import ServerApp
@@ -84,9 +62,9 @@ def run_methods_flower(names: Sequence[str], ctx: Context, rounds: int, progress
     from fedpeft.flower import ClientHandlers, ProtocolStrategy
     from fedpeft.flower.wire import CONFIG, METHOD
 
-    unknown = [n for n in names if n not in ALL_METHODS]
+    unknown = [n for n in names if n not in METHODS]
     if unknown:
-        raise ValueError(f"unknown methods {unknown}; known: {list(ALL_METHODS)}")
+        raise ValueError(f"unknown methods {unknown}; known: {list(METHODS)}")
     n = len(ctx.clients)
     trainer = make_trainer(ctx.budget, ctx.backbone.preprocess)
 
@@ -115,8 +93,7 @@ def run_methods_flower(names: Sequence[str], ctx: Context, rounds: int, progress
     client.train()(route("train"))
     client.evaluate()(route("evaluate"))
 
-    results: List[MethodResult] = []
-    cpu_s: Dict[str, float] = {}
+    results: List[Dict[str, Any]] = []
     server = ServerApp()
 
     @server.main()
@@ -135,9 +112,10 @@ def run_methods_flower(names: Sequence[str], ctx: Context, rounds: int, progress
                 strategy = ProtocolStrategy(protocol, model, num_partitions=n, seed=ctx.seed,
                                             fraction_train=ctx.budget.fraction, on_round=tick)
                 strategy.start(grid, num_rounds=rounds, timeout=round_timeout)
-                results.append(_result(name, strategy, model, n, time.perf_counter() - t0))
-                cpu_s[name] = _tree_cpu_s() - cpu0
-                log.info("%s: mean accuracy %.4f", name, statistics.fmean(results[-1].accuracy))
+                costs = method_costs(strategy.method, model, strategy.server)
+                results.append(record_from_history(ctx.seed, name, strategy.history, costs, ctx,
+                                                   _tree_cpu_s() - cpu0, time.perf_counter() - t0))
+                log.info("%s: mean accuracy %.4f", name, statistics.fmean(results[-1]["deployed"][-1]))
 
     # Ray workers import this package by name: put benchmarks/ on their path (the driver's sys.path is not shared)
     here = str(Path(__file__).resolve().parent.parent)
@@ -148,17 +126,12 @@ def run_methods_flower(names: Sequence[str], ctx: Context, rounds: int, progress
     run_simulation(server_app=server, client_app=client, num_supernodes=n, backend_config=backend)
     if len(results) != len(names):
         raise RuntimeError(f"the Flower simulation ended after {len(results)} of {len(names)} methods (see its log)")
-    if cpu_out is not None:
-        cpu_out.update(cpu_s)
     return results
 
 
 def run_all_flower(cfg, bar) -> Tuple[Dict[int, Dict[str, Any]], Dict[Tuple[int, str], Dict[str, Any]]]:
-    """``parallel.run_all`` for ``--engine flower``: per seed (one after another) the same preparation, then every
-    method through one Flower simulation; the same records as the in-process engine (``jobs.job_record``), with
-    ``cpu_s`` the CPU seconds of this process and its Ray processes during that method."""
-    from .jobs import configure_process, job_record, prepare_info, prepare_seed
-
+    """``run.run_all`` for ``--engine flower``: per seed (one after another) the same preparation, then every method
+    through one Flower simulation."""
     configure_process(cfg.threads)
 
     @contextlib.contextmanager
@@ -172,7 +145,6 @@ def run_all_flower(cfg, bar) -> Tuple[Dict[int, Dict[str, Any]], Dict[Tuple[int,
         prepared[seed] = prepare_info(cfg, seed)
         ctx = Context(backbone, data.clients, cfg.budget, seed)
         bar.set_description(f"seed {seed} (Flower)", refresh=False)
-        cpu: Dict[str, float] = {}
-        for result in run_methods_flower(cfg.methods, ctx, cfg.budget.rounds, shared_bar, cpu_out=cpu):
-            records[(seed, result.name)] = job_record(seed, result.name, result, ctx, cpu[result.name])
+        for record in run_methods_flower(cfg.methods, ctx, cfg.budget.rounds, shared_bar):
+            records[(seed, record["method"])] = record
     return prepared, records

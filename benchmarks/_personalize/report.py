@@ -8,7 +8,10 @@ state, pFedPG's generated prompts; ``local``: the client's model right after its
 - a seed's value is the mean over clients of those; the table shows the mean over seeds ± the half-width of the 95 %
   t-interval over seeds (:mod:`.stats`), and each client's column the mean over seeds;
 - the paired verdicts compare two methods seed by seed (same split, backbone and batches): the primary claims
-  Holm-corrected (:mod:`.stats`), the rest exploratory.
+  Holm-corrected (:mod:`.stats`), the rest exploratory ("hint" words). Seeds repeat the clients, heads and batches on
+  the one shipped backbone, so every verdict is conditional on that backbone;
+- the regime go/no-go (:func:`regime`): whether the run is in the regime the prompt papers claim (prompts competitive
+  with fine-tuning, ahead of a linear probe, family structure worth having, local training converged in a round).
 
 Parameter counts are per client: trainable (what a client optimizes), communicated per round (what it uploads).
 Wall and CPU are the mean wall time and CPU seconds of one seed's run of the method; GFLOP its counted matmul work
@@ -21,24 +24,35 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
+import platform
 import statistics
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+from .config import RunConfig
 from .stats import ALPHA, Claim, Interval, Paired, comparisons, holm_claims, paired, t_interval
 
 __all__ = [
     "PROTOCOLS",
     "Summary",
     "format_pfedpg",
+    "format_regime",
     "format_table",
     "format_verdicts",
     "pfedpg_server",
     "plot_curves",
+    "regime",
     "summary_json",
+    "write_all",
     "write_csv",
     "write_json",
 ]
+
+#: pFedPG's claims are testable once its server keeps this share of each round (mean retention over rounds and
+#: seeds); below it, a pFedPG client restarts every round from an almost untouched gen(n) (issue 24)
+TESTABLE_RETENTION = 0.1
 
 #: record key → column title
 PROTOCOLS: Dict[str, str] = {"deployed": "Deployed", "local": "After local training"}
@@ -101,6 +115,14 @@ class Summary:
         }
         # the primary claims: deployed accuracy, Holm-corrected
         self.claims: List[Claim] = holm_claims(self.per_seed["deployed"], self.methods)
+        self.pfedpg = pfedpg_server(records, self.seeds)
+
+    def verdict(self, a: str, b: str, verdict: str) -> str:
+        """``verdict``, or "not testable at this budget (retention x%)" for a comparison with pFedPG while its
+        server keeps less than :data:`TESTABLE_RETENTION` of each round."""
+        if "pFedPG" in (a, b) and self.pfedpg is not None and self.pfedpg["retention"] < TESTABLE_RETENTION:
+            return f"not testable at this budget (retention {100 * self.pfedpg['retention']:.2g}%)"
+        return verdict
 
     def identical(self, protocol: str, a: str, b: str) -> bool:
         """Whether ``a`` and ``b`` are the same runs under ``protocol``: the same per-client, per-round training losses
@@ -174,14 +196,16 @@ def format_verdicts(s: Summary) -> str:
     """The primary claims (Holm) with p-values and minimal detectable differences, the oracle's margin, then the
     exploratory comparisons per protocol (uncorrected 95 % intervals)."""
     n = len(s.seeds)
-    lines = [f"primary claims: deployed accuracy, A − B in points over {n} paired seeds (95% t-interval); two-sided "
-             f"paired t-test, Holm–Bonferroni over the {len(s.claims)} claims (family-wise α = {ALPHA}); MDD: the "
-             f"difference this run detects with 80% power at Holm's strictest step:"]
+    lines = [f"primary claims, conditional on the shipped backbone (seeds repeat clients, heads and batches on it): "
+             f"deployed accuracy, A − B in points over {n} paired seeds (95% t-interval); two-sided paired t-test, "
+             f"Holm–Bonferroni over the {len(s.claims)} claims (family-wise α = {ALPHA}); MDD: the difference this "
+             f"run detects with 80% power at Holm's strictest step (exact non-central t):"]
     width = max([len(f"{c.pair.a} > {c.pair.b}") for c in s.claims]
                 + [len(f"{q.a} > {q.b}") for p in s.protocols for q in s.pairs[p]] + [10])
     for c in s.claims:
         lines.append(f"  {c.pair.a + ' > ' + c.pair.b:<{width}}  {_pct(c.pair.diff):>14}  p {c.p:<7.3g} "
-                     f"Holm p {c.p_holm:<7.3g} MDD {100 * c.mdd:4.1f}  {c.verdict:<28}  ({c.pair.claim})")
+                     f"Holm p {c.p_holm:<7.3g} MDD {100 * c.mdd:4.1f}  {s.verdict(c.pair.a, c.pair.b, c.verdict):<28}  "
+                     f"({c.pair.claim})")
     if not s.claims:
         lines.append("  none (the compared methods were not all run)")
     margin = oracle_margin(s)
@@ -191,7 +215,8 @@ def format_verdicts(s: Summary) -> str:
     for p in s.protocols:
         lines.append(f"  {PROTOCOLS[p]}:")
         for q in s.pairs[p]:
-            lines.append(f"    {q.a + ' > ' + q.b:<{width}}  {_pct(q.diff):>14}  {q.verdict:<28}  ({q.claim})")
+            lines.append(f"    {q.a + ' > ' + q.b:<{width}}  {_pct(q.diff):>14}  {s.verdict(q.a, q.b, q.hint):<14}  "
+                         f"({q.claim})")
         for a, b in s.identical_pairs[p]:
             lines.append(f"    {a + ' > ' + b:<{width}}  (not compared: identical runs under this protocol)")
     return "\n".join(lines)
@@ -204,6 +229,47 @@ def oracle_margin(s: Summary) -> Optional[Interval]:
     return paired("Clustered-FedVPT", "FedVPT", "", s.per_seed["deployed"]).diff
 
 
+#: the regime go/no-go (issue 25): (name, A, B, the least A − B in points that passes)
+REGIME: List[Tuple[str, str, str, float]] = [
+    ("prompts competitive with fine-tuning", "SingleSet-VPT", "Local-FT", -2.0),
+    ("prompts beat a linear probe", "SingleSet-VPT", "Local", 3.0),
+    ("the family oracle's margin", "Clustered-FedVPT", "FedVPT", 3.0),
+]
+#: local training has converged within a round when doubling its epochs moves after-local accuracy by less than this
+CONVERGED_POINTS = 1.0
+
+
+def regime(s: Summary) -> Optional[Dict[str, Any]]:
+    """The regime go/no-go: each criterion's A − B (deployed, mean over seeds, points) and whether it passes; the
+    convergence probe (records' ``convergence``: one FedVPT round from the same state with E and 2E local epochs,
+    mean after-local accuracy over clients); ``go`` when every criterion ran and passed. ``None`` if none ran."""
+    rows = []
+    for name, a, b, least in REGIME:
+        if a in s.methods and b in s.methods:
+            diff = 100 * paired(a, b, "", s.per_seed["deployed"]).diff.mean
+            rows.append({"criterion": name, "a": a, "b": b, "diff": diff, "least": least, "passes": diff >= least})
+    probes = [r["convergence"] for r in s.records.values() if r.get("convergence")]
+    if probes:
+        move = 100 * statistics.fmean(p["after_local_2x"] - p["after_local"] for p in probes)
+        rows.append({"criterion": "local training converges within a round", "a": f"{2 * probes[0]['epochs']} epochs",
+                     "b": f"{probes[0]['epochs']} epochs", "diff": move, "least": None,
+                     "passes": abs(move) < CONVERGED_POINTS})
+    if not rows:
+        return None
+    return {"criteria": rows, "go": len(rows) == len(REGIME) + 1 and all(r["passes"] for r in rows)}
+
+
+def format_regime(reg: Optional[Dict[str, Any]]) -> str:
+    if reg is None:
+        return ""
+    lines = [f"regime go/no-go (deployed, mean over seeds): {'GO' if reg['go'] else 'NO-GO'}"]
+    for r in reg["criteria"]:
+        need = f"≥ {r['least']:+.0f}" if r["least"] is not None else f"|·| < {CONVERGED_POINTS:g}"
+        lines.append(f"  {r['a'] + ' − ' + r['b']:<34} {r['diff']:+6.1f} points (needs {need:<7})  "
+                     f"{'passes' if r['passes'] else 'FAILS':<6}  ({r['criterion']})")
+    return "\n".join(lines)
+
+
 def pfedpg_server(records: Records, seeds: Sequence[int]) -> Optional[Dict[str, Any]]:
     """pFedPG's server step over all seeds, from the per-round diagnostics of ``fedpeft.protocols.PFedPGServer``.
 
@@ -211,13 +277,15 @@ def pfedpg_server(records: Records, seeds: Sequence[int]) -> Optional[Dict[str, 
     (``descending``: their share); ``trained_norm``: mean ‖P̃ₙ‖ over clients in the first and the last round (mean
     over seeds); ``spread``: the mean distance of the clients' generated prompts to their mean, relative to the
     mean's norm, first and last round; ``spread_rounds``: the rounds (1-based) of ``spread_at``, the spread at the
-    first, middle and last round (mean over seeds). ``None`` when pFedPG was not run.
+    first, middle and last round (mean over seeds); ``retention``: the share of the way to P̃ₙ each round's fit kept,
+    mean over rounds and seeds (``retention_at``: at the same three rounds); ``residual``: ‖gen(n) − P̃ₙ‖/‖P̃ₙ‖
+    after the last round's fit; ``steps``: server steps per round (mean). ``None`` when pFedPG was not run.
     """
     logs = [records[(s, "pFedPG")]["server"] for s in seeds if (s, "pFedPG") in records]
     if not logs:
         return None
     closer = total = 0
-    first_norm, last_norm, at = [], [], []
+    first_norm, last_norm, at, kept, kept_at, residual, steps = [], [], [], [], [], [], []
     for log in logs:
         diags = [r["diagnostics"] for r in log if r.get("diagnostics")]
         for d in diags:
@@ -226,7 +294,16 @@ def pfedpg_server(records: Records, seeds: Sequence[int]) -> Optional[Dict[str, 
         if diags:
             first_norm.append(statistics.fmean(diags[0]["trained_norm"]))
             last_norm.append(statistics.fmean(diags[-1]["trained_norm"]))
-            at.append([diags[i]["spread"] for i in (0, (len(diags) + 1) // 2 - 1, len(diags) - 1)])
+            rounds3 = (0, (len(diags) + 1) // 2 - 1, len(diags) - 1)
+            at.append([diags[i]["spread"] for i in rounds3])
+            # records of fedpeft ≤ 0.2 have no retention: from the distances (the same definition)
+            ret = [d.get("retention", statistics.fmean(1 - a / b for a, b in zip(d["dist_after"], d["dist_before"])))
+                   for d in diags]
+            kept.append(statistics.fmean(ret))
+            kept_at.append([ret[i] for i in rounds3])
+            residual.append(statistics.fmean(a / n for a, n in zip(diags[-1]["dist_after"],
+                                                                  diags[-1]["trained_norm"])))
+            steps.append(statistics.fmean(d.get("steps", 1) for d in diags))
     if not total:
         return None
     rounds = min(len([r for r in log if r.get("diagnostics")]) for log in logs)
@@ -234,16 +311,22 @@ def pfedpg_server(records: Records, seeds: Sequence[int]) -> Optional[Dict[str, 
     return {"closer": closer, "client_rounds": total, "descending": closer / total,
             "trained_norm": [statistics.fmean(first_norm), statistics.fmean(last_norm)],
             "spread": [spread_at[0], spread_at[2]], "spread_rounds": [1, (rounds + 1) // 2, rounds],
-            "spread_at": spread_at}
+            "spread_at": spread_at, "retention": statistics.fmean(kept),
+            "retention_at": [statistics.fmean(a[i] for a in kept_at) for i in range(3)],
+            "residual": statistics.fmean(residual), "steps": statistics.fmean(steps)}
 
 
 def format_pfedpg(diag: Optional[Dict[str, Any]], optimizer: str, lr: float) -> str:
     if diag is None:
         return ""
     r, s = diag["spread_rounds"], diag["spread_at"]
-    server = {"paper": "paper: SGD lr 0.001, VPT init",
-              "default": "default: Adam, lr 1e-2 descriptors / 1e-3 rest"}.get(optimizer, f"{optimizer}, lr {lr:g}")
-    return (f"pFedPG server ({server}): descending steps {100 * diag['descending']:.0f}% "
+    server = {"paper": "paper: one SGD step lr 0.001, VPT init",
+              "default": "default: Adam fit, lr 1e-2 descriptors / 1e-3 rest"}.get(optimizer, f"{optimizer}, lr {lr:g}")
+    k = diag["retention_at"]
+    return (f"pFedPG server ({server}, {diag['steps']:.3g} steps per round): retention {100 * diag['retention']:.3g}% "
+            f"(the share of the way to P̃ₙ the generator kept, mean over rounds; rounds {r[0]}/{r[1]}/{r[2]}: "
+            f"{100 * k[0]:.3g}% / {100 * k[1]:.3g}% / {100 * k[2]:.3g}%), residual ‖gen(n) − P̃ₙ‖/‖P̃ₙ‖ "
+            f"{diag['residual']:.3g} after the last round; descending {100 * diag['descending']:.0f}% "
             f"({diag['closer']}/{diag['client_rounds']} client-rounds where gen(n) moved closer to P̃ₙ); "
             f"spread of gen(ids) across clients at rounds {r[0]}/{r[1]}/{r[2]}: "
             f"{100 * s[0]:.3g}% / {100 * s[1]:.3g}% / {100 * s[2]:.3g}% of their mean's norm; mean ‖P̃ₙ‖ "
@@ -280,15 +363,16 @@ def summary_json(s: Summary) -> Dict[str, Any]:
                         "per_client": s.client_means(p, m), "per_seed_per_client": s.clients[p][m],
                         "curve_mean": [c.mean for c in s.curve(p, m)], "curve_ci95": [c.half for c in s.curve(p, m)]}
         methods.append(entry)
-    verdicts = [{"protocol": p, "a": q.a, "b": q.b, "claim": q.claim, "diff": q.diff.mean, "ci95": q.diff.half,
-                 "per_seed": list(q.per_seed), "verdict": q.verdict} for p in s.protocols for q in s.pairs[p]]
+    hints = [{"protocol": p, "a": q.a, "b": q.b, "claim": q.claim, "diff": q.diff.mean, "ci95": q.diff.half,
+              "per_seed": list(q.per_seed), "hint": s.verdict(q.a, q.b, q.hint)}
+             for p in s.protocols for q in s.pairs[p]]
     claims = [{"a": c.pair.a, "b": c.pair.b, "claim": c.pair.claim, "diff": c.pair.diff.mean,
                "ci95": c.pair.diff.half, "per_seed": list(c.pair.per_seed), "p": c.p, "p_holm": c.p_holm,
-               "mdd": c.mdd, "verdict": c.verdict} for c in s.claims]
+               "mdd": c.mdd, "verdict": s.verdict(c.pair.a, c.pair.b, c.verdict)} for c in s.claims]
     margin = oracle_margin(s)
     return {"last_rounds": s.last, "seeds": s.seeds, "methods": methods, "primary": claims,
             "oracle_margin": None if margin is None else {"mean": margin.mean, "ci95": margin.half},
-            "verdicts": verdicts}
+            "exploratory": hints, "regime": regime(s)}
 
 
 def write_json(path: Path, payload: Dict[str, Any]) -> None:
@@ -365,3 +449,76 @@ def plot_curves(path: Path, s: Summary, title: str) -> None:
     fig.suptitle(title, fontsize=11)
     fig.savefig(path, bbox_inches="tight")
     plt.close(fig)
+
+
+def _environment(cfg: RunConfig) -> Dict[str, Any]:
+    import timm
+    import torch
+
+    import fedpeft
+
+    env: Dict[str, Any] = {
+        "python": platform.python_version(), "torch": torch.__version__, "timm": timm.__version__,
+        "fedpeft": fedpeft.__version__, "threads_per_process": cfg.threads, "workers": cfg.workers,
+        "cpu_count": os.cpu_count(), "load_average_at_end": os.getloadavg() if hasattr(os, "getloadavg") else None,
+        "machine": platform.machine(),
+    }
+    return env
+
+
+def _engine(cfg: RunConfig) -> Dict[str, Any]:
+    """Which engine ran the methods (and Flower's version when it was Flower)."""
+    if cfg.engine != "flower":
+        return {"name": cfg.engine}
+    import flwr
+
+    return {"name": "flower", "flwr": flwr.__version__}
+
+
+def write_all(cfg: RunConfig, prepared: Dict[int, Dict[str, Any]], records: Records, wall: float,
+              argv: Sequence[str]) -> None:
+    """Print the table, the verdicts, the regime go/no-go, pFedPG's server line, the versions and the time; write
+    ``personalize_<split>.csv``, ``.json`` and ``.png`` into ``cfg.out``."""
+    from .flops import matmul_rate
+
+    tag = "folders" if cfg.data.data else cfg.data.split
+    first = prepared[cfg.seeds[0]]
+    names, backbone_params, info = first["clients"], first["backbone_params"], first["backbone"]
+    rate = matmul_rate() / 1e9
+    s = Summary(records, cfg.seeds, cfg.methods, cfg.last_rounds)
+    env = _environment(cfg)
+    title = (f"fedpeft personalize.py: {tag}, {len(names)} clients, {cfg.budget.rounds} rounds x "
+             f"{cfg.budget.local_epochs} local epochs, evaluated on {cfg.data.evaluate}, backbone "
+             f"{info.get('source', info.get('checkpoint', '?'))}")
+    table, verdicts = format_table(s, names, backbone_params, rate), format_verdicts(s)
+    versions = (f"torch {env['torch']}, timm {env['timm']}, fedpeft {env['fedpeft']}, python {env['python']}, "
+                f"{env['machine']}; backbone sha256 {info.get('sha256', '-')}")
+    reg = regime(s)
+    server = pfedpg_server(records, cfg.seeds)
+    server_line = format_pfedpg(server, cfg.budget.generator_optimizer, cfg.budget.generator_lr)
+    cpu = sum(r["cpu_s"] for r in records.values())
+    print(f"budget: {asdict(cfg.budget)}")
+    if cfg.rebuild_backbone:
+        print("--pretrain: the backbone was pre-trained anew (or taken from the cache), not the shipped one: this "
+              "table is not the recorded one")
+    print(f"\n{title}\n{table}\n{versions}\n\n{verdicts}\n")
+    for part in (format_regime(reg), server_line):
+        if part:
+            print(part + "\n")
+    print(f"total wall time {wall:.0f}s ({cpu:.0f} CPU-seconds in the method runs; load average at the end "
+          f"{os.getloadavg()[0]:.1f})")
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = out / f"personalize_{tag}"
+    write_csv(stem.with_suffix(".csv"), s, names)
+    write_json(stem.with_suffix(".json"), {
+        "title": title, "command": "python benchmarks/personalize.py " + " ".join(argv), "config": cfg.as_dict(),
+        "clients": names,
+        "backbone": {"params": backbone_params, "info": info},
+        "data": {seed: prepared[seed]["data"] for seed in cfg.seeds},
+        "summary": summary_json(s), "runs": [records[k] for k in records], "total_wall_s": wall,
+        "matmul_gflops_1thread": rate, "engine": _engine(cfg), "environment": env, "table": table, "versions": versions,
+        "verdicts": verdicts, "pfedpg_server": server, "method_cpu_s": cpu,
+    })
+    plot_curves(stem.with_suffix(".png"), s, title)
+    print(f"wrote {stem}.csv, .json, .png")

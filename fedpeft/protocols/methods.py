@@ -98,7 +98,9 @@ def _fedperfix(vit: nn.Module, *, bottleneck: int, prefix_scale: float, **_: Any
 
 
 def _fedpgp_model(vit: nn.Module, *, num_prompts: int, rank: int, **_: Any) -> nn.Module:
-    prompts = LowRankPrompt(num_prompts=num_prompts, embed_dim=vit.embed_dim, rank=rank)
+    from .. import _timm
+
+    prompts = LowRankPrompt(num_prompts=num_prompts, embed_dim=_timm.embed_dim(vit), rank=rank)
     return VPT(vit, num_prompts=num_prompts, prompts=prompts)
 
 

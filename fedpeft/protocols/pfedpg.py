@@ -5,20 +5,30 @@ Algorithm 1, for the clients S_t of round t (every client, or a sample)::
     server    P = gen(S_t)                       (|S_t|, L, K, D), kept with its graph       PFedPGServer.payloads
     client n  load P_n into VPT's prompts; train prompts + personal head H_n locally      PFedPG.client_update
               upload P̃_n (L·K·D numbers); H_n never leaves the client
-    server    fed.delta_backward(P[accepted], P̃[accepted]); optimizer.step()            PFedPGServer.update
+    server    fit gen to the accepted replies: up to S steps of the optimizer on           PFedPGServer.update
+              ½ Σ_n ‖gen(n) − P̃_n‖², each one fed.delta_backward(gen(accepted), P̃) + optimizer.step()
               (pseudo-gradient P_n − P̃_n = −ΔP_n: every accepted gen(n) moves toward P̃_n)
 
-Deployment (Eq. 6): client n uses ``gen(n)`` of the latest generator with its head (``PFedPGServer.deployment``).
+S = 1 (``server_steps=1``) is the paper's Eq. 5: one step along ∇φPᵀ(P − P̃). Deployment (Eq. 6): client n uses
+``gen(n)`` of the latest generator with its head (``PFedPGServer.deployment``).
 
-Only the accepted replies enter the step: a dropped or absent client's prompts get no gradient, so under plain SGD
-(no momentum, no weight decay: the paper's Eq. 5, α = 0.001, ``PFedPG(recipe="paper")``) its descriptor row does not
-move. The default server is Adam (α = 1e-2 on the descriptors, 1e-3 elsewhere) on the unit-logit generator init,
-because Eq. 5 with the VPT-like init stays client-agnostic (docs/protocols.md has the study); Adam keeps moving absent
-rows from stale moments. The step returns diagnostics per round (``ServerReport.diagnostics``):
+Only the accepted replies enter the steps: a dropped or absent client's prompts get no gradient, so under plain SGD
+(no momentum, no weight decay: the paper's Eq. 5, α = 0.001, one step, ``PFedPG(recipe="paper")``) its descriptor row
+does not move. The default server (``recipe="fedpeft"``) is Adam on the unit-logit generator init that runs
+:data:`DEFAULT_SERVER_STEPS` steps per round at :data:`DEFAULT_SERVER_LR`: one step keeps ≈ 0.3 % of what the clients
+trained (each round the clients restart from an almost untouched gen(n)), a fit keeps tens of percent
+(docs/federated.md, "The server step: a fit, not a nudge"). The step returns diagnostics per round
+(``ServerReport.diagnostics``):
 
-- ``clients``: the accepted ids; ``dist_before`` / ``dist_after``: ``‖gen(n) − P̃_n‖`` before and after the step;
-- ``trained_norm``: ``‖P̃_n‖``; ``generated_norm``: ``‖gen(n)‖`` after the step;
-- ``spread``: ``mean_n ‖gen(n) − ḡ‖ / ‖ḡ‖`` over all C clients after the step (ḡ their mean): how different the
+- ``clients``: the accepted ids; ``dist_before`` / ``dist_after``: ``‖gen(n) − P̃_n‖`` before and after the fit;
+- ``trained_norm``: ``‖P̃_n‖``; ``generated_norm``: ``‖gen(n)‖`` after the fit;
+- ``retention``: ``mean_n 1 − dist_after_n / dist_before_n``, the share of the way to P̃_n the fit kept (1: gen(n)
+  = P̃_n, 0: nothing kept, < 0: moved away);
+- ``residual``: ``mean_n ‖gen(n) − P̃_n‖ / ‖P̃_n‖`` after the fit;
+- ``drift``: ``mean_n ‖gen_t(n) − gen_0(n)‖``, how far the accepted clients' prompts are from the initial
+  generator's (gen_0, kept from construction);
+- ``steps``: the optimizer steps the fit took (< ``server_steps`` when it stopped on ``server_tol``);
+- ``spread``: ``mean_n ‖gen(n) − ḡ‖ / ‖ḡ‖`` over all C clients after the fit (ḡ their mean): how different the
   generated prompts are between clients, relative to their size.
 """
 
@@ -45,7 +55,7 @@ from .server import flatten_optimizer, unflatten_optimizer
 from .shared_personal import _check_ids
 from .training import LossFn
 
-__all__ = ["DEFAULT_SERVER_LR", "PARAM_GROUPS", "PFedPG", "PFedPGServer", "param_groups"]
+__all__ = ["DEFAULT_SERVER_LR", "DEFAULT_SERVER_STEPS", "PARAM_GROUPS", "PFedPG", "PFedPGServer", "param_groups"]
 
 OptimizerSpec = Union[str, Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]]
 
@@ -74,6 +84,13 @@ PARAM_GROUPS = ("prompt_base", "descriptors", "projections")
 
 #: the default server rates (Adam): 10× on the descriptors, the per-client parameters (docs/protocols.md)
 DEFAULT_SERVER_LR: Dict[str, float] = {"prompt_base": 1e-3, "descriptors": 1e-2, "projections": 1e-3}
+
+#: the default server's optimizer steps per round (a fit of gen(n) to the replies, not Eq. 5's one step)
+DEFAULT_SERVER_STEPS = 50
+
+#: the default generator's heads: gcd(D, DEFAULT_HEADS) (every offset of Eq. 3 lies in the span of the H·L·K rows of
+#: the heads' values, so one head can write only an L·K-dimensional part of each client's prompts)
+DEFAULT_HEADS = 16
 
 
 def _check_rate(name: str, value: Any) -> float:
@@ -126,16 +143,28 @@ class PFedPGServer:
         optimizer: a ``torch.optim.Optimizer`` over ``generator``'s parameters.
         expected: the upload every client must send: ``{prompt key: tensor of shape (L, K, D)}`` (values unused).
         normalize_delta: rescale each accepted client's pseudo-gradient ``P_n − P̃_n`` to the mean norm over the
-            round's accepted clients before the backward (every client's direction weighs the same). Default off.
+            round's accepted clients (every client's direction weighs the same): the fit's target is then
+            ``P_n − (P_n − P̃_n)·mean/‖P_n − P̃_n‖`` instead of P̃_n. Default off.
+        server_steps: S, optimizer steps per round on ``½ Σ_n ‖gen(n) − P̃_n‖²`` over the accepted replies (the first
+            on the graph of :meth:`payloads`, each later one on a fresh ``gen(accepted)``). 1: Eq. 5.
+        server_tol: stop the fit before a step once ``‖gen − P̃‖_F / ‖P̃‖_F`` over the accepted clients (the fitted
+            target with ``normalize_delta``) is ≤ this; ``None`` (default): always S steps.
 
-    Over a run the server counts the client-rounds whose step *ascended* (``dist_after > dist_before``) and warns
+    Over a run the server counts the client-rounds whose fit *ascended* (``dist_after > dist_before``) and warns
     (``RuntimeWarning``, once) as soon as they are more than half of all client-rounds after at least 3 rounds: the
-    generator then moves away from what the clients trained and its rate or optimizer is wrong.
+    generator then moves away from what the clients trained and its rate or optimizer is wrong. It also warns (once)
+    when the retention stays under :attr:`LOW_RETENTION` for :attr:`LOW_RETENTION_ROUNDS` rounds in a row: the
+    clients then restart every round from an almost untouched gen(n).
     """
+
+    #: retention under this for ``LOW_RETENTION_ROUNDS`` rounds in a row triggers the low-retention warning
+    LOW_RETENTION: ClassVar[float] = 0.05
+    LOW_RETENTION_ROUNDS: ClassVar[int] = 3
 
     def __init__(self, generator: PromptGenerator, optimizer: torch.optim.Optimizer,
                  expected: Dict[str, Tensor], *, normalize_delta: bool = False,
-                 max_weight: Optional[float] = None) -> None:
+                 max_weight: Optional[float] = None, server_steps: int = 1,
+                 server_tol: Optional[float] = None) -> None:
         if not isinstance(generator, PromptGenerator):
             raise TypeError(f"generator must be a fedpeft.PromptGenerator, got {type(generator).__name__}")
         (self.key, ref), = expected.items()
@@ -151,9 +180,15 @@ class PFedPGServer:
         if not isinstance(normalize_delta, bool):
             raise TypeError(f"normalize_delta must be a bool, got {type(normalize_delta).__name__}")
         self.normalize_delta = normalize_delta
-        self.client_rounds = 0  # accepted client-rounds stepped on so far
-        self.ascended = 0  # of which ‖gen(n) − P̃_n‖ grew through the step
+        self.server_steps = check_positive_int("server_steps", server_steps)
+        self.server_tol = None if server_tol is None else _check_rate("server_tol", server_tol)
+        self.initial = copy.deepcopy(generator).requires_grad_(False)  # gen_0, the reference of ``drift``
+        self.steps_taken = 0  # optimizer steps over the run
+        self.client_rounds = 0  # accepted client-rounds fitted so far
+        self.ascended = 0  # of which ‖gen(n) − P̃_n‖ grew through the fit
         self._warned = False
+        self.low_retention_rounds = 0  # rounds in a row with retention < LOW_RETENTION
+        self._warned_retention = False
 
     @property
     def own_params(self) -> int:
@@ -186,8 +221,27 @@ class PFedPGServer:
         dtype = self.expected_upload[self.key].dtype
         return {cid: {self.key: generated[i].to(dtype).clone()} for i, cid in enumerate(ids)}
 
+    def _fit(self, ids: Tensor, generated: Tensor, target: Tensor) -> int:
+        """Up to ``server_steps`` optimizer steps on ``½ Σ_n ‖gen(n) − target_n‖²`` over the clients ``ids``.
+
+        ``generated``: ``gen(ids)`` with its graph (the first step's). Each step is one ``fed.delta_backward`` of
+        ``gen(ids) − target`` and one ``optimizer.step()``: the generator after every step is a release of what
+        the replies taught it. Returns the steps taken.
+        """
+        scale = float(target.norm()) if self.server_tol is not None else 0.0
+        taken = 0
+        for step in range(self.server_steps):
+            P = generated if step == 0 else self.generator(ids)  # (n, L, K, D), with graph
+            if self.server_tol is not None and float((P.detach() - target).norm()) <= self.server_tol * scale:
+                break
+            self.optimizer.zero_grad(set_to_none=True)
+            fed.delta_backward(P, target)
+            self.optimizer.step()
+            taken += 1
+        return taken
+
     def update(self, replies: Iterable[Any]) -> ServerReport:
-        """Screen the replies, then one generator step on the accepted ones (nothing moves if none is accepted)."""
+        """Screen the replies, then fit the generator to the accepted ones (nothing moves if none is accepted)."""
         if self._pending is None:
             _, rejected = screen_replies(replies, self.expected_upload, num_clients=self.num_clients, allowed=(),
                                          round=self.round, max_weight=self.max_weight)
@@ -204,54 +258,84 @@ class PFedPGServer:
         rows = [ids.index(r.client_id) for r in accepted]
         selected = generated if rows == list(range(len(ids))) else generated[rows]
         trained = torch.stack([r.upload[self.key] for r in accepted]).to(selected.device, selected.dtype)
-        before = (selected.detach() - trained).flatten(1).norm(dim=1)
+        start = selected.detach()
+        before = (start - trained).flatten(1).norm(dim=1)
         target = trained
         if self.normalize_delta:
             scale = before.mean() / before.clamp_min(1e-30)  # ‖P_n − P̃_n‖ → the round's mean norm
-            target = selected.detach() - (selected.detach() - trained) * scale.view(-1, *[1] * (trained.dim() - 1))
-        self.optimizer.zero_grad(set_to_none=True)
-        fed.delta_backward(selected, target)
-        self.optimizer.step()
-        report.updated = True
-        with torch.no_grad():
-            everyone = self.generator(torch.arange(self.num_clients, device=self.generator.descriptors.device))
-            after_sel = everyone[self._ids_tensor(report.accepted)]
-            mean = everyone.mean(0)
-            spread = (everyone - mean).flatten(1).norm(dim=1).mean() / mean.norm().clamp_min(1e-12)
-            after = (after_sel - trained).flatten(1).norm(dim=1)
-            report.diagnostics = {
-                "clients": list(report.accepted),
-                "dist_before": before.tolist(),
-                "dist_after": after.tolist(),
-                "trained_norm": trained.flatten(1).norm(dim=1).tolist(),
-                "generated_norm": after_sel.flatten(1).norm(dim=1).tolist(),
-                "spread": float(spread),
-            }
-        self.client_rounds += len(rows)
-        self.ascended += int((after > before).sum())
+            target = start - (start - trained) * scale.view(-1, *[1] * (trained.dim() - 1))
+        acc_ids = self._ids_tensor(report.accepted)
+        steps = self._fit(acc_ids, selected, target)
+        self.steps_taken += steps
+        report.updated = steps > 0
+        report.diagnostics = self._diagnostics(report.accepted, acc_ids, trained, before, steps)
+        d = report.diagnostics
+        self._watch(d["dist_before"], d["dist_after"], d["retention"])
+        return report
+
+    @torch.no_grad()
+    def _diagnostics(self, accepted: List[int], acc_ids: Tensor, trained: Tensor, before: Tensor,
+                     steps: int) -> Dict[str, Any]:
+        everyone = self.generator(torch.arange(self.num_clients, device=acc_ids.device))
+        after_sel = everyone[acc_ids]
+        mean = everyone.mean(0)
+        spread = (everyone - mean).flatten(1).norm(dim=1).mean() / mean.norm().clamp_min(1e-12)
+        after = (after_sel - trained).flatten(1).norm(dim=1)
+        trained_norm = trained.flatten(1).norm(dim=1)
+        kept = 1 - after / before.clamp_min(1e-30)  # a client sent back exactly gen(n): nothing to keep, counts 1
+        drift = (after_sel - self.initial(acc_ids)).flatten(1).norm(dim=1)
+        return {
+            "clients": list(accepted),
+            "dist_before": before.tolist(),
+            "dist_after": after.tolist(),
+            "trained_norm": trained_norm.tolist(),
+            "generated_norm": after_sel.flatten(1).norm(dim=1).tolist(),
+            "retention": float(kept.mean()),
+            "residual": float((after / trained_norm.clamp_min(1e-30)).mean()),
+            "drift": float(drift.mean()),
+            "steps": steps,
+            "spread": float(spread),
+        }
+
+    def _watch(self, before: List[float], after: List[float], retention: float) -> None:
+        """Count ascending client-rounds and low-retention rounds; warn once for each (see the class docstring)."""
+        self.client_rounds += len(before)
+        self.ascended += sum(a > b for a, b in zip(after, before))
         if not self._warned and self.round >= 3 and 2 * self.ascended > self.client_rounds:
             self._warned = True
             warnings.warn(
                 f"pFedPG server: the step moved gen(n) away from the client's trained prompts (diagnostics "
                 f"dist_after > dist_before) in {self.ascended}/{self.client_rounds} client-rounds; lower the server "
-                f"rate or use the default server (docs/protocols.md)", RuntimeWarning, stacklevel=2)
-        return report
+                f"rate or use the default server (docs/federated.md)", RuntimeWarning, stacklevel=3)
+        self.low_retention_rounds = self.low_retention_rounds + 1 if retention < self.LOW_RETENTION else 0
+        if not self._warned_retention and self.low_retention_rounds >= self.LOW_RETENTION_ROUNDS:
+            self._warned_retention = True
+            warnings.warn(
+                f"pFedPG server: retention under {self.LOW_RETENTION:.0%} for {self.low_retention_rounds} rounds "
+                f"(last {retention:.2%}): gen(n) keeps almost nothing of what the clients trained, so every round "
+                f"they restart from it; raise server_steps (now {self.server_steps}) or the server rate, or use "
+                f"the default server (docs/federated.md)", RuntimeWarning, stacklevel=3)
 
     def state_dict(self) -> Tuple[Dict[str, Tensor], Dict[str, Any]]:
-        """The generator (``"generator.<key>"``) and its optimizer's state (``"optimizer.<i>.<name>"``) as tensors;
-        the round, the prompt key and the optimizer's class and hyper-parameters in ``meta`` (see :mod:`.server`)."""
-        tensors = {f"generator.{k}": v.detach().to("cpu").clone().contiguous()
-                   for k, v in self.generator.state_dict().items()}
+        """The generator (``"generator.<key>"``), the initial generator gen_0 (``"initial.<key>"``) and the optimizer's
+        state (``"optimizer.<i>.<name>"``) as tensors; the round, the prompt key, the optimizer's class and
+        hyper-parameters, the steps taken and the warnings' counters in ``meta`` (see :mod:`.server`)."""
+        tensors = {f"{prefix}.{k}": v.detach().to("cpu").clone().contiguous()
+                   for prefix, gen in (("generator", self.generator), ("initial", self.initial))
+                   for k, v in gen.state_dict().items()}
         opt_tensors, opt_meta = flatten_optimizer(self.optimizer)
         tensors.update(opt_tensors)
         return tensors, {"kind": "pfedpg", "round": self.round, "key": self.key,
                          "optimizer": {"class": type(self.optimizer).__name__, **opt_meta},
+                         "steps_taken": self.steps_taken,
                          "ascent": {"client_rounds": self.client_rounds, "ascended": self.ascended,
-                                    "warned": self._warned}}
+                                    "warned": self._warned},
+                         "retention": {"low_rounds": self.low_retention_rounds, "warned": self._warned_retention}}
 
     def load_state_dict(self, tensors: Mapping[str, Tensor], meta: Mapping[str, Any]) -> None:
         """Restore :meth:`state_dict`'s output; ``ValueError`` (server untouched) on another kind, prompt key,
-        optimizer class, generator keys or shapes."""
+        optimizer class, generator keys or shapes. A checkpoint of fedpeft ≤ 0.2 (no ``initial.*``) takes the loaded
+        generator as gen_0."""
         if not isinstance(meta, Mapping) or meta.get("kind") != "pfedpg":
             raise ValueError("meta: expected a pFedPG server's checkpoint, got kind "
                              f"{meta.get('kind') if isinstance(meta, Mapping) else type(meta).__name__!r}")
@@ -263,12 +347,14 @@ class PFedPGServer:
         if not isinstance(opt, Mapping) or opt.get("class") != type(self.optimizer).__name__:
             raise ValueError(f"meta['optimizer']: this server steps with {type(self.optimizer).__name__}, the "
                              f"checkpoint's {opt.get('class') if isinstance(opt, Mapping) else opt!r}")
+        like = self.generator.state_dict()
         gen = {k[len("generator."):]: v for k, v in tensors.items() if k.startswith("generator.")}
-        own = self.generator.state_dict()
-        check_state(gen, like=own, finite=True, name="tensors (generator)")
-        for k, v in gen.items():
-            if v.dtype != own[k].dtype:
-                raise ValueError(f"tensors['generator.{k}']: expected dtype {own[k].dtype}, got {v.dtype}")
+        check_state(gen, like=like, finite=True, name="tensors (generator)")
+        initial = {k[len("initial."):]: v for k, v in tensors.items() if k.startswith("initial.")} or gen
+        check_state(initial, like=like, finite=True, name="tensors (initial generator)")
+        for k, v in [*gen.items(), *initial.items()]:
+            if v.dtype != like[k].dtype:
+                raise ValueError(f"tensors['generator.{k}']: expected dtype {like[k].dtype}, got {v.dtype}")
         try:
             opt_state = unflatten_optimizer(tensors, opt)
         except (AttributeError, KeyError, TypeError, ValueError) as e:
@@ -281,13 +367,17 @@ class PFedPGServer:
             self.optimizer.load_state_dict(backup)
             raise ValueError(f"tensors/meta: the optimizer state does not fit this server's optimizer ({e})") from None
         self.generator.load_state_dict(gen)
+        self.initial.load_state_dict(initial)
         self._pending = None
         self.round = round_
+        self.steps_taken = int(meta.get("steps_taken", 0))
         ascent = meta.get("ascent") if isinstance(meta.get("ascent"), Mapping) else {}  # absent in older checkpoints
         self.client_rounds = int(ascent.get("client_rounds", 0))
         self.ascended = int(ascent.get("ascended", 0))
         self._warned = bool(ascent.get("warned", False))
-
+        low = meta.get("retention") if isinstance(meta.get("retention"), Mapping) else {}
+        self.low_retention_rounds = int(low.get("low_rounds", 0))
+        self._warned_retention = bool(low.get("warned", False))
 
     def _check_moments(self, opt_state: Mapping[str, Any]) -> None:
         """Every optimizer tensor that is per-parameter (shape not ()) has its parameter's shape and dtype, and every
@@ -315,33 +405,40 @@ class PFedPG(Protocol):
     ``gen(n)``, not an average).
 
     Args:
-        recipe: the server's defaults in one word. ``"fedpeft"`` (default): ``Adam`` with α = 1e-2 on the descriptors
-            and 1e-3 on ``prompt_base`` and the projections (:data:`DEFAULT_SERVER_LR`), on a generator with
-            ``init="unit_logits"``. ``"paper"``: Eq. 5 literally, one plain SGD α = 1e-3 on every generator
+        recipe: the server's defaults in one word. ``"fedpeft"`` (default): :data:`DEFAULT_SERVER_STEPS` steps of
+            ``Adam`` per round with :data:`DEFAULT_SERVER_LR` per parameter group, on a generator with
+            ``init="unit_logits"`` and ``gcd(D, 16)`` heads. ``"paper"``: Eq. 5 literally, one plain SGD step α = 1e-3 on every generator
             parameter, on the ``init="vpt"`` generator of fedpeft ≤ 0.1. The arguments below override the recipe's.
-            Why the default departs from Eq. 5 (measured by ``benchmarks/study_pfedpg.py``): see docs/protocols.md.
+            Why the default departs from Eq. 5 (measured by ``benchmarks/study_pfedpg.py``): see docs/federated.md.
         server_optimizer: ``"SGD"``, ``"Adam"``, or a callable ``params -> Optimizer``.
         server_lr: α, one rate > 0 for every parameter, or ``{"prompt_base": α_b, "descriptors": α_d,
             "projections": α_p}`` (:data:`PARAM_GROUPS`, every group named) for per-group rates.
         generator_init: ``PromptGenerator``'s ``init`` (``"unit_logits"`` or ``"vpt"``).
         normalize_delta: ``PFedPGServer``'s option (each client's ΔP rescaled to the round's mean norm).
-        heads, descriptor_tokens: the generator's (``PromptGenerator``'s arguments).
+        server_steps: S, the server's optimizer steps per round on ``½ Σ_n ‖gen(n) − P̃_n‖²`` (1: Eq. 5).
+        server_tol: stop a round's fit early once ``‖gen − P̃‖_F / ‖P̃‖_F`` ≤ this (``None``: always S steps).
+        heads: the generator's attention heads H (must divide D); ``None``: the recipe's, ``gcd(D, 16)`` for
+            ``"fedpeft"`` (:data:`DEFAULT_HEADS`), 1 (Eq. 3 as written) for ``"paper"``.
+        descriptor_tokens: the generator's (``PromptGenerator``'s argument).
         loss_fn: the client objective (default cross-entropy).
 
-    Raises ``ValueError`` naming the argument for an unknown recipe, optimizer, init or parameter group, and for a
-    rate that is ≤ 0 or not finite.
+    Raises ``ValueError`` naming the argument for an unknown recipe, optimizer, init or parameter group, for a
+    rate or tolerance that is ≤ 0 or not finite, and for ``server_steps`` < 1.
     """
 
     RECIPES: ClassVar[Dict[str, Dict[str, Any]]] = {
-        "fedpeft": {"server_optimizer": "Adam", "server_lr": DEFAULT_SERVER_LR, "generator_init": "unit_logits"},
-        "paper": {"server_optimizer": "SGD", "server_lr": 1e-3, "generator_init": "vpt"},
+        "fedpeft": {"server_optimizer": "Adam", "server_lr": DEFAULT_SERVER_LR, "generator_init": "unit_logits",
+                    "server_steps": DEFAULT_SERVER_STEPS, "heads": DEFAULT_HEADS},
+        "paper": {"server_optimizer": "SGD", "server_lr": 1e-3, "generator_init": "vpt", "server_steps": 1,
+                  "heads": 1},
     }
 
     def __init__(self, *, name: str = "pFedPG", recipe: str = "fedpeft",
                  server_optimizer: Optional[OptimizerSpec] = None,
                  server_lr: Optional[Union[float, Mapping[str, float]]] = None,
                  generator_init: Optional[str] = None, normalize_delta: bool = False,
-                 heads: int = 1, descriptor_tokens: Optional[int] = None, loss_fn: Optional[LossFn] = None) -> None:
+                 server_steps: Optional[int] = None, server_tol: Optional[float] = None,
+                 heads: Optional[int] = None, descriptor_tokens: Optional[int] = None, loss_fn: Optional[LossFn] = None) -> None:
         super().__init__(name=name, loss_fn=loss_fn)
         if recipe not in self.RECIPES:
             raise ValueError(f"recipe must be one of {list(self.RECIPES)}, got {recipe!r}")
@@ -359,8 +456,17 @@ class PFedPG(Protocol):
         self.recipe = recipe
         self.server_optimizer, self.server_lr = server_optimizer, _check_server_lr(server_lr)
         self.generator_init, self.normalize_delta = generator_init, normalize_delta
-        self.heads = check_positive_int("heads", heads)
+        self.server_steps = check_positive_int(
+            "server_steps", defaults["server_steps"] if server_steps is None else server_steps)
+        self.server_tol = None if server_tol is None else _check_rate("server_tol", server_tol)
+        self.heads = None if heads is None else check_positive_int("heads", heads)  # None: the recipe's
         self.descriptor_tokens = descriptor_tokens
+
+    def _heads(self, embed_dim: int) -> int:
+        """``heads`` if given, else the recipe's: ``gcd(D, DEFAULT_HEADS)`` for ``"fedpeft"``, 1 for ``"paper"``."""
+        if self.heads is not None:
+            return self.heads
+        return math.gcd(embed_dim, self.RECIPES[self.recipe]["heads"])
 
     def personal_keys(self, model: nn.Module) -> List[str]:
         key = _prompt_key(model)
@@ -390,9 +496,10 @@ class PFedPG(Protocol):
                 torch.manual_seed(seed)
             gen = PromptGenerator(
                 num_clients=num_clients, num_prompts=vpt.num_prompts, embed_dim=vpt.embed_dim, depth=vpt.prompt_depth,
-                heads=self.heads, descriptor_tokens=self.descriptor_tokens, init=self.generator_init,
+                heads=self._heads(vpt.embed_dim), descriptor_tokens=self.descriptor_tokens, init=self.generator_init,
                 patch_size=_timm.patch_size(innermost(vpt)), device=ref.device,
                 dtype=torch.float64 if ref.dtype == torch.float64 else torch.float32,  # trained in float32 at least
             )
         opt = _make_optimizer(self.server_optimizer, gen, self.server_lr)
-        return PFedPGServer(gen, opt, {_prompt_key(model): ref.detach()}, normalize_delta=self.normalize_delta)
+        return PFedPGServer(gen, opt, {_prompt_key(model): ref.detach()}, normalize_delta=self.normalize_delta,
+                            server_steps=self.server_steps, server_tol=self.server_tol)

@@ -12,7 +12,9 @@ checkpoint's history, so the log holds every round exactly once (:class:`~fedpef
 TensorBoard: when the ``tensorboard`` package is installed (``pip install "fedpeft[tensorboard]"``) and
 ``tensorboard`` is not ``False``, every round also goes to ``torch.utils.tensorboard.SummaryWriter`` in
 ``<log path>.tb/`` (or the folder given): ``accuracy/mean``, ``accuracy/worst``, ``accuracy/client_<n>``,
-``train_loss/mean``, ``replies/accepted``, ``replies/rejected``, ``wall_s``, at step = the round (0-based).
+``train_loss/mean``, ``replies/accepted``, ``replies/rejected``, ``wall_s``, and ``server/<name>`` for every number
+in the server's diagnostics (pFedPG: ``server/retention``, ``server/residual``, ``server/drift``, ``server/steps``,
+``server/spread``), at step = the round (0-based).
 """
 
 from __future__ import annotations
@@ -116,6 +118,8 @@ class RoundLog:
         scalars["train_loss/mean"] = sum(losses) / len(losses) if losses else None
         for n, a in enumerate(row.get("deployed") or []):
             scalars[f"accuracy/client_{n}"] = _number(a)
+        for name, v in (row.get("diagnostics") or {}).items():  # the server's scalar diagnostics, lists left out
+            scalars[f"server/{name}"] = _number(v)
         for tag, value in scalars.items():
             if value is not None:
                 self.writer.add_scalar(tag, value, step)

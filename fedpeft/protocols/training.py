@@ -54,9 +54,17 @@ LossFn = Callable[[nn.Module, Tensor, Tensor], Tensor]
 PHASES: Tuple[str, ...] = ("local", "personal", "shared", "finetune")
 
 
+def logits(model: nn.Module, x: Tensor) -> Tensor:
+    """``model(x)`` as a tensor: a bare transformers model (FedAvg, FedRep, … train the backbone itself) returns a
+    ``ModelOutput``, so it goes through the backbone interface; a timm model or a fedpeft wrapper is called as is."""
+    from .. import _timm  # imported on first use: ``import fedpeft.protocols`` stays free of timm
+
+    return _timm.forward(model, x)
+
+
 def cross_entropy_loss(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
-    """``F.cross_entropy(model(x), y)``: the default objective."""
-    return F.cross_entropy(model(x), y)
+    """``F.cross_entropy(logits(model, x), y)``: the default objective."""
+    return F.cross_entropy(logits(model, x), y)
 
 
 def batch_seed(seed: int, round: int, client_id: int, phase: str = "local") -> int:
@@ -136,7 +144,7 @@ def evaluate(
     correct = total = 0
     for x, y in _loader(data, batch_size, None):
         x, y = x.to(dev), y.to(dev)
-        correct += int((model(pre(x)).argmax(-1) == y).sum())
+        correct += int((logits(model, pre(x)).argmax(-1) == y).sum())
         total += len(y)
     return correct / max(total, 1)
 

@@ -254,6 +254,7 @@ def test_pfedpg_drops_a_nan_client_and_steps_on_the_others_only():
     w = world("pFedPG", nan_client=1)
     # the paper's plain SGD step (the default server is Adam; its oracle is tests/protocols/test_pfedpg_personalizes)
     w.strategy.server.optimizer = torch.optim.SGD(w.strategy.server.generator.parameters(), lr=1e-3)
+    w.strategy.server.server_steps = 1
     seen = _recorder(w)
     gen = copy.deepcopy(w.strategy.server.generator)
     descriptors_before = gen.descriptors.detach().clone()
