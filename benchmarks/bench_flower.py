@@ -39,6 +39,8 @@ The table breaks each fedpeft message's cost down (medians over the messages of 
 with the load average before and after.
 
     python benchmarks/bench_flower.py --deployed --rounds 5 --repeat 2   # 3 SuperNodes; ~5 min on 2 cores
+    python benchmarks/bench_flower.py --deployed --rounds 5 --repeat 2 --noop-imports torch,timm
+                                     # also the no-op app importing torch and timm per message: the floor of a torch app
 """
 
 from __future__ import annotations
@@ -217,12 +219,13 @@ def _round_times(exchanges: list, last_exit: float) -> dict:
 
 
 def deployed(clients: int, rounds: int, json_path, code: Path = ROOT, state_dir: bool = True,
-             repeat: int = 1) -> int:
+             repeat: int = 1, noop_imports: str = "") -> int:
     """``--deployed``: a SuperLink and ``clients`` SuperNodes on 127.0.0.1 (see the module docstring), running
     Flower's no-op app and fedpeft's example in turn, ``repeat`` times each, on the same processes.
 
     ``code``: the checkout whose ``fedpeft`` and ``examples/flower`` run (another commit, to compare); the timing
-    wrappers and the no-op app are this checkout's. ``state_dir``: give each SuperNode a ``state-dir``."""
+    wrappers and the no-op app are this checkout's. ``state_dir``: give each SuperNode a ``state-dir``.
+    ``noop_imports``: also run the no-op app importing these modules (``"torch,timm"``) in each repetition."""
     import shutil
     import signal
     import socket
@@ -295,10 +298,11 @@ def deployed(clients: int, rounds: int, json_path, code: Path = ROOT, state_dir:
             time.sleep(0.5)
         time.sleep(2)  # the SuperNodes connect
         for rep in range(max(1, repeat)):
-            n_done = sum(x["kind"] == "noop.done" for x in lines())
-            span = submit(noop, f"num-server-rounds={rounds} num-partitions={clients}",
-                          lambda n=n_done: sum(x["kind"] == "noop.done" for x in lines()) > n, 60 * rounds + 300)
-            runs.append(("noop", *span, None))
+            for kind, extra in [("noop", ""), *([("noop+" + noop_imports, noop_imports)] if noop_imports else [])]:
+                n_done = sum(x["kind"] == "noop.done" for x in lines())
+                span = submit(noop, f'num-server-rounds={rounds} num-partitions={clients} extra-imports="{extra}"',
+                              lambda n=n_done: sum(x["kind"] == "noop.done" for x in lines()) > n, 60 * rounds + 300)
+                runs.append((kind, *span, None))
             report = tmp / f"report-{rep}.json"
 
             def finished(report=report) -> bool:  # rewritten every round ("status": "running") until the end
@@ -337,13 +341,17 @@ def deployed(clients: int, rounds: int, json_path, code: Path = ROOT, state_dir:
         per_run.append({"kind": kind, "start": begin, "end": end, "round_s": times,
                         "steady_s": statistics.median([times[r] for r in steady if r in times] or [float("nan")]),
                         "accuracy": json.loads(report.read_text())["accuracy"] if report else None})
-    pairs = [(per_run[i]["steady_s"], per_run[i + 1]["steady_s"]) for i in range(0, len(per_run) - 1, 2)]
+    step = 3 if noop_imports else 2  # the runs of one repetition: noop, [noop+imports], fedpeft
+    pairs = [(per_run[i]["steady_s"], per_run[i + step - 1]["steady_s"]) for i in range(0, len(per_run), step)]
     ratio = statistics.median(f / n for n, f in pairs)
+    floor2 = [(per_run[i + 1]["steady_s"], per_run[i + 2]["steady_s"]) for i in range(0, len(per_run), step)] \
+        if noop_imports else []
     server = [x for x in every if x["kind"] == "server.exchange"]
     msgs = [x for x in every if not x["kind"].startswith(("server.", "noop."))]
     split = _importtime_split(env, "_flower_timed.timed_client")
     out = {"clients": clients, "rounds": rounds, "repeat": repeat, "total_s": total, "load_before": load0,
            "load_after": load1, "runs": per_run, "ratio": ratio, "steady_rounds": steady, "messages": msgs,
+           "ratio_to_noop_with_imports": statistics.median(f / n for n, f in floor2) if floor2 else None,
            "server": server, "import_split": split, "messages_per_round": {}}
     print(f"bench_flower --deployed: SuperLink + {clients} SuperNodes on 127.0.0.1, {rounds} rounds of "
           f"examples/flower from {code} and of the no-op app, interleaved {max(1, repeat)}x, {os.cpu_count()} CPUs; "
@@ -353,6 +361,10 @@ def deployed(clients: int, rounds: int, json_path, code: Path = ROOT, state_dir:
               + f"; median of rounds {steady[0]}-{steady[-1]}: {r['steady_s']:.2f}")
     print(f"fedpeft round / no-op round (rounds {steady[0]}-{steady[-1]}, median over {len(pairs)} interleaved "
           f"pair(s)): {ratio:.2f}x  (" + ", ".join(f"{f:.2f}/{n:.2f}" for n, f in pairs) + " s)")
+    if floor2:
+        print(f"fedpeft round / no-op round importing {noop_imports}: "
+              f"{statistics.median(f / n for n, f in floor2):.2f}x  ("
+              + ", ".join(f"{f:.2f}/{n:.2f}" for n, f in floor2) + " s)")
     later = [x for x in msgs if isinstance(x.get("round"), (int, float)) and x["round"] >= 2]
     phases = ["poll", "runtime", "imports", "build", "data", "train", "eval", "fedpeft", "reply", "total"]
     print(f"{'fedpeft message (median, rounds >= 2)':<38}" + "".join(f"{p:>9}" for p in phases))
@@ -395,9 +407,12 @@ def main() -> int:
                    help="the Deployment Engine on 127.0.0.1 instead: per-message cost breakdown and round time")
     p.add_argument("--code", default=str(ROOT), help="--deployed: the checkout to run (default: this one)")
     p.add_argument("--no-state-dir", action="store_true", help="--deployed: SuperNodes without a state-dir")
+    p.add_argument("--noop-imports", default="", metavar="MODULES",
+                   help="--deployed: also run the no-op app importing these modules (e.g. torch,timm) per message")
     a = p.parse_args()
     if a.deployed:
-        return deployed(a.clients, a.rounds, a.json, Path(a.code).resolve(), not a.no_state_dir, a.repeat)
+        return deployed(a.clients, a.rounds, a.json, Path(a.code).resolve(), not a.no_state_dir, a.repeat,
+                        a.noop_imports)
     if a.child:
         print(json.dumps(child(a.child, a.clients, a.rounds, a.seed)))
         return 0

@@ -16,13 +16,15 @@ P̃ₙ than every other client's P̃ₘ in the last round.
     PYTHONPATH=$PWD python benchmarks/study_pfedpg.py                # pilot seeds 100,101,102, both clients
     PYTHONPATH=$PWD python benchmarks/study_pfedpg.py --seeds 0,1,2 --rounds 12 --client sgd
 
-``--main-job`` runs the same comparison on the benchmark's main job (``benchmarks/personalize.py``: embedded digits,
-domain split, frozen pre-trained ViT, 12 rounds), pFedPG only, one process, with the server settings named in
-``--settings`` (keys of MAIN_SETTINGS) and the client recipe ``--client-recipe`` (the budget's AdamW, or the paper's
-SGD γ = 0.25, 5 epochs, batch 64), and prints per setting the same diagnostics plus the mean accuracy deployed and
-after local training in the last round (FedVPT's with ``--fedvpt``)::
+``--main-job`` runs the same comparison on the benchmark's main job (``benchmarks/personalize.py``: MNIST digits in
+shift families, domain split, frozen pre-trained ViT, 12 rounds, validation split), pFedPG only, one process, with the
+server settings named in ``--settings`` (keys of MAIN_SETTINGS: S = server steps per round, h = generator heads) and
+the client recipe ``--client-recipe`` (the budget's AdamW at ``--lr-prompt``, or the paper's SGD γ = 0.25, 5 epochs,
+batch 64), and prints per setting the share of descending client-rounds, the mean retention, the residual and drift
+after the last round, the spread at rounds 1 / mid / last, ‖P̃‖, and the mean accuracy deployed and after local
+training in the last round (FedVPT's with ``--fedvpt``)::
 
-    PYTHONPATH=$PWD python benchmarks/study_pfedpg.py --main-job --seeds 100,101,102 --settings paper,adam1e-3
+    PYTHONPATH=$PWD python benchmarks/study_pfedpg.py --main-job --seeds 100,101,102 --settings S1,S50,S50-h16
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ class Budget:
     local_epochs: int = 2
     batch_size: int = 32
     optimizer: str = "AdamW"  # every client, every method; re-created each round (clients are stateless)
-    lr_prompt: float = 5e-2  # prompt tokens (VPT's prompts, FedPGP's factors; chosen on validation)
+    lr_prompt: float = 2e-2  # prompt tokens (VPT's prompts, FedPGP's factors; chosen on validation, issue 24)
     lr_new: float = 5e-3  # heads, FedPerfix's adapters (chosen on validation)
     lr_backbone: float = 5e-4  # pre-trained weights, for the methods that train them (FedAvg, FedPerfix, vanilla)
     weight_decay: float = 1e-3  # pFedPG's client weight decay
