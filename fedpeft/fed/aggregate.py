@@ -126,6 +126,8 @@ class Averager:
         """
         name = f"state #{self._count}"
         w = check_weight(weight, name=f"weight of {name}")
+        if isinstance(state, Mapping):  # read once: every check and the accumulation see the same tensors
+            state = dict(state.items())
         check_state(state, like=self._acc if self._count else None, name=name)
         check_dense(state, name)
         for k, t in state.items():

@@ -20,6 +20,7 @@ strategy's checkpoint; node ids do not (a restarted SuperNode or SuperLink hands
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections import Counter
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
@@ -36,6 +37,13 @@ __all__ = ["Registry", "discover_partitions"]
 WAIT_LOG_S = 30.0
 
 log = logging.getLogger("fedpeft.flower")
+
+
+def _count(value: object) -> Optional[int]:
+    """``value`` as an int when it is an integer (an integral finite float too), else ``None``."""
+    if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+        return int(value)
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 class Registry:
@@ -72,7 +80,10 @@ class Registry:
             return pid, f"the node runs method {info.get('method')!r}, the server {self.method!r}", 0
         if self.fingerprint is not None and info.get("frozen-sha256") != self.fingerprint:
             return pid, "its frozen parameters (backbone) differ from the server's model", 0
-        return pid, None, int(n)
+        count = _count(n)
+        if count is None or count < 1:  # it would cap nothing: its replies' weights could be anything
+            return pid, f"num-examples {n!r} is not an integer >= 1 (its training examples)", 0
+        return pid, None, count
 
     def add(self, replies: List[Message]) -> None:
         """Register the nodes of ``replies`` (query replies) by the rules in the module docstring."""
@@ -117,13 +128,20 @@ class Registry:
         return {"registry": {str(p): {"num-examples": self.num_examples.get(p),
                                       "last-trained": self.last_trained.get(p)} for p in parts}}
 
-    def restorer(self, meta: Mapping[str, Any]) -> Callable[[], None]:
-        """Check the checkpoint's registry part; return the function that loads each partition's last trained round."""
+    def restorer(self, meta: Mapping[str, Any], rounds: int) -> Callable[[], None]:
+        """Check the checkpoint's registry part (a checkpoint after ``rounds`` rounds): every key a partition in
+        ``[0, C)``, every ``last-trained`` a round in ``[0, rounds)`` or null; return the function that loads them."""
         parts = meta.get("registry", {})
-        try:
-            last = {int(p): info.get("last-trained") for p, info in parts.items()}
-        except (AttributeError, TypeError, ValueError) as e:
-            raise CheckpointError(f"checkpoint: unreadable registry ({e})") from None
+        if not isinstance(parts, Mapping):
+            raise CheckpointError(f"checkpoint: 'registry' must be a JSON object, got {type(parts).__name__}")
+        last: Dict[int, Optional[int]] = {}
+        for p, info in parts.items():
+            got = info.get("last-trained") if isinstance(info, Mapping) else info
+            if not (isinstance(p, str) and p.isdigit() and int(p) < self.num_partitions) or not (got is None or (
+                    isinstance(got, int) and not isinstance(got, bool) and 0 <= got < rounds)):
+                raise CheckpointError(f"checkpoint: registry[{p!r}] = {info!r} is not a partition in "
+                                      f"[0, {self.num_partitions}) with a 'last-trained' round in [0, {rounds}) or null")
+            last[int(p)] = got
         return lambda: self.last_trained.update(last)
 
     def forget(self, node: int) -> None:
@@ -222,9 +240,16 @@ def discover_partitions(grid: Grid, *, timeout: float, poll: float = 1.0, replie
             got = list(grid.send_and_receive(msgs, timeout=max(1.0, deadline - time.monotonic())))
             if replies is not None:
                 replies.extend(got)
-            seen = {int(r.content[METRICS][NUM_PARTITIONS]) for r in got
-                    if r.has_content() and METRICS in r.content.metric_records}
-            seen.discard(-1)
+            seen = set()
+            for r in got:
+                value = r.content[METRICS].get(NUM_PARTITIONS) if r.has_content() and \
+                    METRICS in r.content.metric_records else -1
+                count = _count(value)
+                if count is None or (count < 1 and count != -1):
+                    log.warning("node %d reported num-partitions %r (not an integer >= 1); ignored",
+                                r.metadata.src_node_id, value)
+                elif count != -1:
+                    seen.add(count)
             if len(seen) > 1:
                 raise RuntimeError(f"the nodes disagree on num-partitions: {sorted(seen)}")
             if seen:

@@ -28,20 +28,11 @@ from torch import Tensor, nn
 
 from .. import fed
 from .._checks import check_positive_int
-from ..protocols import (
-    Privacy,
-    Protocol,
-    Rejection,
-    Reply,
-    RoundBook,
-    RoundLog,
-    RoundRecord,
-    Server,
-    sample_clients,
-)
+from ..protocols import Protocol, Rejection, Reply, RoundBook, RoundLog, RoundRecord, Server, sample_clients
 from ..protocols import get as get_protocol
+from ..protocols.privacy import Privacy
 from ..protocols.sampling import check_fraction
-from ..protocols.screening import check_max_weight
+from ..protocols.screening import check_max_weight, screen_metric
 from ..protocols.server_privacy import make_private_server, note_sample
 from . import wire
 from .registry import Registry
@@ -125,10 +116,11 @@ class ProtocolStrategy(Strategy):
             self.method, model, num_partitions, privacy, seed=server_seed)
         if max_weight is not None:
             self.server.max_weight = check_max_weight(max_weight)
-        fingerprint = fed.frozen_fingerprint(model) if check_frozen else None
-        self.registry = Registry(num_partitions, self.method.name, fingerprint)
+        fingerprint = fed.frozen_fingerprint(model)  # also in the checkpoint: a resume needs the same backbone
+        self.registry = Registry(num_partitions, self.method.name, fingerprint if check_frozen else None)
         config = {"method": self.method.name, "seed": self.seed, "fraction_train": self.fraction_train,
-                  "fraction_evaluate": self.fraction_evaluate, "num_partitions": num_partitions, "engine": "flower"}
+                  "fraction_evaluate": self.fraction_evaluate, "num_partitions": num_partitions, "engine": "flower",
+                  "frozen-sha256": fingerprint}
         self.book = RoundBook(self.server, num_partitions, config=config, run=run_name, round_log=round_log,
                               checkpoint_dir=checkpoint_dir, on_round=on_round)
         self.run_name, self.one_message, self._prepared = run_name, bool(one_message), False
@@ -152,7 +144,8 @@ class ProtocolStrategy(Strategy):
         """Once: resume from the checkpoint (server, history, open record, registry), then register the nodes."""
         if self._prepared:
             return
-        ckpt = self.book.resume(lambda c: self.registry.restorer(c.meta))
+        self.book.claim()  # one server per checkpoint folder, before anything is sent to a node
+        ckpt = self.book.resume(lambda c: self.registry.restorer(c.meta, c.round))
         if ckpt is not None:
             self.run_name = ckpt.run
             log.info("resuming run %s after round %d", ckpt.run, ckpt.round)
@@ -224,8 +217,9 @@ class ProtocolStrategy(Strategy):
                 metrics = m.content.metric_records[wire.METRICS]
                 nbytes[p.client_id] = wire.payload_bytes(m.content.array_records.get(wire.ARRAYS, ArrayRecord()))
                 for key, into in (("loss", loss), ("accuracy", after_local)):
-                    if isinstance(metrics.get(key), (int, float)):
-                        into[p.client_id] = float(metrics[key])
+                    value = screen_metric(key, metrics.get(key), p.client_id)
+                    if value is not None:
+                        into[p.client_id] = value
         for pid in report.accepted:
             self.registry.last_trained[pid] = record.round
         self.book.close_training(record, report, refused=refused, train_loss=loss, after_local=after_local,
@@ -283,7 +277,14 @@ class ProtocolStrategy(Strategy):
             raise ValueError("evaluate_fn: a personalized model has no central evaluation; the clients evaluate")
         if initial_arrays is not None:
             self._load_initial(initial_arrays)
-        self._prepare(grid)
+        try:
+            self._prepare(grid)
+            return self._loop(grid, num_rounds, timeout, train_config, evaluate_config)
+        finally:
+            self.book.release()  # the checkpoint folder is free for the next server
+
+    def _loop(self, grid: Grid, num_rounds: int, timeout: float, train_config: Optional[ConfigRecord],
+              evaluate_config: Optional[ConfigRecord]) -> Result:
         book = self.book
         for round_ in range(book.next_round, int(num_rounds)):
             started, due, flags = time.perf_counter(), book.open, self._refresh(grid)

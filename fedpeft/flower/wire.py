@@ -186,8 +186,10 @@ def parse_reply(msg: Message, sent: Sent, like: Mapping[str, Tensor],
         upload = from_record(msg.content.array_records.get(ARRAYS, ArrayRecord()), like=like)
     except (TypeError, ValueError) as e:
         return Rejection(pid, f"unreadable reply: {e}")
-    cap = (registered or {}).get(pid)
-    return Reply(pid, upload, metrics.get("num-examples"), metrics.get("round"), cap if cap else None)
+    cap = None if registered is None else registered.get(pid)
+    if registered is not None and (isinstance(cap, bool) or not isinstance(cap, int) or cap < 1):
+        return Rejection(pid, f"the node registered no training examples ({cap!r}); its weight cannot be capped")
+    return Reply(pid, upload, metrics.get("num-examples"), metrics.get("round"), cap)
 
 
 def parse_evaluation(msg: Message, sent: Sent, key: str = METRICS) -> Union[Tuple[int, float, MetricRecord], Rejection]:

@@ -7,13 +7,17 @@ a JSON-ready ``meta`` (the server's own meta, the run id, method, seed, sampling
 history of round records). On disk, in ``directory``::
 
     tensors-r<round>.safetensors     the tensors (metadata: format, round, run)
-    checkpoint.json                  meta + {"format", "version", "round", "run", "tensors": file name, "sha256"}
+    checkpoint.json                  meta + {"format", "version", "round", "run", "tensors": file name, "sha256",
+                                     "meta-sha256": SHA-256 of the rest of this JSON}
 
 Writing is crash-safe: the tensor file of round r is written atomically first (temporary file, fsync, rename, fsync
 of the folder; :mod:`fedpeft._atomic`), then ``checkpoint.json`` is replaced atomically — the commit point — and only
 then the previous round's tensor file is deleted. A process killed at any instant leaves either round r − 1's pair
-or round r's, both complete. Reading verifies the JSON's ``sha256`` of the tensor file and the round and run stamped
-in both files, and refuses an unknown format version. No pickle anywhere; floats in JSON round-trip exactly
+or round r's, both complete. Reading verifies the JSON's ``sha256`` of the tensor file, the
+``meta-sha256`` of the JSON itself (so the tensors and the meta are both covered), the round and run stamped in both
+files, and refuses an unknown format version, a ``checkpoint.json`` that is a dangling link or a folder, and a
+``checkpoint_dir`` that is a file. One writer per folder: :func:`claim_folder` locks it (a second server is refused
+with the first one's pid and host) and deletes what a killed writer left behind. No pickle anywhere; floats in JSON round-trip exactly
 (``repr``), NaN/Inf are written as ``{"float": "nan"}``.
 
 Resuming from round r: sampling is a pure function of (seed, round) (:func:`~fedpeft.protocols.sample_clients`),
@@ -25,6 +29,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,13 +38,15 @@ from typing import Any, Dict, Mapping, Optional, Union
 from torch import Tensor
 
 from .. import _atomic
+from .._integrity import FolderLock, remove_leftovers
 from .._stamped import read_stamped, write_stamped
 
-__all__ = ["Checkpoint", "CheckpointError", "check_matches", "load_checkpoint", "save_checkpoint"]
+__all__ = ["Checkpoint", "CheckpointError", "check_matches", "claim_folder", "load_checkpoint", "save_checkpoint"]
 
 FORMAT = "fedpeft.server-checkpoint"
-VERSION = 1
+VERSION = 2  # 2: checkpoint.json carries meta-sha256; version 1 (fedpeft 0.2.0) is read with a warning
 JSON_NAME = "checkpoint.json"
+log = logging.getLogger("fedpeft.protocols")
 
 
 class CheckpointError(ValueError):
@@ -104,6 +111,43 @@ def _tensor_name(round_: int) -> str:
     return f"tensors-r{round_:06d}.safetensors"
 
 
+def _doc_sha256(doc: Mapping[str, Any]) -> str:
+    """SHA-256 of ``checkpoint.json``'s content (canonical JSON) without its own ``meta-sha256`` field."""
+    body = {k: v for k, v in doc.items() if k != "meta-sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def _folder(directory: Union[str, Path]) -> Path:
+    directory = Path(directory).expanduser()
+    if directory.exists() and not directory.is_dir():
+        raise CheckpointError(f"checkpoint_dir {directory} exists and is not a folder")
+    return directory
+
+
+def claim_folder(directory: Union[str, Path]) -> FolderLock:
+    """Lock ``directory`` for this writer (:class:`~fedpeft._integrity.FolderLock`) and delete what a killed writer
+    left there: temporary files, and tensor files ``checkpoint.json`` does not name. Keep the lock while writing.
+
+    Raises:
+        RuntimeError: another process (or another engine in this one) writes the folder: names its pid and host.
+        CheckpointError: ``directory`` is a file.
+    """
+    directory = _folder(directory)
+    lock = FolderLock(directory, what="checkpoint folder")
+    remove_leftovers(directory)
+    path = directory / JSON_NAME
+    try:
+        keep = _read_json(path).get("tensors") if path.is_file() else None
+    except CheckpointError:
+        keep = None  # a damaged checkpoint: leave every tensor file for the operator
+        if path.exists():
+            return lock
+    for orphan in directory.glob("tensors-r*.safetensors"):
+        if orphan.name != keep:
+            orphan.unlink()
+    return lock
+
+
 def save_checkpoint(directory: Union[str, Path], checkpoint: Checkpoint) -> Path:
     """Write ``checkpoint`` into ``directory`` (created if missing) crash-safely; returns the JSON file's path.
 
@@ -123,7 +167,7 @@ def save_checkpoint(directory: Union[str, Path], checkpoint: Checkpoint) -> Path
             raise TypeError(f"checkpoint.tensors must map str to torch.Tensor, got {type(k).__name__} -> "
                             f"{type(v).__name__}")
     meta = _encode(dict(checkpoint.meta), "checkpoint.meta")
-    directory = Path(directory)
+    directory = _folder(directory)
     directory.mkdir(parents=True, exist_ok=True)
     final_json = directory / JSON_NAME
     old = _read_json(final_json) if final_json.is_file() else None
@@ -133,6 +177,7 @@ def save_checkpoint(directory: Union[str, Path], checkpoint: Checkpoint) -> Path
                   {"format": FORMAT, "version": str(VERSION), "round": str(r), "run": checkpoint.run})
     doc = {"format": FORMAT, "version": VERSION, "round": r, "run": checkpoint.run, "tensors": name,
            "sha256": _sha256(tensor_path), "meta": meta}
+    doc["meta-sha256"] = _doc_sha256(doc)
     text = json.dumps(doc, indent=1, allow_nan=False) + "\n"
     _atomic.remove_stale(directory, JSON_NAME)
 
@@ -166,14 +211,17 @@ def load_checkpoint(directory: Union[str, Path]) -> Optional[Checkpoint]:
         CheckpointError: an unknown format or version, a tensor file that is missing, damaged (sha256) or stamped with
             another round or run, or unreadable JSON.
     """
-    directory = Path(directory)
+    directory = _folder(directory)
     path = directory / JSON_NAME
     if not path.is_file():
+        if path.exists() or path.is_symlink():
+            raise CheckpointError(f"{path} is not a regular file (a dangling link or a folder?); refusing to start "
+                                  "the run afresh over it")
         return None
     doc = _read_json(path)
     if doc.get("format") != FORMAT:
         raise CheckpointError(f"{path}: format {doc.get('format')!r} is not {FORMAT!r}")
-    if doc.get("version") != VERSION:
+    if doc.get("version") not in (1, VERSION):
         raise CheckpointError(f"{path}: format version {doc.get('version')!r} is unknown (this fedpeft reads "
                               f"version {VERSION})")
     r, run, name = doc.get("round"), doc.get("run"), doc.get("tensors")
@@ -189,8 +237,13 @@ def load_checkpoint(directory: Union[str, Path]) -> Optional[Checkpoint]:
     if _sha256(tensor_path) != doc.get("sha256"):
         raise CheckpointError(f"{tensor_path}: sha256 differs from the one {JSON_NAME} recorded (damaged file)")
     _, tensors = read_stamped(tensor_path, {"format": FORMAT, "round": str(r), "run": run}, error=CheckpointError,
-                              names={"round": "stamped round", "run": "stamped run"},
-                              hint=f" ({JSON_NAME} says round {r} run {run!r})")
+                              names={"round": "stamped round", "run": "stamped run"}, checksum=False,
+                              hint=f" ({JSON_NAME} says round {r} run {run!r})")  # the JSON's sha256 covers the file
+    if doc.get("version") == 1 and "meta-sha256" not in doc:
+        log.warning("%s: a version-1 checkpoint (fedpeft 0.2.0) has no meta-sha256; its meta is not verified", path)
+    elif doc.get("meta-sha256") != _doc_sha256(doc):
+        raise CheckpointError(f"{path}: its content does not match its meta-sha256 (edited or damaged; history, "
+                              "server meta and registry are not trusted)")
     meta = doc.get("meta", {})
     if not isinstance(meta, dict):
         raise CheckpointError(f"{path}: 'meta' must be a JSON object, got {type(meta).__name__}")
@@ -205,6 +258,10 @@ def check_matches(checkpoint: Checkpoint, **expected: Any) -> None:
     """
     for key, want in expected.items():
         got = checkpoint.meta.get(key)
+        if key == "frozen-sha256" and key not in checkpoint.meta:  # a checkpoint of fedpeft 0.2.0
+            log.warning("the checkpoint of run %r has no frozen-backbone fingerprint (fedpeft 0.2.0); not checked",
+                        checkpoint.run)
+            continue
         if got != want:
             raise CheckpointError(f"the checkpoint of run {checkpoint.run!r} (round {checkpoint.round}) has "
                                   f"{key} = {got!r}, this run {want!r}; resume with the same configuration or use "

@@ -6,7 +6,9 @@
     previous/<key>   the state round r started from (absent if r was the client's first round)
 
 The file is written through :mod:`fedpeft._stamped` (atomic, fsync'ed, never pickled) and stamped with ``format``,
-``version``, ``run``, ``partition``, ``method`` and ``frozen-sha256`` (:func:`fedpeft.fed.frozen_fingerprint`). A
+``version``, ``run``, ``partition``, ``method``, ``frozen-sha256`` (:func:`fedpeft.fed.frozen_fingerprint`) and
+``sha256`` over the stamp and the tensors (a flipped bit or an edited round is refused); saves of one folder take
+turns (a ``flock`` on it). A
 training message for round t is answered from ``current`` when t > r (a restarted node continues), from ``previous``
 when t == r (a *redo*: the server resumed from its checkpoint and sends round t again) and refused with
 :class:`StaleMessage` when t < r. A file of another run, partition, method, backbone or format, or whose tensors do not
@@ -24,11 +26,12 @@ from typing import Dict, Mapping, Optional, Tuple, Union
 from torch import Tensor
 
 from .._checks import check_state
+from .._integrity import FolderLock
 from .._stamped import read_stamped, write_stamped
 
 __all__ = ["ClientStateError", "ClientStateFile", "StaleMessage", "StoredState", "run_folder_name"]
 
-FORMAT, VERSION = "fedpeft.node-state", "1"
+FORMAT, VERSION = "fedpeft.node-state", "2"  # 2: the stamp carries sha256 (fedpeft 0.2.0 wrote "1": refused)
 CURRENT, PREVIOUS = "current/", "previous/"
 _SAFE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _HINT = "; refusing to use or overwrite it (move or delete it to start this client afresh)"
@@ -150,6 +153,10 @@ class ClientStateFile:
                 check_state(state, like=like, finite=True, name=f"{self.path} [{name}]")
             except (TypeError, ValueError) as e:
                 raise ClientStateError(str(e)) from None
+            for k, v in state.items():
+                if v.is_floating_point() != like[k].is_floating_point():
+                    raise ClientStateError(f"{self.path} [{name}][{k!r}]: stored as {v.dtype}, the model's is "
+                                           f"{like[k].dtype}")
             out[name] = {k: v.to(dtype=like[k].dtype, device=like[k].device) if v.is_floating_point() else v
                          for k, v in state.items()}
         return StoredState(round_, out["current"], out["previous"], prev_round)  # type: ignore[arg-type]
@@ -199,6 +206,11 @@ class ClientStateFile:
         if isinstance(round_, bool) or not isinstance(round_, int) or round_ < 0:
             raise ValueError(f"round must be an int >= 0, got {round_!r}")
         check_state(personal, like=like, finite=True, name="personal")
+        # one writer at a time per folder (two node processes on one state-dir wait for each other)
+        with FolderLock(self.path.parent, what="client state folder", name=None, wait=True):
+            self._save(round_, personal, like)
+
+    def _save(self, round_: int, personal: Mapping[str, Tensor], like: Mapping[str, Tensor]) -> None:
         stored = self.load(like)
         previous: Optional[Mapping[str, Tensor]] = None
         prev_round: Optional[int] = None

@@ -23,6 +23,7 @@ from typing import Any, Callable, List, Optional, Sequence, Union
 
 from torch import nn
 
+from .. import fed
 from .._checks import check_positive_int
 from .checkpoint import CheckpointError
 from .methods import get
@@ -32,7 +33,7 @@ from .records import Diverged, RoundRecord
 from .roundlog import RoundLog
 from .rounds import RoundBook
 from .sampling import sample_clients
-from .screening import check_max_weight
+from .screening import check_max_weight, screen_metric
 from .server import Server
 from .server_privacy import client_clip, make_private_server
 from .training import LocalTrainer, Trainer
@@ -100,8 +101,9 @@ class Federation:
         if max_weight is not None:
             self.server.max_weight = check_max_weight(max_weight)
         config = {"method": self.protocol.name, "seed": self.seed, "fraction": float(self.fraction),
-                  "num_clients": self.num_clients, "engine": "inprocess"}
-        self.book = RoundBook(self.server, self.num_clients, config=config, round_log=round_log,
+                  "num_clients": self.num_clients, "engine": "inprocess",
+                  "frozen-sha256": None if checkpoint_dir is None else fed.frozen_fingerprint(model)}
+        self.book = RoundBook(self.server, self.num_clients, config=config, run=run, round_log=round_log,
                               checkpoint_dir=checkpoint_dir)
         self.book.resume(self._restore)
         self.run_id = self.book.run = run if run is not None else (self.book.run or "inprocess")
@@ -130,6 +132,9 @@ class Federation:
                                               for k in like):
                 raise CheckpointError(f"checkpoint: client {n}'s personal state does not fit the model (keys "
                                       f"{sorted(state)[:4]}..., expected {sorted(like)[:4]}...)")
+            bad = next((k for k, v in state.items() if v.is_floating_point() and not bool(v.isfinite().all())), None)
+            if bad is not None:
+                raise CheckpointError(f"checkpoint: client {n}'s personal state [{bad!r}] holds NaN/Inf")
             personal.append({k: v.to(like[k].device) for k, v in state.items()})
 
         def apply() -> None:
@@ -163,16 +168,24 @@ class Federation:
                 refused.append(Diverged(n, why))
                 continue
             self.personal[n] = result.personal
-            loss[n] = result.metrics["loss"]
-            if "accuracy" in result.metrics:
-                after_local[n] = result.metrics["accuracy"]
+            for key, into in (("loss", loss), ("accuracy", after_local)):
+                value = screen_metric(key, result.metrics.get(key), n)
+                if value is not None:
+                    into[n] = value
             replies.append(result.reply(n, round))
         self.book.close_training(record, self.server.update(replies), refused=refused, train_loss=loss,
                                  after_local=after_local)
-        deployed = None if self.test_data is None else dict(enumerate(self.evaluate(round)))
+        deployed = None if self.test_data is None else {
+            n: screen_metric("accuracy", a, n) for n, a in enumerate(self.evaluate(round))}
         self.book.close_evaluation(record, deployed, wall_s=time.perf_counter() - started)
         self.book.commit({f"personal.{n}.{k}": v for n, state in enumerate(self.personal) for k, v in state.items()})
         return record
+
+    def close(self) -> None:
+        """Free the checkpoint folder for another writer (held from the first round on; the end of the process
+        frees it too) and close the round log's TensorBoard writer."""
+        self.book.release()
+        self.book.close()
 
     def evaluate(self, round: int = 0) -> List[float]:
         """Every client's deployed-model accuracy on its test set (FedAvg-FT fine-tunes here, seeded by ``round``)."""

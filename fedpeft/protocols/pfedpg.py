@@ -395,7 +395,14 @@ class PFedPGServer:
         check_state(gen, like=like, finite=True, name="tensors (generator)")
         initial = {k[len("initial."):]: v for k, v in tensors.items() if k.startswith("initial.")} or gen
         check_state(initial, like=like, finite=True, name="tensors (initial generator)")
-        opt_state = unflatten_optimizer(tensors, opt)
+        for k, v in [*gen.items(), *initial.items()]:
+            if v.dtype != like[k].dtype:
+                raise ValueError(f"tensors['generator.{k}']: expected dtype {like[k].dtype}, got {v.dtype}")
+        try:
+            opt_state = unflatten_optimizer(tensors, opt)
+        except (AttributeError, KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"tensors/meta: a malformed optimizer state ({type(e).__name__}: {e})") from None
+        self._check_moments(opt_state)
         backup = copy.deepcopy(self.optimizer.state_dict())
         try:
             self.optimizer.load_state_dict(opt_state)
@@ -419,6 +426,23 @@ class PFedPGServer:
         low = meta.get("retention") if isinstance(meta.get("retention"), Mapping) else {}
         self.low_retention_rounds = int(low.get("low_rounds", 0))
         self._warned_retention = bool(low.get("warned", False))
+
+    def _check_moments(self, opt_state: Mapping[str, Any]) -> None:
+        """Every optimizer tensor that is per-parameter (shape not ()) has its parameter's shape and dtype, and every
+        floating one is finite: a wrong shape would crash the first step, a NaN would turn the generator NaN."""
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        for idx, entries in opt_state["state"].items():
+            if not 0 <= idx < len(params):
+                raise ValueError(f"optimizer state for parameter #{idx}; the generator's optimizer has {len(params)}")
+            for name, t in entries.items():
+                if not isinstance(t, Tensor):
+                    continue
+                where = f"tensors['optimizer.{idx}.{name}']"
+                if t.dim() and (t.shape != params[idx].shape or t.dtype != params[idx].dtype):
+                    raise ValueError(f"{where}: expected {tuple(params[idx].shape)} {params[idx].dtype}, got "
+                                     f"{tuple(t.shape)} {t.dtype}")
+                if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                    raise ValueError(f"{where} holds NaN/Inf")
 
 
 class PFedPG(Protocol):

@@ -6,8 +6,8 @@
 
 Each :meth:`RoundLog.append` appends one line to the file (opened for append) in one ``write`` and fsyncs it: O(1)
 per round, and ``tail -f`` follows it. A run killed in the middle of a write can leave half a line at the end; the
-next ``RoundLog(path, append=True)`` (a resumed run) cuts it off, and :meth:`RoundLog.keep` drops the lines of rounds
-a resumed run will run again, so the log holds every round exactly once (:class:`~fedpeft.protocols.RoundBook`).
+next ``RoundLog(path, append=True)`` (a resumed run) cuts it off, and :meth:`RoundLog.reset` rewrites it from the
+checkpoint's history, so the log holds every round exactly once (:class:`~fedpeft.protocols.RoundBook`).
 
 TensorBoard: when the ``tensorboard`` package is installed (``pip install "fedpeft[tensorboard]"``) and
 ``tensorboard`` is not ``False``, every round also goes to ``torch.utils.tensorboard.SummaryWriter`` in
@@ -23,7 +23,7 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
 from .. import _atomic
 from .records import RoundRecord
@@ -40,6 +40,10 @@ def _summary_writer(logdir: Path) -> Any:
     except ImportError:
         return None
     return SummaryWriter(log_dir=str(logdir))
+
+
+def _line(row: Mapping[str, Any]) -> bytes:
+    return (json.dumps(row, allow_nan=True, default=str, separators=(",", ":")) + "\n").encode()
 
 
 def _number(v: Any) -> Optional[float]:
@@ -86,23 +90,19 @@ class RoundLog:
     def append(self, record: Union[RoundRecord, Mapping[str, Any]]) -> Dict[str, Any]:
         """Add one round (a :class:`RoundRecord`, or a JSON-able mapping) as one fsync'ed line; returns its dict."""
         row = record.as_dict() if isinstance(record, RoundRecord) else dict(record)
-        line = json.dumps(row, allow_nan=True, default=str, separators=(",", ":")) + "\n"
         with open(self.path, "ab") as f:
-            f.write(line.encode())
+            f.write(_line(row))
             f.flush()
             os.fsync(f.fileno())
         if self.writer is not None:
             self._tensorboard(row)
         return row
 
-    def keep(self, rounds: int) -> None:
-        """Drop the lines of rounds ``>= rounds`` (a resumed run runs them again); the file is rewritten atomically
-        only when there is something to drop."""
-        data = self.path.read_bytes() if self.path.exists() else b""
-        lines = [ln for ln in data.splitlines(keepends=True) if ln.strip()]
-        kept = [ln for ln in lines if int(json.loads(ln).get("round", 0)) < rounds]
-        if len(kept) != len(lines):
-            self._rewrite(b"".join(kept))
+    def reset(self, records: Sequence[Union[RoundRecord, Mapping[str, Any]]]) -> None:
+        """Rewrite the log atomically to hold exactly ``records``, one line each: a resumed engine passes its
+        checkpoint's history, so the log holds every round exactly once wherever the last run was killed."""
+        rows = [r.as_dict() if isinstance(r, RoundRecord) else dict(r) for r in records]
+        self._rewrite(b"".join(_line(row) for row in rows))
 
     def _tensorboard(self, row: Mapping[str, Any]) -> None:
         step = int(row.get("round", 0))
@@ -135,5 +135,20 @@ class RoundLog:
 
     @staticmethod
     def read(path: PathLike) -> List[Dict[str, Any]]:
-        """Every round in the log at ``path``, in order (``json.loads`` of each line)."""
-        return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+        """Every round in the log at ``path``, in order (``json.loads`` of each line).
+
+        Raises:
+            ValueError: a line is not a JSON object; names the file and the line.
+        """
+        rows = []
+        for n, line in enumerate(Path(path).read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{n}: not a JSON line of the round log ({e.msg})") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{path}:{n}: expected a JSON object, got {type(row).__name__}")
+            rows.append(row)
+        return rows

@@ -22,7 +22,15 @@ from typing import Any, Callable, List, Mapping, Optional, Sequence, Union
 
 from torch import Tensor
 
-from .checkpoint import Checkpoint, CheckpointError, check_matches, load_checkpoint, save_checkpoint
+from .._integrity import FolderLock
+from .checkpoint import (
+    Checkpoint,
+    CheckpointError,
+    check_matches,
+    claim_folder,
+    load_checkpoint,
+    save_checkpoint,
+)
 from .records import Diverged, Rejection, RoundRecord, ServerReport, rejection_order
 from .roundlog import RoundLog
 from .server import Server
@@ -32,6 +40,17 @@ __all__ = ["RoundBook"]
 #: ``restore(checkpoint) -> apply``: check the engine's own part of ``checkpoint`` (raise ``CheckpointError``), and
 #: return a function that loads it, called once the server's state has been accepted too
 Restore = Callable[[Checkpoint], Callable[[], None]]
+
+
+def _record(d: Any, round_: int, where: str) -> RoundRecord:
+    """``RoundRecord.from_dict(d)``, checked to be round ``round_``; ``CheckpointError`` naming ``where``."""
+    try:
+        record = RoundRecord.from_dict(d)
+    except (AttributeError, KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"checkpoint: {where} is not a round record ({type(e).__name__}: {e})") from None
+    if record.round != round_:
+        raise CheckpointError(f"checkpoint: {where} is the record of round {record.round!r}, expected {round_}")
+    return record
 
 
 class RoundBook:
@@ -60,6 +79,8 @@ class RoundBook:
         self.history: List[RoundRecord] = []
         self.open: Optional[RoundRecord] = None  # trained and stepped, its evaluation still to come
         self._closed: List[RoundRecord] = []  # closed since the last commit: their on_round calls
+        self._lock: Optional[FolderLock] = None  # the checkpoint folder's, from claim() on
+        self._resumed = False
 
     @property
     def next_round(self) -> int:
@@ -80,9 +101,32 @@ class RoundBook:
             self._restore(ckpt, restore)
         if isinstance(self._log_spec, (str, Path)) and self.round_log is None:
             self.round_log = RoundLog(self._log_spec, append=ckpt is not None)
-        if ckpt is not None and self.round_log is not None:
-            self.round_log.keep(len(self.history))
+        if ckpt is not None and self.round_log is not None:  # every round once, wherever the last run was killed
+            self.round_log.reset(self.history)
+        self._resumed = True
         return ckpt
+
+    def claim(self) -> None:
+        """Become the checkpoint folder's one writer (:func:`~fedpeft.protocols.checkpoint.claim_folder`: locked,
+        a killed writer's leftovers removed); the first :meth:`open_round` does it when the engine did not.
+
+        Raises:
+            RuntimeError: another writer holds the folder (its pid and host), or wrote it since :meth:`resume`.
+        """
+        if self.checkpoint_dir is None or self._lock is not None:
+            return
+        self._lock = claim_folder(self.checkpoint_dir)
+        on_disk = load_checkpoint(self.checkpoint_dir) if self._resumed else None
+        if on_disk is not None and on_disk.round != self.next_round:
+            self.release()
+            raise RuntimeError(f"{self.checkpoint_dir} holds round {on_disk.round} now, this run resumed at round "
+                               f"{self.next_round}: another writer used the folder meanwhile")
+
+    def release(self) -> None:
+        """Free the checkpoint folder for another writer (a process that ends frees it too)."""
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
 
     def _restore(self, ckpt: Checkpoint, restore: Optional[Restore]) -> None:
         check_matches(ckpt, **self.config)
@@ -93,11 +137,13 @@ class RoundBook:
         if not isinstance(history, list) or len(history) != closed:
             raise CheckpointError(f"checkpoint of round {ckpt.round}: its history has "
                                   f"{len(history) if isinstance(history, list) else history!r} rounds, not {closed}")
-        try:
-            records = [RoundRecord.from_dict(d) for d in history]
-            pending = None if open_ is None else RoundRecord.from_dict(open_)
-        except (KeyError, TypeError, ValueError) as e:
-            raise CheckpointError(f"checkpoint: a round record is unreadable ({e})") from None
+        records = [_record(d, i, f"history[{i}]") for i, d in enumerate(history)]
+        pending = None if open_ is None else _record(open_, closed, "the open record")
+        server = ckpt.meta.get("server")
+        got = server.get("round") if isinstance(server, Mapping) else server
+        if got != ckpt.round:
+            raise CheckpointError(f"checkpoint of round {ckpt.round}: meta['server']['round'] is {got!r}; a server "
+                                  f"that ran {ckpt.round} rounds would refuse every later reply")
         apply = restore(ckpt) if restore is not None else None
         tensors = {k[len("server."):]: v for k, v in ckpt.tensors.items() if k.startswith("server.")}
         try:
@@ -113,6 +159,7 @@ class RoundBook:
         """A new record for round ``round_`` (``flags``: ``absent``, ``rejoined``, ``restarted_without_state``)."""
         if round_ != self.next_round:
             raise ValueError(f"round must be the next round, {self.next_round}, got {round_!r}")
+        self.claim()
         return RoundRecord(round=round_, participants=list(participants),
                            **{k: sorted(v) for k, v in flags.items() if v})
 

@@ -33,7 +33,7 @@ from torch import Tensor
 from .._checks import check_state, check_weight
 from .records import Rejection, Reply, rejection_order
 
-__all__ = ["check_download", "check_max_weight", "screen_replies"]
+__all__ = ["check_download", "check_max_weight", "screen_metric", "screen_replies"]
 
 log = logging.getLogger("fedpeft.protocols")
 
@@ -70,6 +70,8 @@ def _reason(reply: object, expected: Mapping[str, Tensor], num_clients: Optional
         return (f"a reply must be (client_id, upload, weight) or (client_id, upload, weight, round), got "
                 f"{type(reply).__name__}"), None
     client_id, upload, weight, stamped, cap = parts
+    if isinstance(upload, Mapping):  # read once: the checks and the aggregation see the same tensors
+        upload = dict(upload.items())
     if isinstance(client_id, bool) or not isinstance(client_id, int):
         return f"client_id must be an int, got {type(client_id).__name__} {client_id!r}", None
     if num_clients is not None and not 0 <= client_id < num_clients:
@@ -156,3 +158,18 @@ def check_download(shared: Mapping[str, Tensor], like: Mapping[str, Tensor]) -> 
         if v.is_floating_point() and not bool(torch.isfinite(v).all()):
             raise ValueError(f"the server sent non-finite values (NaN/Inf) in {k!r}; refusing to train or deploy on "
                              "them")
+
+
+def screen_metric(name: str, value: object, client: object) -> Optional[float]:
+    """A reply's ``loss`` (finite) or ``accuracy`` (in [0, 1]) as a float, or ``None`` (logged) when it is not one:
+    a NaN loss or an accuracy of 7.5 never reaches a round record, the round log or a report."""
+    if value is None:
+        return None
+    ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(float(value))
+    if ok and name.startswith("accuracy"):
+        ok = 0.0 <= float(value) <= 1.0
+    if not ok:
+        log.warning("client %r reported %s = %r; left out of the round record (%s)", client, name, value,
+                    "a number in [0, 1]" if name.startswith("accuracy") else "a finite number")
+        return None
+    return float(value)

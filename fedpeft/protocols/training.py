@@ -71,11 +71,13 @@ def batch_seed(seed: int, round: int, client_id: int, phase: str = "local") -> i
     """The seed of a client's batch order: ``((seed·1000 + round)·1000 + client_id) + index(phase)·2⁴⁰``.
 
     Identical for every method and engine, so equal parts see equal batches; the ``"local"`` phase (every one-phase
-    protocol) gets ``(seed·1000 + round)·1000 + client_id`` exactly.
+    protocol) gets ``(seed·1000 + round)·1000 + client_id`` exactly. Beyond ``torch.manual_seed``'s range (a round
+    of 2⁶² on a long-lived node) the value is taken modulo 2⁶⁴.
     """
     if phase not in PHASES:
         raise ValueError(f"phase must be one of {PHASES}, got {phase!r}")
-    return (int(seed) * 1_000 + int(round)) * 1_000 + int(client_id) + PHASES.index(phase) * (1 << 40)
+    value = (int(seed) * 1_000 + int(round)) * 1_000 + int(client_id) + PHASES.index(phase) * (1 << 40)
+    return value if -(1 << 63) <= value < (1 << 64) else value % (1 << 64)  # what torch.manual_seed takes
 
 
 @dataclass(frozen=True)

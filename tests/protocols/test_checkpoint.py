@@ -35,14 +35,16 @@ def test_files_on_disk_are_what_a_reader_without_fedpeft_expects(tmp_path):
     path = save_checkpoint(tmp_path, _ckpt())
     assert path == tmp_path / "checkpoint.json"
     doc = json.loads(path.read_text())
-    assert (doc["format"], doc["version"], doc["round"], doc["run"]) == ("fedpeft.server-checkpoint", 1, 2, "r-7")
+    assert (doc["format"], doc["version"], doc["round"], doc["run"]) == ("fedpeft.server-checkpoint", 2, 2, "r-7")
     assert doc["tensors"] == "tensors-r000002.safetensors"
     raw = (tmp_path / doc["tensors"]).read_bytes()
     assert doc["sha256"] == hashlib.sha256(raw).hexdigest()
     assert doc["meta"]["history"][0]["mean"] == 0.1 + 0.2  # exact float round trip
     assert doc["meta"]["history"][0]["nan"] == {"float": "nan"} and doc["meta"]["inf"] == {"float": "-inf"}
     with safe_open(str(tmp_path / doc["tensors"]), framework="pt") as f:
-        assert f.metadata() == {"format": "fedpeft.server-checkpoint", "version": "1", "round": "2", "run": "r-7"}
+        meta = f.metadata()
+        assert meta.pop("sha256") and meta == {"format": "fedpeft.server-checkpoint", "version": "2", "round": "2",
+                                               "run": "r-7"}
         assert torch.equal(f.get_tensor("generator.w"), torch.full((2, 3), 1.0))
         assert f.get_tensor("half").dtype == torch.bfloat16
     assert sorted(os.listdir(tmp_path)) == ["checkpoint.json", "tensors-r000002.safetensors"]
@@ -113,7 +115,7 @@ def test_damaged_or_foreign_files_are_refused(tmp_path):
         load_checkpoint(tmp_path)
     save_checkpoint(tmp_path, _ckpt(3))
     doc = json.loads((tmp_path / "checkpoint.json").read_text())
-    for change, match in [({"version": 2}, "version 2 is unknown"), ({"format": "x"}, "format 'x'"),
+    for change, match in [({"version": 3}, "version 3 is unknown"), ({"format": "x"}, "format 'x'"),
                           ({"round": -1}, "'round' must be an int"), ({"tensors": "../x"}, "file name in the same"),
                           ({"tensors": "nope.safetensors"}, "is missing"), ({"round": 4}, "stamped round is '3'")]:
         (tmp_path / "checkpoint.json").write_text(json.dumps({**doc, **change}))

@@ -13,6 +13,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from fedpeft._integrity import content_digest
 from fedpeft.protocols import ClientStateError as NodeStateError
 from fedpeft.protocols import ClientStateFile as NodeState
 from fedpeft.protocols import StaleMessage
@@ -36,14 +37,21 @@ def _raw(path):
         return f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
 
 
+def _write(path, tensors, meta):
+    """A hand-made state file with a valid checksum (what the checks after it must catch)."""
+    save_file(tensors, str(path), metadata={**meta, "sha256": content_digest(meta, tensors)})
+
+
 def test_layout_stamp_and_tensors_as_written(tmp_path):
     s = _store(tmp_path)
     assert s.path == tmp_path / "fedpeft" / "personal" / "run-1" / "partition-2.safetensors"
     assert s.load(LIKE) is None and s.start_state(0, LIKE) == (None, False)
     s.save(0, _state(1.0), LIKE)
     meta, tensors = _raw(s.path)
-    assert meta == {"format": "fedpeft.node-state", "version": "1", "run": "run-1", "partition": "2",
+    digest = meta.pop("sha256")
+    assert meta == {"format": "fedpeft.node-state", "version": "2", "run": "run-1", "partition": "2",
                     "method": "FedVPT", "frozen-sha256": "abc123", "round": "0", "previous-round": ""}
+    assert digest == content_digest(meta, tensors)
     assert set(tensors) == {"current/head.weight", "current/head.bias"}
     assert torch.equal(tensors["current/head.bias"], torch.tensor([1.0, 2.0, 3.0]))
     s.save(3, _state(2.0), LIKE)
@@ -101,10 +109,10 @@ def test_a_restarted_process_continues_from_the_file(tmp_path):
 def test_another_runs_method_or_backbone_file_is_refused_and_left_alone(tmp_path, field, value, match):
     s = _store(tmp_path)
     s.path.parent.mkdir(parents=True)
-    meta = {"format": "fedpeft.node-state", "version": "1", "run": "run-1", "partition": "2", "method": "FedVPT",
+    meta = {"format": "fedpeft.node-state", "version": "2", "run": "run-1", "partition": "2", "method": "FedVPT",
             "frozen-sha256": "abc123", "round": "0", "previous-round": ""}
     meta[field] = value
-    save_file({"current/" + k: v for k, v in _state(1.0).items()}, str(s.path), metadata=meta)
+    _write(s.path, {"current/" + k: v for k, v in _state(1.0).items()}, meta)
     before = s.path.read_bytes()
     for call in (lambda: s.load(LIKE), lambda: s.start_state(3, LIKE), lambda: s.save(3, _state(2.0), LIKE)):
         with pytest.raises(NodeStateError, match=match):
@@ -122,9 +130,9 @@ def test_another_runs_method_or_backbone_file_is_refused_and_left_alone(tmp_path
 def test_tensors_that_do_not_fit_the_model_are_refused(tmp_path, bad, match):
     s = _store(tmp_path)
     s.path.parent.mkdir(parents=True)
-    meta = {"format": "fedpeft.node-state", "version": "1", "run": "run-1", "partition": "2", "method": "FedVPT",
+    meta = {"format": "fedpeft.node-state", "version": "2", "run": "run-1", "partition": "2", "method": "FedVPT",
             "frozen-sha256": "abc123", "round": "0", "previous-round": ""}
-    save_file(bad, str(s.path), metadata=meta)
+    _write(s.path, bad, meta)
     with pytest.raises(NodeStateError, match=match):
         s.load(LIKE)
 
@@ -149,18 +157,22 @@ def test_non_finite_personal_state_is_not_written(tmp_path):
 
 
 def test_a_write_killed_midway_leaves_the_old_file(tmp_path, monkeypatch):
-    import fedpeft._stamped as ns
+    import fedpeft._atomic as ns_atomic
 
     s = _store(tmp_path)
     s.save(0, _state(1.0), LIKE)
     before = s.path.read_bytes()
+    real = ns_atomic.write_temp
 
-    def dies(tensors, path, metadata=None):
-        with open(path, "wb") as f:
-            f.write(b"half a fi")
-        raise KeyboardInterrupt  # the process is interrupted mid-write
+    def dies(final, write):
+        def half(path):
+            with open(path, "wb") as f:
+                f.write(b"half a fi")
+            raise KeyboardInterrupt  # the process is interrupted mid-write
 
-    monkeypatch.setattr(ns, "save_file", dies)
+        return real(final, half)
+
+    monkeypatch.setattr(ns_atomic, "write_temp", dies)
     with pytest.raises(KeyboardInterrupt):
         s.save(1, _state(2.0), LIKE)
     assert s.path.read_bytes() == before and os.listdir(s.path.parent) == ["partition-2.safetensors"]
