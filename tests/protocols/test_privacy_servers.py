@@ -120,6 +120,7 @@ def test_a_resumed_federation_continues_epsilon_and_state_bit_for_bit(method, tm
     whole = uninterrupted.run(3)
     first = federation(tmp_path)
     first.run(1)
+    first.close()  # the checkpoint folder has one writer at a time (issue 27's lock)
     resumed = federation(tmp_path)
     assert len(resumed.history) == 1
     rest = resumed.run(2)
