@@ -132,6 +132,16 @@ class ProtocolStrategy(Strategy):
         """Every closed round's record."""
         return self.book.history
 
+    @property
+    def on_round(self) -> Optional[Callable[[RoundRecord], None]]:
+        """The callback each closed round's record goes to; it lives on the round book, so setting it here sets it
+        there (one home, no silently unused attribute)."""
+        return self.book.on_round
+
+    @on_round.setter
+    def on_round(self, fn: Optional[Callable[[RoundRecord], None]]) -> None:
+        self.book.on_round = fn
+
     def run_id(self, grid: Optional[Grid] = None) -> str:
         """The fedpeft run id (``run_name``, the checkpoint's, else Flower's run id); fixed at the first call."""
         if self.run_name is None:

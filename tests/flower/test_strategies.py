@@ -365,3 +365,18 @@ def test_registration_names_the_missing_partitions_while_it_waits(monkeypatch, c
         reg.register(NoNodes(), min_nodes=2, timeout=0.4, poll=0.02)
     waits = [r.getMessage() for r in caplog.records if "waiting for nodes" in r.getMessage()]
     assert len(waits) >= 3 and all("partitions still missing: [0, 1]" in m for m in waits)
+
+
+def test_on_round_set_after_construction_receives_every_closed_round():
+    """``strategy.on_round = fn`` reaches the round book: fn sees rounds 0 and 1, the records of ``history``."""
+    w = world("FedVPT")
+    seen = []
+
+    def collect(record):
+        seen.append(record)
+
+    w.strategy.on_round = collect
+    assert w.strategy.on_round is collect and w.strategy.book.on_round is collect
+    w.strategy.start(w.grid, num_rounds=2, timeout=10)
+    assert [r.round for r in seen] == [0, 1]
+    assert seen == w.strategy.history
