@@ -13,7 +13,6 @@
 
 from __future__ import annotations
 
-import math
 from typing import Dict, Mapping, NamedTuple, Optional, Tuple, Union
 
 import numpy as np
@@ -21,6 +20,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 from torch import Tensor
 
 from .. import fed
+from .._checks import check_finite_float
 from ..protocols import Diverged, Rejection, Reply
 
 __all__ = ["ARRAYS", "CLIP_NORM", "CONFIG", "DEPLOY", "EVALUATION", "EVAL_ROUND", "INFO", "METHOD", "METRICS", "ROUND", "RUN",
@@ -114,8 +114,8 @@ def read_clip(task: Task) -> Dict[str, float]:
     clip = task.config.get(CLIP_NORM)
     if clip is None:
         return {}
-    if isinstance(clip, bool) or not isinstance(clip, (int, float)) or not (math.isfinite(clip) and clip > 0):
-        raise ValueError(f"config[{CLIP_NORM!r}] must be a finite number > 0, got {clip!r}")
+    if check_finite_float(f"config[{CLIP_NORM!r}]", clip) <= 0:
+        raise ValueError(f"config[{CLIP_NORM!r}] must be > 0, got {clip!r}")
     return {"clip_norm": float(clip)}
 
 

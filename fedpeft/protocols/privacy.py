@@ -30,6 +30,8 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
+from .._checks import check_finite_float
+
 __all__ = [
     "ACCOUNTANTS",
     "Privacy",
@@ -45,12 +47,6 @@ __all__ = [
 #: the accountants :class:`Privacy` accepts (dp-accounting's RDP accountant: the only one of the maintained libraries
 #: that accounts for the engines' fixed-size sampling without replacement)
 ACCOUNTANTS = ("rdp",)
-
-
-def _number(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(float(value)):
-        raise ValueError(f"{name} must be a finite number, got {value!r}")
-    return float(value)
 
 
 @dataclass(frozen=True)
@@ -76,13 +72,13 @@ class Privacy:
     accountant: str = "rdp"
 
     def __post_init__(self) -> None:
-        clip = _number("clip_norm", self.clip_norm)
+        clip = check_finite_float("clip_norm", self.clip_norm)
         if clip <= 0:
             raise ValueError(f"clip_norm must be > 0, got {self.clip_norm!r}")
-        sigma = _number("noise_multiplier", self.noise_multiplier)
+        sigma = check_finite_float("noise_multiplier", self.noise_multiplier)
         if sigma < 0:
             raise ValueError(f"noise_multiplier must be >= 0, got {self.noise_multiplier!r}")
-        delta = _number("delta", self.delta)
+        delta = check_finite_float("delta", self.delta)
         if not 0 < delta < 1:
             raise ValueError(f"delta must lie in (0, 1), got {self.delta!r}")
         if self.accountant not in ACCOUNTANTS:
@@ -125,7 +121,7 @@ def clip_upload(upload: Mapping[str, Tensor], download: Mapping[str, Tensor],
     Raises:
         ValueError: ``clip_norm`` not a finite number > 0, or ``download`` lacks a key of ``upload``.
     """
-    clip = _number("clip_norm", clip_norm)
+    clip = check_finite_float("clip_norm", clip_norm)
     if clip <= 0:
         raise ValueError(f"clip_norm must be > 0, got {clip_norm!r}")
     missing = sorted(set(upload) - set(download))
