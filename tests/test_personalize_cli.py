@@ -82,6 +82,7 @@ def test_too_many_domain_clients(capsys, tmp_path):
     (["--lr-new", "0"], r"--lr-new: expected a finite learning rate"),
     (["--lr-backbone", "nan"], r"--lr-backbone: expected a finite learning rate"),
     (["--evaluate", "train"], r"--evaluate: invalid choice"),
+    (["--eval-every", "0"], r"--eval-every: expected a positive integer"),
 ])
 def test_bad_new_flags(capsys, tmp_path, argv, pattern):
     _refused(argv, capsys, tmp_path, pattern)
@@ -171,6 +172,10 @@ def test_good_defaults():
     assert cfg.methods == ("Local", "Local-FT", "SingleSet-VPT", "FedAvg", "FedVPT", "Clustered-FedVPT", "pFedPG",
                            "FedPerfix", "VanillaAttention")
     assert cfg.data.evaluate == "test"
+    # accuracies measured in rounds 3, 6, 9 (every third) and 10-12 (the last three, which the table reads)
+    assert [r + 1 for r in range(12) if cfg.measured(r)] == [3, 6, 9, 10, 11, 12]
+    every = parse_args(["--eval-every", "1", "--out", "/nonexistent/fresh"])
+    assert all(every.measured(r) for r in range(12))
     assert parse_args(["--smoke", "--out", "/nonexistent/fresh"]).seeds == (0, 1)
     q = parse_args(["--quick", "--out", "/nonexistent/fresh"])
     assert q.seeds == (0, 1, 2) and q.budget.rounds == 4 and "Local-FT" not in q.methods

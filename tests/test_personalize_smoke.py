@@ -180,3 +180,31 @@ def test_same_table_whatever_the_process_and_thread_count(run, tmp_path):
         assert a[key]["deployed"] == b[key]["deployed"], key
     per_seed = {m["name"]: m["deployed"]["per_seed"][1] for m in payload["summary"]["methods"]}
     assert per_seed == {m["name"]: m["deployed"]["per_seed"][0] for m in other["summary"]["methods"]}
+
+
+def test_unmeasured_rounds_leave_the_measured_ones_and_the_table_unchanged(tmp_path):
+    """``--eval-every 2`` against ``--eval-every 1`` (``--smoke`` runs 2 rounds): round 1 is not measured (``None`` for
+    every client in the JSON, ``null`` in the curves), round 2 holds the same accuracies bit for bit, so the table
+    (last round) is the same; nothing is trained differently."""
+    flags = ["--methods", "FedVPT,pFedPG", "--seeds", "0", "--last-rounds", "1", "--workers", "1"]
+    payloads = []
+    for every in ("1", "2"):
+        out = tmp_path / every
+        proc = subprocess.run([sys.executable, str(SCRIPT), "--smoke", "--out", str(out), "--cache",
+                               str(tmp_path / "cache"), *flags, "--eval-every", every],
+                              cwd=ROOT, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        payloads.append(json.loads((out / "personalize_domain.json").read_text()))
+    full, sparse = ({r["method"]: r for r in p["runs"]} for p in payloads)
+    for m in ("FedVPT", "pFedPG"):
+        assert all(a is not None for r in full[m]["deployed"] for a in r)
+        assert [all(a is None for a in r) for r in sparse[m]["deployed"]] == [True, False]
+        assert [all(a is None for a in r) for r in sparse[m]["local"]] == [True, False]
+        assert sparse[m]["deployed"][1] == full[m]["deployed"][1] and sparse[m]["local"][1] == full[m]["local"][1]
+        assert sparse[m]["train_loss"] == full[m]["train_loss"]
+    (a, b) = ({m["name"]: m for m in p["summary"]["methods"]} for p in payloads)
+    for m in ("FedVPT", "pFedPG"):
+        assert b[m]["deployed"]["per_seed"] == a[m]["deployed"]["per_seed"]
+        assert b[m]["deployed"]["curve_mean"][0] is None and a[m]["deployed"]["curve_mean"][0] is not None
+        assert b[m]["deployed"]["curve_mean"][1] == a[m]["deployed"]["curve_mean"][1]
+    assert (tmp_path / "2" / "personalize_domain.png").read_bytes()[:4] == b"\x89PNG"

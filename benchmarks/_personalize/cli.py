@@ -117,6 +117,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="share of clients per round, in (0, 1]: a seeded sample, at least one client (default: 1)")
     add("--last-rounds", type=_positive, default=RunConfig.last_rounds, metavar="N",
         help=f"report each client's mean accuracy over the last N rounds (default: {RunConfig.last_rounds})")
+    add("--eval-every", type=_positive, default=RunConfig.eval_every, metavar="N",
+        help="measure the accuracies every N-th round and in the last rounds, for the curves; 1: every round "
+        f"(default: {RunConfig.eval_every}; evaluation is about a quarter of a round's work, and skipping it changes no "
+        "trained number; the Flower engine measures every round)")
     add("--pfedpg-server", default=b.generator_optimizer, metavar="default|paper|OPT:LR",
         help=f"pFedPG's server: 'default' (the library's: a fit of {DEFAULT_SERVER_STEPS} Adam steps per round, 1e-2 "
         "on the descriptors "
@@ -237,6 +241,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> RunConfig:
         threads=a.threads,
         workers=a.workers or 0,  # 0: decided once the number of jobs is known
         last_rounds=a.last_rounds,
+        eval_every=a.eval_every,
         engine=a.engine,
         out=str(out),
         cache=a.cache,

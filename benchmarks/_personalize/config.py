@@ -104,6 +104,7 @@ class RunConfig:
     threads: int = 1  # torch intra-op threads per process
     workers: int = 1  # parallel processes, each running one (seed, method) at a time
     last_rounds: int = 3  # the reported accuracy is the mean over the last rounds
+    eval_every: int = 3  # accuracies are measured every eval_every-th round and in the last rounds (in-process engine)
     engine: str = "local"  # "local" (in-process, worker processes) or "flower" (Flower's simulation runtime)
     out: str = "results"
     cache: str = ""
@@ -116,6 +117,12 @@ class RunConfig:
 
     def as_dict(self) -> Dict[str, Any]:
         return asdict(self)
+
+    def measured(self, round: int) -> bool:
+        """Whether the in-process engine measures the accuracies of ``round`` (0-based): every ``eval_every``-th
+        round and the last ``last_rounds`` ones (the table reads only those; the curves show the others too).
+        Evaluation only reads the models, so skipping it changes no trained number (``Federation.run_round``)."""
+        return (round + 1) % self.eval_every == 0 or round >= self.budget.rounds - self.last_rounds
 
 
 def smoke(cfg: RunConfig) -> RunConfig:

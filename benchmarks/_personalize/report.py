@@ -352,6 +352,11 @@ def write_csv(path: Path, s: Summary, clients: Sequence[str]) -> None:
                 w.writerow([m, p, "ci95", f"{iv.half:.6f}", *([""] * len(clients)), "", "", "", "", ""])
 
 
+def _numbers(values: Any) -> List[Optional[float]]:
+    """``values`` with ``nan`` (an unmeasured round, a one-seed interval) as ``None``: strict JSON has no NaN."""
+    return [None if math.isnan(v) else v for v in values]
+
+
 def summary_json(s: Summary) -> Dict[str, Any]:
     """The aggregate part of the JSON: per method and protocol, the interval and per-seed values; the verdicts."""
     methods = []
@@ -361,7 +366,8 @@ def summary_json(s: Summary) -> Dict[str, Any]:
             iv = s.interval[p][m]
             entry[p] = {"mean": iv.mean, "ci95": iv.half, "per_seed": s.per_seed[p][m],
                         "per_client": s.client_means(p, m), "per_seed_per_client": s.clients[p][m],
-                        "curve_mean": [c.mean for c in s.curve(p, m)], "curve_ci95": [c.half for c in s.curve(p, m)]}
+                        "curve_mean": _numbers(c.mean for c in s.curve(p, m)),
+                        "curve_ci95": _numbers(c.half for c in s.curve(p, m))}
         methods.append(entry)
     hints = [{"protocol": p, "a": q.a, "b": q.b, "claim": q.claim, "diff": q.diff.mean, "ci95": q.diff.half,
               "per_seed": list(q.per_seed), "hint": s.verdict(q.a, q.b, q.hint)}
@@ -402,9 +408,10 @@ def plot_curves(path: Path, s: Summary, title: str) -> None:
     fig = plt.figure(figsize=(16, 4.2 + 2.6 * rows), dpi=110)
     grid = fig.add_gridspec(1 + rows, cols * len(protocols), height_ratios=[1.6] + [1.0] * rows, hspace=0.55,
                             wspace=0.5)
-    rounds = list(range(1, s.rounds + 1))
-    curves = {(p, m): s.curve(p, m) for p in protocols for m in methods}
-    means = [100 * c.mean for cs in curves.values() for c in cs if not math.isnan(c.mean)]
+    # the measured rounds only (RunConfig.measured: the others have no accuracy)
+    points = {(p, m): [(r, c) for r, c in enumerate(s.curve(p, m), 1) if not math.isnan(c.mean)]
+              for p in protocols for m in methods}
+    means = [100 * c.mean for cs in points.values() for _, c in cs]
     low, high = (min(means), max(means)) if means else (0.0, 100.0)
     pad = max(2.0, 0.08 * (high - low))
     ylim = (max(0.0, low - pad), min(100.0, high + pad))
@@ -421,9 +428,10 @@ def plot_curves(path: Path, s: Summary, title: str) -> None:
     for j, p in enumerate(protocols):
         ax = fig.add_subplot(grid[0, j * width:(j + 1) * width])
         for i, m in enumerate(methods):
-            ax.plot(rounds, [100 * c.mean for c in curves[(p, m)]], color=cmap(i),
+            xs = [r for r, _ in points[(p, m)]]
+            ax.plot(xs, [100 * c.mean for _, c in points[(p, m)]], color=cmap(i),
                     linestyle=_STYLES[i % len(_STYLES)], marker=_MARKERS[i % len(_MARKERS)], markersize=4,
-                    markevery=max(1, s.rounds // 10), label=m)
+                    markevery=max(1, len(xs) // 10), label=m)
         ax.set_title(f"{PROTOCOLS[p]}: mean over {len(s.seeds)} seeds", fontsize=10)
         ax.set_xlabel("round")
         style(ax, j == 0)
@@ -435,11 +443,11 @@ def plot_curves(path: Path, s: Summary, title: str) -> None:
         r, c = divmod(k, cols)
         ax = fig.add_subplot(grid[1 + r, c * len(protocols):(c + 1) * len(protocols)])
         for j, p in enumerate(protocols):
-            cs = curves[(p, m)]
+            xs, cs = [r for r, _ in points[(p, m)]], [c for _, c in points[(p, m)]]
             color = "tab:blue" if j == 0 else "tab:orange"
-            ax.plot(rounds, [100 * x.mean for x in cs], color=color, linestyle=_STYLES[j], label=PROTOCOLS[p])
+            ax.plot(xs, [100 * x.mean for x in cs], color=color, linestyle=_STYLES[j], label=PROTOCOLS[p])
             if len(s.seeds) > 1:
-                ax.fill_between(rounds, [max(0.0, 100 * x.low) for x in cs], [min(100.0, 100 * x.high) for x in cs],
+                ax.fill_between(xs, [max(0.0, 100 * x.low) for x in cs], [min(100.0, 100 * x.high) for x in cs],
                                 color=color, alpha=0.18, linewidth=0)
         ax.set_title(m, fontsize=9)
         style(ax, c == 0)

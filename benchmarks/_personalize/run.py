@@ -6,7 +6,8 @@
   ``fedpeft.protocols.Federation`` for ``budget.rounds`` rounds: per round the sampled clients (``--fraction``)
   train and reply, the server updates, every client's *deployed* model (latest shared state + own personal state;
   pFedPG: its generated prompts; FedAvg-FT: the global model fine-tuned locally) is evaluated on its own test split,
-  and each participant's model right after its local training too. The engine's round history becomes the job's
+  and each participant's model right after its local training too, in the rounds ``RunConfig.measured`` names (every
+  third and the last three by default; ``None`` in the record elsewhere). The engine's round history becomes the job's
   JSON-ready record in one place, :func:`record_from_history` (Flower's engine uses it too).
 - **The pool** (:func:`run_all`): ``workers`` spawned processes (a fresh interpreter each), ``threads`` torch threads
   each (``OMP_NUM_THREADS``/``MKL_NUM_THREADS`` set before they start). The first seed is prepared alone, then the
@@ -41,8 +42,8 @@ __all__ = ["configure_process", "default_workers", "prepare_info", "prepare_seed
            "run_all_timed", "run_job", "run_method"]
 
 Records = Dict[Tuple[int, str], Dict[str, Any]]
-#: (seed, method, round, mean deployed accuracy) → None: progress reporting
-Report = Callable[[int, str, int, float], None]
+#: (seed, method, round, mean deployed accuracy or None in an unmeasured round) → None: progress reporting
+Report = Callable[[int, str, int, Optional[float]], None]
 
 #: (seed, data config, backbone config, cache, rebuild) → (data, backbone) already built in this process
 _SEEDS: Dict[Tuple[Any, ...], Tuple[FederatedData, Backbone]] = {}
@@ -87,13 +88,13 @@ def record_from_history(seed: int, method: str, history: Sequence[RoundRecord], 
     """The JSON-ready record of one (seed, method) run from its engine's round history, whichever engine ran it.
 
     ``deployed[r][c]`` and ``local[r][c]``: client c's accuracy after round r with its deployed model and right
-    after its local training (``None`` if c did not train in round r); ``server``: the server's per-round log
+    after its local training (``None`` if c did not train in round r or the round was not measured); ``server``: the server's per-round log
     (accepted clients, rejections, pFedPG's distances and spread; bytes uploaded and the round's wall time)."""
     n = len(ctx.clients)
     return {
         "seed": seed,
         "method": method,
-        "deployed": [list(h.deployed) for h in history],
+        "deployed": [[None] * n if h.deployed is None else list(h.deployed) for h in history],
         "local": [[h.after_local.get(c) for c in range(n)] for h in history],
         "participants": [list(h.participants) for h in history],
         "train_loss": [[h.train_loss.get(c) for c in range(n)] for h in history],
@@ -108,10 +109,11 @@ def record_from_history(seed: int, method: str, history: Sequence[RoundRecord], 
     }
 
 
-def run_method(method: str, ctx: Context, on_round: Optional[Callable[[int, float], None]] = None,
-               probe: bool = False) -> Dict[str, Any]:
+def run_method(method: str, ctx: Context, on_round: Optional[Callable[[int, Optional[float]], None]] = None,
+               probe: bool = False, measured: Callable[[int], bool] = lambda r: True) -> Dict[str, Any]:
     """Run ``method`` in ``ctx`` for ``ctx.budget.rounds`` rounds (module docstring); its record.
-    ``on_round(round, mean deployed accuracy)`` after each round (1-based).
+    ``on_round(round, mean deployed accuracy or None)`` after each round (1-based); ``measured(round)`` (0-based):
+    whether that round's accuracies are measured (default: every round).
 
     ``probe``: the convergence probe of the regime pilot. Before the last round the whole federation is copied and
     the copy runs that round with twice the local epochs: the same start (the server's prompts, every client's
@@ -129,9 +131,9 @@ def run_method(method: str, ctx: Context, on_round: Optional[Callable[[int, floa
             twin = copy.deepcopy(engine)
             twin.trainer.epochs = 2 * engine.trainer.epochs
             doubled = twin.run_round(r).after_local
-        rec = engine.run_round(r)
+        rec = engine.run_round(r, evaluate=measured(r) or (probe and r == ctx.budget.rounds - 1))
         if on_round is not None:
-            on_round(r + 1, sum(rec.deployed) / len(rec.deployed))
+            on_round(r + 1, rec.mean)
         if probe and r == ctx.budget.rounds - 1:
             convergence = {"round": r + 1, "epochs": engine.trainer.epochs,
                            "after_local": statistics.fmean(rec.after_local.values()),
@@ -148,7 +150,7 @@ def run_job(cfg: RunConfig, seed: int, method: str, report: Optional[Report] = N
     data, backbone = prepare_seed(cfg, seed)
     ctx = Context(backbone, data.clients, cfg.budget, seed)
     return run_method(method, ctx, None if report is None else lambda r, acc: report(seed, method, r, acc),
-                      probe=cfg.probe_convergence and method == CONVERGENCE_PROBE)
+                      probe=cfg.probe_convergence and method == CONVERGENCE_PROBE, measured=cfg.measured)
 
 
 def default_workers(jobs: int) -> int:
@@ -183,9 +185,10 @@ def run_all(cfg: RunConfig, bar: Any) -> Tuple[Dict[int, Dict[str, Any]], Record
     """Prepare every seed and run every (seed, method); ``bar`` is a tqdm bar over seeds × methods × rounds.
     Returns ``(prepared[seed], records[(seed, method)])``, both in the configuration's order."""
 
-    def show(seed: int, method: str, round_: int, acc: float) -> None:
+    def show(seed: int, method: str, round_: int, acc: Optional[float]) -> None:
         bar.set_description(f"seed {seed} {method:<16}", refresh=False)
-        bar.set_postfix(acc=f"{acc:.3f}", refresh=False)
+        if acc is not None:
+            bar.set_postfix(acc=f"{acc:.3f}", refresh=False)
         bar.update(1)
 
     if cfg.workers <= 1:

@@ -142,16 +142,22 @@ class Federation:
 
         return apply
 
-    def run_round(self, round: int) -> RoundRecord:
+    def run_round(self, round: int, *, evaluate: bool = True) -> RoundRecord:
         """Sample, train the participants, update the server, evaluate every client's deployed model.
 
         ``round`` must be the next one (``len(history)``): replies are stamped with it and the server refuses others.
+        ``evaluate=False`` skips both measurements of this round (after local training and deployed; the record's
+        ``after_local`` stays empty and ``deployed`` ``None``): evaluation only reads the models, so the training, the
+        server and every later round are exactly those of a run that measured every round.
         A client whose training diverges (:meth:`ClientResult.diverged`) keeps its previous personal state; its upload
         is refused and it is listed in ``record.diverged``. The record goes through :class:`RoundBook` (history, round
         log, checkpoint).
         """
         if round != len(self.history):
             raise ValueError(f"round must be the next round, {len(self.history)}, got {round!r}")
+        if not isinstance(evaluate, bool):
+            raise TypeError(f"evaluate must be True or False, got {evaluate!r}")
+        measure = evaluate and self.test_data is not None
         started = time.perf_counter()
         ids = sample_clients(self.num_clients, self.fraction, seed=self.seed, round=round)
         record = self.book.open_round(round, ids)
@@ -161,7 +167,7 @@ class Federation:
             result = self.protocol.client_update(
                 self.model, shared=payloads[n], personal=self.personal[n], data=self.train_data[n], round=round,
                 client_id=n, seed=self.seed, trainer=self.trainer,
-                eval_data=None if self.test_data is None else self.test_data[n], **client_clip(self.server),
+                eval_data=self.test_data[n] if measure else None, **client_clip(self.server),
             )
             why = result.diverged()
             if why is not None:  # keep the previous personal state
@@ -175,8 +181,7 @@ class Federation:
             replies.append(result.reply(n, round))
         self.book.close_training(record, self.server.update(replies), refused=refused, train_loss=loss,
                                  after_local=after_local)
-        deployed = None if self.test_data is None else {
-            n: screen_metric("accuracy", a, n) for n, a in enumerate(self.evaluate(round))}
+        deployed = {n: screen_metric("accuracy", a, n) for n, a in enumerate(self.evaluate(round))} if measure else None
         self.book.close_evaluation(record, deployed, wall_s=time.perf_counter() - started)
         self.book.commit({f"personal.{n}.{k}": v for n, state in enumerate(self.personal) for k, v in state.items()})
         return record

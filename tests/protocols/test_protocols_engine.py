@@ -119,3 +119,28 @@ def test_sampling_is_seeded_sized_and_never_empty():
     for bad in (0, -0.1, 1.5, float("nan"), True, "0.5"):
         with pytest.raises(ValueError, match="fraction"):
             sample_clients(4, bad, seed=0, round=0)
+
+
+@pytest.mark.parametrize("method", ["FedAvg-FT", "pFedPG"])
+def test_unmeasured_rounds_change_no_trained_number(method):
+    """``run_round(r, evaluate=False)`` skips both measurements of round r and nothing else: against a run that
+    measures every round, the same server state, personal states and losses, and the same accuracies in the rounds
+    both measured (FedAvg-FT fine-tunes at deployment, pFedPG deploys generated prompts: the riskiest two)."""
+    train, test = client_data(3, seed=1), client_data(3, seed=2)
+    every = Federation(method, model_for(method), train, test_data=test, trainer=TRAINER, seed=4, fraction=0.67)
+    some = Federation(method, model_for(method), train, test_data=test, trainer=TRAINER, seed=4, fraction=0.67)
+    for r in range(4):
+        a, b = every.run_round(r), some.run_round(r, evaluate=r in (1, 3))
+        assert a.participants == b.participants and a.train_loss == b.train_loss
+        if r in (1, 3):
+            assert b.deployed == a.deployed and len(a.deployed) == 3 and b.after_local == a.after_local
+        else:
+            assert b.deployed is None and b.after_local == {} and b.mean is None
+            assert sorted(a.after_local) == a.participants  # the run that measures does measure
+    sa, sb = every.server.state_dict()[0], some.server.state_dict()[0]
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    for n in range(3):
+        assert all(torch.equal(every.personal[n][k], some.personal[n][k]) for k in every.personal[n])
+    with pytest.raises(TypeError, match="evaluate must be True or False"):
+        some.run_round(4, evaluate="no")
+    assert len(some.history) == 4  # the refused call left the run as it was
