@@ -49,14 +49,12 @@ def run(cfg: RunConfig, seed: int, method: str, privacy: Optional[Privacy], roun
     data, backbone = prepare_seed(cfg, seed)
     ctx = Context(backbone, data.clients, cfg.budget, seed)
     model, protocol = build_model(method, ctx), make_protocol(method, ctx)
-    engine = Federation(protocol, model, [c.train for c in ctx.clients],
+    engine = Federation(protocol, model, [c.train for c in ctx.clients], test_data=[c.test for c in ctx.clients],
                         trainer=make_trainer(ctx.budget, ctx.backbone.preprocess), seed=seed,
                         fraction=ctx.budget.fraction, privacy=privacy)
     t0 = time.perf_counter()
-    records = engine.run(rounds - last) if rounds > last else []
-    if last:  # every client's deployed model is evaluated in the last rounds only (CPU)
-        engine.test_data = [c.test for c in ctx.clients]
-        records += engine.run(last)
+    # every client's deployed model is evaluated in the last rounds only (CPU); evaluation changes no trained number
+    records = [engine.run_round(r, evaluate=r >= rounds - last) for r in range(rounds)]
     norms: List[float] = []
     for r in records:
         norms += r.server.diagnostics.get("update_norms", []) + r.server.diagnostics.get("gradient_norms", [])
