@@ -390,7 +390,7 @@ _MARKERS = ["o", "s", "^", "v", "D", "P", "X", "*", "h", "<", ">"]
 
 
 def plot_curves(path: Path, s: Summary, title: str) -> None:
-    """Mean client accuracy after each round, mean over seeds.
+    """Mean client accuracy after each measured round (``--eval-every``), mean over seeds.
 
     Top row: one panel per protocol with every method's mean curve (markers and line styles tell overlapping curves
     apart). Below: one small panel per method with both protocols' mean curves and their 95 % bands over seeds (bands
