@@ -88,8 +88,9 @@ def record_from_history(seed: int, method: str, history: Sequence[RoundRecord], 
     """The JSON-ready record of one (seed, method) run from its engine's round history, whichever engine ran it.
 
     ``deployed[r][c]`` and ``local[r][c]``: client c's accuracy after round r with its deployed model and right
-    after its local training (``None`` if c did not train in round r or the round was not measured); ``server``: the server's per-round log
-    (accepted clients, rejections, pFedPG's distances and spread; bytes uploaded and the round's wall time)."""
+    after its local training (``None`` if c did not train in round r or the round was not measured); ``server``:
+    the server's per-round log (accepted clients, rejections, pFedPG's distances and spread; bytes uploaded and the
+    round's wall time)."""
     n = len(ctx.clients)
     return {
         "seed": seed,
