@@ -363,11 +363,10 @@ def summary_json(s: Summary) -> Dict[str, Any]:
     for m in s.methods:
         entry: Dict[str, Any] = {"name": m, **s.cost(m)}
         for p in s.protocols:
-            iv = s.interval[p][m]
+            iv, curve = s.interval[p][m], s.curve(p, m)
             entry[p] = {"mean": iv.mean, "ci95": iv.half, "per_seed": s.per_seed[p][m],
                         "per_client": s.client_means(p, m), "per_seed_per_client": s.clients[p][m],
-                        "curve_mean": _numbers(c.mean for c in s.curve(p, m)),
-                        "curve_ci95": _numbers(c.half for c in s.curve(p, m))}
+                        "curve_mean": _numbers(c.mean for c in curve), "curve_ci95": _numbers(c.half for c in curve)}
         methods.append(entry)
     hints = [{"protocol": p, "a": q.a, "b": q.b, "claim": q.claim, "diff": q.diff.mean, "ci95": q.diff.half,
               "per_seed": list(q.per_seed), "hint": s.verdict(q.a, q.b, q.hint)}
