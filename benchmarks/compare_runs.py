@@ -11,7 +11,7 @@ Prints, from the two JSON files:
 - the primary claims whose verdict differs, and the regime go/no-go of both.
 
 Exit status 0 when every run is bit-identical, 1 when some differ (the rest of the report says by how much), 2 when
-the two runs are not comparable (other seeds, methods or clients).
+a file is missing or unreadable, or the two runs are not comparable (other seeds, methods or clients).
 """
 
 from __future__ import annotations
@@ -29,12 +29,12 @@ def load(path: str) -> Dict[str, Any]:
     if p.is_dir():
         found = sorted(p.glob("personalize_*.json"))
         if len(found) != 1:
-            raise SystemExit(f"{p}: expected one personalize_<split>.json, found {len(found)}")
+            raise ValueError(f"{p}: expected one personalize_<split>.json, found {len(found)}")
         p = found[0]
     try:
         return json.loads(p.read_text())
     except (OSError, ValueError) as e:
-        raise SystemExit(f"{p}: not a readable run JSON ({e})") from None
+        raise ValueError(f"{p}: not a readable run JSON ({e})") from None
 
 
 def _unmeasured(row: List[Any]) -> bool:

@@ -64,3 +64,12 @@ def test_other_jobs_are_not_comparable(tmp_path):
     b["runs"] = b["runs"][:3]
     proc = _compare(tmp_path, _payload(), b)
     assert proc.returncode == 2 and "not comparable" in proc.stderr
+
+
+def test_a_missing_or_broken_run_file_exits_2_not_1(tmp_path):
+    """1 means "the runs differ"; a run that cannot be read is a failure of its own, named on stderr."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "personalize_domain.json").write_text("{not json")
+    for a in (tmp_path / "a", tmp_path / "missing"):
+        proc = subprocess.run([sys.executable, str(SCRIPT), str(a), str(a)], capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 2 and "compare_runs:" in proc.stderr and proc.stdout == ""
